@@ -1,0 +1,44 @@
+# Two commands do everything: `make run` (the workflow on the embedded synthetic cohort) and
+# `make test` (the test suite). Both create .venv from the pinned lock file when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
+
+.PHONY: run test test-fast lint fmt bench report slurm-up slurm-down clean
+
+run: $(VENV)/.installed
+	$(SNAKEMAKE)
+	$(SNAKEMAKE) --report results/report/report.html
+	@cat results/report/results.md
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -m "not slow and not slurm"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests bench workflow/scripts
+	$(BIN)/ruff format --check src tests bench workflow/scripts
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+fmt: $(VENV)/.installed
+	$(BIN)/ruff check --fix src tests bench workflow/scripts
+	$(BIN)/ruff format src tests bench workflow/scripts
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+bench: $(VENV)/.installed
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,25 @@
+rule evaluate:
+    input:
+        seg=lambda wc: expand(
+            "results/nifti/{study}/SEG.nii.gz", study=studies(wc.eval_split)
+        ),
+        suv=lambda wc: expand(
+            "results/nifti/{study}/SUV.nii.gz", study=studies(wc.eval_split)
+        ),
+        pred=lambda wc: expand(
+            "results/predictions/{variant}/{study}.nii.gz",
+            variant=wc.variant,
+            study=studies(wc.eval_split),
+        ),
+    output:
+        per_study="results/metrics/{variant}/{eval_split}_per_study.csv",
+        summary="results/metrics/{variant}/{eval_split}_summary.csv",
+    log:
+        "results/logs/evaluate/{variant}/{eval_split}.log",
+    conda:
+        "../../envs/report.yaml"
+    params:
+        studies=lambda wc: studies(wc.eval_split),
+        settings=config["evaluate"],
+    script:
+        "../scripts/evaluate.py"

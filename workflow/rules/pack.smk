@@ -1,0 +1,25 @@
+rule pack:
+    input:
+        suv=lambda wc: expand(
+            "results/nifti/{study}/SUV.nii.gz", study=studies(wc.split)
+        ),
+        ctres=lambda wc: expand(
+            "results/nifti/{study}/CTres.nii.gz", study=studies(wc.split)
+        ),
+        steps=lambda wc: expand(
+            "results/targets/{study}/steps.nii.gz", study=studies(wc.split)
+        ),
+    output:
+        directory("results/lmdb/{split}.lmdb"),
+    log:
+        "results/logs/pack/{split}.log",
+    benchmark:
+        "results/benchmarks/pack/{split}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    params:
+        studies=lambda wc: studies(wc.split),
+        pack=config["pack"],
+        targets=config["targets"],
+    script:
+        "../scripts/pack.py"

@@ -1,0 +1,13 @@
+"""Entry script: whole-body sliding-window inference of one study with one trained variant."""
+
+from stepseg import infer, logs
+
+logs.setup(snakemake.log[0])
+infer.predict_files(
+    model_path=snakemake.input.model,
+    suv_path=snakemake.input.suv,
+    ctres_path=snakemake.input.ctres,
+    out_path=snakemake.output[0],
+    settings=snakemake.params.settings,
+    threads=snakemake.threads,
+)

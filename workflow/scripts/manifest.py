@@ -1,0 +1,11 @@
+"""Entry script: list the studies of the configured source and assign splits by patient."""
+
+from stepseg import logs, sources
+
+logs.setup(snakemake.log[0])
+sources.write_manifest(
+    source=snakemake.params.source,
+    settings=snakemake.params.settings,
+    split=snakemake.params.split,
+    out_path=snakemake.output[0],
+)

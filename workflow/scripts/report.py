@@ -1,0 +1,11 @@
+"""Entry script: the results table, figures and markdown report."""
+
+from stepseg import logs, report
+
+logs.setup(snakemake.log[0])
+report.write_report(
+    metrics_csvs=snakemake.input.metrics,
+    train_logs=snakemake.input.train_logs,
+    outputs=dict(snakemake.output.items()),
+    settings=snakemake.params.settings,
+)
