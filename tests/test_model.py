@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from stepseg import model
+
+SMALL = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "batch"}
+
+
+def test_spec_round_trips_through_plain_dict():
+    spec = model.network_spec(SMALL, out_channels=8, in_channels=2)
+    again = model.NetworkSpec.from_dict(spec.to_dict())
+    assert again == spec
+    assert spec.strides == (2, 2)
+    assert spec.divisor == 4
+    assert all(isinstance(v, int | float | str | list) for v in spec.to_dict().values())
+
+
+def test_build_maps_inputs_to_outputs_of_the_patch_shape():
+    spec = model.network_spec(SMALL, out_channels=8, in_channels=3)
+    net = model.build(spec).eval()
+    out = net(torch.zeros(1, 3, 8, 16, 12))
+    assert out.shape == (1, 8, 8, 16, 12)
+
+
+def test_paper_network_has_the_published_levels():
+    spec = model.network_spec(
+        {"channels": [96, 192, 384, 768, 1536], "num_res_units": 4, "norm": "instance"}, 8, 2
+    )
+    assert spec.strides == (2, 2, 2, 2)
+    assert spec.divisor == 16
+    model.check_patch_size([32, 160, 160], spec)
+
+
+def test_patch_size_not_divisible_is_refused_with_the_rule():
+    spec = model.network_spec(SMALL, out_channels=1, in_channels=2)
+    with pytest.raises(ValueError, match=r"divisible by 4"):
+        model.check_patch_size([30, 64, 64], spec)
+
+
+def test_single_level_network_is_refused():
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        model.network_spec({**SMALL, "channels": [4]}, 1, 2)
