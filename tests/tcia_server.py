@@ -34,6 +34,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from stepseg.sources import tcia
+
 API_PATH = "/nbia-api/services/v4/"
 COLLECTION = "FDG-PET-CT-Lesions"
 DOWNLOADS = ("getImage", "getImageWithMD5Hash")
@@ -244,15 +246,22 @@ class NbiaTestServer:
                 self._zips[key] = path
             return self._zips[key]
 
-    def write_clinical_file(self, path: str | Path, lesion_study_uids: Iterable[str]) -> None:
-        """A clinical metadata CSV like the collection's (`diagnosis` NEGATIVE = no lesions)."""
-        positive = set(lesion_study_uids)
-        studies = {s.metadata["StudyInstanceUID"]: s.metadata for s in self.series.values()}
+    def write_clinical_file(self, path: str | Path, lesion_study_ids: Iterable[str]) -> None:
+        """A clinical metadata CSV like the collection's (`diagnosis` NEGATIVE = no lesions).
+
+        Studies are named as the TCIA source names them (`tcia.study_id`), so a test can pass
+        the study ids of another source's listing, e.g. the synthetic cohort's lesion studies.
+        """
+        positive = set(lesion_study_ids)
+        rows = [s.metadata for s in self.series.values()]
+        visits = tcia.visit_numbers(rows)
+        studies = {meta["StudyInstanceUID"]: meta for meta in rows}
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["Subject ID", "Study UID", "Study Date", "diagnosis"])
             for uid, meta in sorted(studies.items()):
-                diagnosis = "LYMPHOMA" if uid in positive else "NEGATIVE"
+                name = tcia.study_id(meta["PatientID"], visits[uid])
+                diagnosis = "LYMPHOMA" if name in positive else "NEGATIVE"
                 writer.writerow([meta["PatientID"], uid, meta["StudyDate"][:10], diagnosis])
 
     def _next_fault(self, key: str) -> Fault | None:

@@ -53,11 +53,19 @@ def ct_uid(cohort):
     return cohort[1]["PETCT_aaa_1"]["CT"]
 
 
-def test_study_id_is_patient_date_and_uid_suffix():
-    assert tcia.study_id("PETCT_0011f3deaf", "2003-03-23 00:00:00.0", "1.2.3.410445") == (
-        "PETCT_0011f3deaf_2003-03-23_10445"
-    )
-    assert tcia.study_id("P 1/x", "20030323", "1.2.3.4") == "P-1-x_2003-03-23_1234"
+def test_study_id_is_patient_and_visit_rank_by_date():
+    rows = [
+        {"StudyInstanceUID": u, "PatientID": p, "Modality": "PT", "StudyDate": d}
+        for u, p, d in [
+            ("1.9", "A", "2004-01-01 00:00:00.0"),
+            ("1.5", "A", "2003-03-23 00:00:00.0"),
+            ("1.7", "B", ""),
+            ("1.8", "A", "2004-01-01 00:00:00.0"),
+        ]
+    ]
+    assert tcia.visit_numbers(rows) == {"1.5": 1, "1.8": 2, "1.9": 3, "1.7": 1}
+    assert tcia.study_id("PETCT_0011f3deaf", 2) == "PETCT_0011f3deaf_2"
+    assert tcia.study_id("P 1/x", 1) == "P-1-x_1"
 
 
 def test_list_studies_groups_series_by_study_and_modality(server, cohort, tmp_path):
@@ -65,7 +73,7 @@ def test_list_studies_groups_series_by_study_and_modality(server, cohort, tmp_pa
     assert [r["patient_id"] for r in records] == ["PETCT_aaa", "PETCT_aaa", "PETCT_bbb"]
     first = records[0]
     uids = cohort[1]["PETCT_aaa_1"]
-    assert first["study_id"].startswith("PETCT_aaa_2003-03-23_")
+    assert [r["study_id"] for r in records] == ["PETCT_aaa_1", "PETCT_aaa_2", "PETCT_bbb_1"]
     assert first["study_uid"] == uids["StudyInstanceUID"]
     assert (first["ct_series_uid"], first["pet_series_uid"], first["seg_series_uid"]) == (
         uids["CT"],
@@ -90,20 +98,21 @@ def test_list_studies_subset_limit_manifest_and_clinical_file(server, cohort, tm
         "databasedirectory=\nmanifestVersion=3.0\nListOfSeriesToDownload=\n" + "\n".join(series)
     )
     clinical = tmp_path / "clinical.csv"
-    server.write_clinical_file(clinical, [uids["PETCT_aaa_2"]["StudyInstanceUID"]])
+    server.write_clinical_file(clinical, ["PETCT_aaa_2"])
     records = tcia.list_studies(
         settings(server, tmp_path, manifest_file=str(manifest), clinical_file=str(clinical))
     )
-    assert [(r["study_uid"], r["has_lesions"]) for r in records] == [
-        (uids["PETCT_aaa_2"]["StudyInstanceUID"], True)
+    # the visit number counts the patient's studies left out of the manifest
+    assert [(r["study_id"], r["study_uid"], r["has_lesions"]) for r in records] == [
+        ("PETCT_aaa_2", uids["PETCT_aaa_2"]["StudyInstanceUID"], True)
     ]
 
 
 def test_study_missing_a_modality_is_named():
     rows = [{"StudyInstanceUID": "1.2.345", "PatientID": "P", "Modality": "CT",
              "SeriesInstanceUID": "9", "StudyDate": "2003-03-23 00:00:00.0"}]  # fmt: skip
-    with pytest.raises(StudyError, match=r"P_2003-03-23_12345.*no PT, SEG series"):
-        tcia.group_series(rows)
+    with pytest.raises(StudyError, match=r"study P_1: no PT, SEG series"):
+        tcia.group_series(rows, tcia.visit_numbers(rows))
 
 
 def test_fetch_study_extracts_every_series(server, cohort, tmp_path):

@@ -87,24 +87,42 @@ class TciaSettings:
 # listing
 
 
-def study_id(patient_id: str, study_date: str, study_uid: str) -> str:
-    """The study id used everywhere downstream: `<PatientID>_<YYYY-MM-DD>_<last 5 UID digits>`.
+def study_id(patient_id: str, visit: int) -> str:
+    """The study id used everywhere downstream: `<PatientID>_<visit>` (1 = the first study).
 
-    The date makes follow-up studies of one patient readable; the UID suffix (as in TCIA's own
-    download folder names) keeps two studies of one day apart.
+    The same name the synthetic cohort gives its studies, so a cohort served over the NBIA API
+    lists under the same ids and splits; safe as a file name and a Snakemake wildcard.
     """
-    date = _iso_date(study_date)
-    suffix = study_uid.replace(".", "")[-5:]
-    return STUDY_ID_UNSAFE.sub("-", f"{patient_id}_{date}_{suffix}").strip("-_.")
+    return STUDY_ID_UNSAFE.sub("-", f"{patient_id}_{visit}").strip("-_.")
 
 
 def _iso_date(value: str) -> str:
-    """NBIA dates come as `2003-03-23 00:00:00.0`; DICOM tags as `20030323`."""
-    value = str(value).strip()
+    """NBIA dates come as `2003-03-23 00:00:00.0`, DICOM tags as `20030323`."""
+    value = str(value or "").strip()
     if re.fullmatch(r"\d{8}", value):
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     match = re.match(r"(\d{4}-\d{2}-\d{2})", value)
-    return match.group(1) if match else "nodate"
+    return match.group(1) if match else ""
+
+
+def visit_numbers(series: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """StudyInstanceUID -> visit: the rank of the study by date among its patient's studies.
+
+    Only studies with CT, PT or SEG series count; same-day studies are ordered by UID.
+    """
+    dates: dict[str, tuple[str, str]] = {}
+    for row in series:
+        if row.get("Modality") in MODALITY_COLUMNS:
+            date = _iso_date(row.get("StudyDate") or row.get("SeriesDate") or "")
+            dates[row["StudyInstanceUID"]] = (row["PatientID"], date)
+    by_patient: dict[str, list[tuple[str, str]]] = {}
+    for uid, (patient, date) in dates.items():
+        by_patient.setdefault(patient, []).append((date, uid))
+    return {
+        uid: rank
+        for studies in by_patient.values()
+        for rank, (_, uid) in enumerate(sorted(studies), start=1)
+    }
 
 
 def read_tcia_manifest(path: str | Path) -> list[str]:
@@ -130,7 +148,9 @@ def read_clinical_table(path: str | Path) -> dict[str, bool]:
 
 
 def group_series(
-    series: Iterable[Mapping[str, Any]], lesions: Mapping[str, bool] | None = None
+    series: Iterable[Mapping[str, Any]],
+    visits: Mapping[str, int],
+    lesions: Mapping[str, bool] | None = None,
 ) -> list[dict]:
     """Manifest records (one per study with a CT, a PT and a SEG series) from getSeries rows.
 
@@ -146,9 +166,8 @@ def group_series(
         study = studies.setdefault(
             uid,
             {
-                "study_id": study_id(row["PatientID"], row.get("StudyDate", ""), uid),
+                "study_id": study_id(row["PatientID"], visits[uid]),
                 "patient_id": row["PatientID"],
-                "study_uid": uid,
                 "series": {},
             },
         )
@@ -180,22 +199,32 @@ def group_series(
 
 
 def list_studies(settings: Mapping[str, Any]) -> list[dict]:
-    """The source interface: studies of the collection (or of the .tcia manifest file)."""
+    """The source interface: studies of the collection (or of the .tcia manifest file).
+
+    With a manifest file, the listed series are looked up one by one and their patients' full
+    listings are fetched too, so that visit numbers (and thus study ids) do not depend on which
+    studies the manifest happens to select.
+    """
     config = TciaSettings.from_mapping(settings)
+    collection = {"Collection": config.collection}
     with requests.Session() as session:
         if config.manifest_file:
             series = []
             for uid in read_tcia_manifest(config.manifest_file):
                 series.extend(_get_json(session, config, "getSeries", {"SeriesInstanceUID": uid}))
+            everything = []
+            for patient in sorted({row["PatientID"] for row in series}):
+                query = {**collection, "PatientID": patient}
+                everything.extend(_get_json(session, config, "getSeries", query))
         else:
-            series = _get_json(session, config, "getSeries", {"Collection": config.collection})
+            series = everything = _get_json(session, config, "getSeries", collection)
     if config.patient_ids:
         wanted = set(config.patient_ids)
         series = [row for row in series if row.get("PatientID") in wanted]
     lesions = read_clinical_table(config.clinical_file) if config.clinical_file else None
     if lesions is None:
         log.warning("no clinical_file: has_lesions is unknown for TCIA and set to False")
-    records = group_series(series, lesions)
+    records = group_series(series, visit_numbers(everything), lesions)
     if config.limit:
         records = records[: config.limit]
     log.info("TCIA %s: %d studies", config.collection, len(records))
