@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from monai.networks.nets import UNet
 from torch import nn
+
+from stepseg.atomic import atomic_file
+
+MODEL_FORMAT = "stepseg-model-1"
+# Keys every model.pt holds besides what `save` is given (see `train.save_model`).
+REQUIRED_KEYS = ("format", "state_dict", "network", "patch_size", "zero_input_channel")
 
 
 @dataclass(frozen=True)
@@ -91,3 +99,74 @@ def check_patch_size(patch_size: Sequence[int], spec: NetworkSpec) -> None:
             f"patch_size {list(patch_size)} (z, y, x) must be divisible by {spec.divisor} "
             f"for a UNet with {len(spec.channels)} levels"
         )
+
+
+def network_inputs(image: torch.Tensor, zero_input_channel: bool) -> torch.Tensor:
+    """[PET, CT] plus, for the released-code recipe, the all-zero third channel."""
+    if not zero_input_channel:
+        return image
+    return torch.cat([image, torch.zeros_like(image[:, :1])], dim=1)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`auto` (or None) picks CUDA when present, otherwise CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None on CPU or `amp: off`."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def save(path: str | Path, net: nn.Module, spec: NetworkSpec, info: Mapping[str, Any]) -> None:
+    """Write weights, the spec and `info` (plain types only) atomically to `path`.
+
+    Plain types (no pickled classes) let every reader use `torch.load(weights_only=True)`.
+    """
+    checkpoint = {
+        **info,
+        "format": MODEL_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "network": spec.to_dict(),
+    }
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network of `model.pt` in eval mode; a foreign or mismatched file is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable stepseg model file ({exc})") from exc
+    if not isinstance(checkpoint, dict):
+        checkpoint = {}
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing or checkpoint["format"] != MODEL_FORMAT:
+        raise ValueError(
+            f"{path} is not a {MODEL_FORMAT} model file (missing keys {missing}, "
+            f"format {checkpoint.get('format')!r})"
+        )
+    net = build(NetworkSpec.from_dict(checkpoint["network"]))
+    expected = net.state_dict()
+    weights = checkpoint["state_dict"]
+    missing_weights = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    if missing_weights or unexpected or reshaped:
+        raise ValueError(
+            f"{path}: weights do not fit the network its config describes "
+            f"({len(missing_weights)} missing, {len(unexpected)} unexpected, "
+            f"{len(reshaped)} of another shape); the file was written by another config"
+        )
+    net.load_state_dict(weights)
+    return net.to(device).eval(), checkpoint

@@ -1,0 +1,144 @@
+"""Whole-body inference: MONAI sliding windows over SUV and CTres, normalised window by window.
+
+Training normalised every patch with its own statistics (`stepseg.normalize`), so inference does
+the same for every sliding window (ROI = the training patch size) before the network sees it;
+windows are blended with gaussian weights on the sigmoid of channel 0 and thresholded at 0.5.
+A volume smaller than the patch is padded with air (SUV 0, -1000 HU) and cropped back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch.nn import functional
+
+from stepseg import model, nifti, normalize
+from stepseg.errors import StudyError
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1000.0
+DEFAULTS: dict[str, Any] = {
+    "overlap": 0.25,
+    "flip_tta": False,
+    "sw_batch_size": 2,
+    "threshold": 0.5,
+    "amp": "auto",
+}
+
+
+def predict_volume(
+    model_path: str | Path,
+    suv: nifti.Volume,
+    ctres: nifti.Volume,
+    settings: Mapping[str, Any],
+    device: str | torch.device | None = None,
+    study: str = "study",
+) -> np.ndarray:
+    """Binary lesion mask (z, y, x) uint8 on the SUV grid."""
+    if suv.array.shape != ctres.array.shape:
+        raise StudyError(
+            study, f"SUV shape {suv.array.shape} and CTres shape {ctres.array.shape} differ"
+        )
+    cfg = {**DEFAULTS, **settings}
+    dev = model.resolve_device(device)
+    net, checkpoint = model.load(model_path, dev)
+    probability = predict_probability(net, checkpoint, suv.array, ctres.array, cfg, dev)
+    return (probability >= float(cfg["threshold"])).astype(np.uint8)
+
+
+def predict_probability(
+    net: torch.nn.Module,
+    checkpoint: Mapping[str, Any],
+    suv: np.ndarray,
+    ct_hu: np.ndarray,
+    settings: Mapping[str, Any],
+    device: torch.device,
+) -> np.ndarray:
+    """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume."""
+    roi = tuple(int(p) for p in checkpoint["patch_size"])
+    shape = suv.shape
+    raw = torch.stack(
+        [
+            torch.from_numpy(np.asarray(suv, np.float32)),
+            torch.from_numpy(np.asarray(ct_hu, np.float32)),
+        ]
+    )[None]
+    raw, crop = _pad_to(raw, roi)
+    zero_channel = bool(checkpoint["zero_input_channel"])
+    amp_dtype = model.autocast_dtype(device, str(settings["amp"]))
+    flips = [()] + ([(2,), (3,), (4,)] if settings["flip_tta"] else [])
+
+    def window_probability(windows: torch.Tensor) -> torch.Tensor:
+        inputs = torch.stack(
+            [
+                torch.stack([normalize.normalize_pet(w[0]), normalize.normalize_ct(w[1])])
+                for w in windows
+            ]
+        )
+        inputs = model.network_inputs(inputs, zero_channel).to(device)
+        total = torch.zeros_like(inputs[:, :1], dtype=torch.float32)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
+            for dims in flips:
+                flipped = inputs.flip(dims) if dims else inputs
+                logits = net(flipped)[:, :1].float()
+                total += torch.sigmoid(logits.flip(dims) if dims else logits)
+        return total / len(flips)
+
+    with torch.inference_mode():
+        prob = sliding_window_inference(
+            raw,
+            roi_size=roi,
+            sw_batch_size=int(settings["sw_batch_size"]),
+            predictor=window_probability,
+            overlap=float(settings["overlap"]),
+            mode="gaussian",
+            sw_device=device,
+            device="cpu",
+        )
+    out = prob[0, 0][crop].float().numpy()
+    if out.shape != shape:
+        raise AssertionError(f"prediction shape {out.shape} differs from input {shape}")
+    return out
+
+
+def _pad_to(raw: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad each axis shorter than the ROI with air (SUV 0, -1000 HU), centred; return the crop."""
+    shape = raw.shape[2:]
+    before = [max(r - s, 0) // 2 for s, r in zip(shape, roi, strict=True)]
+    after = [max(r - s, 0) - b for s, r, b in zip(shape, roi, before, strict=True)]
+    crop = tuple(slice(b, b + s) for b, s in zip(before, shape, strict=True))
+    if not any(before) and not any(after):
+        return raw, crop
+    pad = [p for b, a in zip(reversed(before), reversed(after), strict=True) for p in (b, a)]
+    suv = functional.pad(raw[:, :1], pad, value=0.0)
+    ct = functional.pad(raw[:, 1:], pad, value=AIR_HU)
+    return torch.cat([suv, ct], dim=1), crop
+
+
+def predict_files(
+    model_path: str | Path,
+    suv_path: str | Path,
+    ctres_path: str | Path,
+    out_path: str | Path,
+    settings: Mapping[str, Any],
+    threads: int,
+) -> None:
+    """Predict one study from its SUV and CTres NIfTI files; the mask gets SUV's grid exactly."""
+    torch.set_num_threads(max(1, int(threads)))
+    study = Path(suv_path).parent.name
+    suv = nifti.load(suv_path, study, np.float32)
+    ctres = nifti.load(ctres_path, study, np.float32)
+    nifti.check_same_grid(study, {"SUV": (Path(suv_path), suv), "CTres": (Path(ctres_path), ctres)})
+    mask = predict_volume(model_path, suv, ctres, settings, study=study)
+    nifti.save(nifti.Volume(mask, suv.affine), out_path, dtype=np.uint8)
+    log.info(
+        "%s: %d lesion voxels (%.2f ml) predicted with %s",
+        study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,
+    )  # fmt: skip
