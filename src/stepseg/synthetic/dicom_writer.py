@@ -1,0 +1,349 @@
+"""Write a synthetic study as the DICOM a TCIA (NBIA) download of FDG-PET-CT-Lesions holds.
+
+One folder per series, named `<SeriesNumber>.000000-<SeriesDescription>-<last 5 of UID>`, with
+one file per slice (`1-001.dcm`, ...) for CT and PET and a single DICOM SEG (`1-1.dcm`) written
+by highdicom that references the PET series. The attributes are those a converter of the real
+collection relies on (geometry, rescale, PET units, decay correction, radiopharmaceutical);
+values are written as DICOM strings first and every derived number uses the string's value, so
+the truth files agree with what a reader of the tags computes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    PositronEmissionTomographyImageStorage,
+    generate_uid,
+)
+
+from stepseg.synthetic.phantom import Grid
+from stepseg.synthetic.plan import F18_HALF_LIFE_S, StudyPlan
+
+MANUFACTURER = "stepseg synthetic"
+MODEL = "Analytic PET/CT phantom"
+SOFTWARE = "stepseg"
+PET_MAX_STORED = 32767
+BED_LENGTH_MM = 162.0
+BED_OVERLAP = 0.25
+BED_DURATION_S = 120
+CT_SERIES = (2, "CT WB 5.0 B30f")
+PET_SERIES = (4, "PET corr.")
+SEG_SERIES = (300, "Segmentation")
+
+
+@dataclass(frozen=True)
+class StudyUIDs:
+    """Deterministic UIDs: the same settings and study always give the same UIDs."""
+
+    entropy: tuple[str, ...]
+
+    def uid(self, *parts: object) -> str:
+        return generate_uid(entropy_srcs=[*self.entropy, *(str(p) for p in parts)])
+
+
+def _ds(value: float) -> str:
+    """A decimal string of at most 16 characters (the DS limit) with 9 significant digits."""
+    text = f"{value:.9g}"
+    if len(text) > 16:
+        text = f"{value:.6e}"
+    return text
+
+
+def _seconds(hhmmss: str) -> int:
+    return int(hhmmss[:2]) * 3600 + int(hhmmss[2:4]) * 60 + int(hhmmss[4:6])
+
+
+def _hhmmss(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600:02d}{s // 60 % 60:02d}{s % 60:02d}"
+
+
+def series_folder(number: int, description: str, series_uid: str) -> str:
+    """TCIA-style series folder name, reduced to characters safe in paths and shells."""
+    safe = re.sub(r"[^A-Za-z0-9.]+", "_", description).strip("_")
+    return f"{number}.000000-{safe}-{series_uid[-5:]}"
+
+
+def series_folders(uids: StudyUIDs) -> dict[str, str]:
+    """The three series folders of a study, known before anything is generated."""
+    return {
+        f"{kind}_series": series_folder(number, description, uids.uid(f"{kind}-series"))
+        for kind, (number, description) in (
+            ("ct", CT_SERIES),
+            ("pet", PET_SERIES),
+            ("seg", SEG_SERIES),
+        )
+    }
+
+
+def suv_factor(dose_bq: str, weight_kg: str, injection: str, series: str) -> float:
+    """Bq/ml per SUV unit for activity decay-corrected to the series time (body-weight SUV)."""
+    elapsed = _seconds(series) - _seconds(injection)
+    decayed_dose = float(dose_bq) * 2.0 ** (-elapsed / F18_HALF_LIFE_S)
+    return decayed_dose / (float(weight_kg) * 1000.0)
+
+
+def _patient_study(plan: StudyPlan, uids: StudyUIDs) -> Dataset:
+    ds = Dataset()
+    ds.PatientName = f"Synthetic^{plan.patient_id}"
+    ds.PatientID = plan.patient_id
+    ds.PatientBirthDate = plan.birth_date
+    ds.PatientSex = plan.sex
+    age = int(plan.study_date[:4]) - int(plan.birth_date[:4])
+    ds.PatientAge = f"{age:03d}Y"
+    ds.PatientWeight = _ds(plan.weight_kg)
+    ds.PatientSize = _ds(plan.height_m)
+    ds.StudyInstanceUID = uids.uid("study")
+    ds.StudyDate = plan.study_date
+    ds.StudyTime = _hhmmss(_seconds(plan.series_time) - 360)
+    ds.StudyID = plan.study_id
+    ds.AccessionNumber = f"{plan.patient_index:05d}{plan.visit:02d}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "PET-CT Ganzkoerper  primaer mit KM"
+    ds.FrameOfReferenceUID = uids.uid("frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MODEL
+    ds.SoftwareVersions = SOFTWARE
+    ds.DeviceSerialNumber = "0001"
+    ds.PatientPosition = "HFS"
+    return ds
+
+
+def _image(
+    common: Dataset,
+    sop_class: str,
+    sop_uid: str,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    modality: str,
+    series_time: str,
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.update(common)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    ds.SeriesDate = common.StudyDate
+    ds.SeriesTime = series_time
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    return ds
+
+
+def _place(ds: Dataset, grid: Grid, k: int, instance: int) -> None:
+    """Geometry of slice k (k = 0 is the most inferior slice of the (z, y, x) array)."""
+    dz, dy, dx = grid.spacing
+    ox, oy, oz = grid.origin
+    z = oz + k * dz
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [_ds(ox), _ds(oy), _ds(z)]
+    ds.SliceLocation = _ds(z)
+    ds.PixelSpacing = [_ds(dy), _ds(dx)]
+    ds.SliceThickness = _ds(dz)
+    ds.Rows, ds.Columns = grid.shape[1], grid.shape[2]
+
+
+def write_ct(out_dir: Path, plan: StudyPlan, uids: StudyUIDs, grid: Grid, hu: np.ndarray) -> str:
+    """CT Image Storage, one file per slice, int16 stored = HU + 1024 (intercept -1024)."""
+    common = _patient_study(plan, uids)
+    series_uid = uids.uid("ct-series")
+    number, description = CT_SERIES
+    series_time = _hhmmss(_seconds(plan.series_time) - 240)
+    folder = series_folder(number, description, series_uid)
+    (out_dir / folder).mkdir()
+    nz = grid.shape[0]
+    for instance, k in enumerate(range(nz - 1, -1, -1), start=1):
+        sop_uid = uids.uid("ct", k)
+        ds = _image(
+            common, CTImageStorage, sop_uid, series_uid, number, description, "CT", series_time
+        )
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
+        ds.AcquisitionDate = ds.ContentDate = plan.study_date
+        ds.AcquisitionTime = ds.ContentTime = series_time
+        ds.KVP = "120"
+        ds.ConvolutionKernel = "B30f"
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        _place(ds, grid, k, instance)
+        ds.PixelData = (hu[k].astype(np.int16) + np.int16(1024)).astype("<i2").tobytes()
+        ds.save_as(out_dir / folder / f"1-{instance:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def write_pet(
+    out_dir: Path, plan: StudyPlan, uids: StudyUIDs, grid: Grid, suv: np.ndarray
+) -> tuple[str, list[Dataset], np.ndarray]:
+    """PET Image Storage in Bq/ml (decay-corrected to SeriesTime), int16 with per-slice slope.
+
+    Returns the folder, the datasets (for the SEG's references) and the SUV the files encode
+    (stored value * slope / SUV factor, all from the written strings).
+    """
+    common = _patient_study(plan, uids)
+    series_uid = uids.uid("pet-series")
+    number, description = PET_SERIES
+    folder = series_folder(number, description, series_uid)
+    (out_dir / folder).mkdir()
+    dose, weight = _ds(plan.dose_bq), _ds(plan.weight_kg)
+    factor = suv_factor(dose, weight, plan.injection_time, plan.series_time)
+    radiopharmaceutical = _radiopharmaceutical(plan, dose)
+    nz = grid.shape[0]
+    top_z = grid.origin[2] + (nz - 1) * grid.spacing[0]
+    encoded = np.empty(suv.shape, dtype=np.float32)
+    datasets = []
+    for instance, k in enumerate(range(nz - 1, -1, -1), start=1):
+        sop_uid = uids.uid("pet", k)
+        ds = _image(
+            common,
+            PositronEmissionTomographyImageStorage,
+            sop_uid,
+            series_uid,
+            number,
+            description,
+            "PT",
+            plan.series_time,
+        )
+        # beds acquired head to feet; each slice reports its bed's start as AcquisitionTime
+        depth = top_z - (grid.origin[2] + k * grid.spacing[0])
+        bed = int(depth // (BED_LENGTH_MM * (1 - BED_OVERLAP)))
+        acquisition_s = _seconds(plan.series_time) + bed * BED_DURATION_S
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.AcquisitionDate = ds.ContentDate = plan.study_date
+        ds.AcquisitionTime = _hhmmss(acquisition_s)
+        ds.ContentTime = _hhmmss(acquisition_s + BED_DURATION_S)
+        ds.SeriesType = ["WHOLE BODY", "IMAGE"]
+        ds.Units = "BQML"
+        ds.CountsSource = "EMISSION"
+        ds.DecayCorrection = "START"
+        ds.CorrectedImage = ["NORM", "DTIM", "ATTN", "SCAT", "DECY", "RAN"]
+        ds.RandomsCorrectionMethod = "DLYD"
+        ds.AttenuationCorrectionMethod = "measured,AC CT"
+        ds.ReconstructionMethod = "OSEM3D 4i8s"
+        ds.DecayFactor = _ds(
+            2.0 ** ((acquisition_s - _seconds(plan.series_time)) / F18_HALF_LIFE_S)
+        )
+        ds.FrameReferenceTime = _ds((acquisition_s - _seconds(plan.series_time)) * 1000.0)
+        ds.ActualFrameDuration = BED_DURATION_S * 1000
+        ds.ImageIndex = instance
+        ds.NumberOfSlices = nz
+        ds.NumberOfTimeSlices = 1
+        ds.RadiopharmaceuticalInformationSequence = radiopharmaceutical
+        activity = suv[k].astype(np.float64) * factor
+        peak = float(activity.max())
+        slope = _ds(peak / PET_MAX_STORED if peak > 0 else 1.0)
+        stored = np.clip(np.rint(activity / float(slope)), 0, PET_MAX_STORED).astype("<i2")
+        ds.RescaleIntercept = "0"
+        ds.RescaleSlope = slope
+        ds.SmallestImagePixelValue = int(stored.min())
+        ds.LargestImagePixelValue = int(stored.max())
+        _place(ds, grid, k, instance)
+        ds.PixelData = stored.tobytes()
+        ds.save_as(out_dir / folder / f"1-{instance:03d}.dcm", enforce_file_format=True)
+        encoded[k] = stored * float(slope) / factor
+        datasets.append(ds)
+    return folder, datasets, encoded
+
+
+def _radiopharmaceutical(plan: StudyPlan, dose: str) -> DicomSequence:
+    item = Dataset()
+    item.Radiopharmaceutical = "Fluorodeoxyglucose"
+    item.RadiopharmaceuticalStartTime = plan.injection_time + ".000000"
+    item.RadiopharmaceuticalStartDateTime = plan.study_date + plan.injection_time + ".000000"
+    item.RadionuclideTotalDose = dose
+    item.RadionuclideHalfLife = _ds(F18_HALF_LIFE_S)
+    item.RadionuclidePositronFraction = "0.9673"
+    item.RadionuclideCodeSequence = DicomSequence([_code("C-111A1", "SRT", "^18^Fluorine")])
+    item.RadiopharmaceuticalCodeSequence = DicomSequence(
+        [_code("C-B1031", "SRT", "Fluorodeoxyglucose F^18^")]
+    )
+    return DicomSequence([item])
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue = value
+    code.CodingSchemeDesignator = scheme
+    code.CodeMeaning = meaning
+    return code
+
+
+def write_seg(
+    out_dir: Path,
+    plan: StudyPlan,
+    uids: StudyUIDs,
+    pet_datasets: Sequence[Dataset],
+    mask: np.ndarray,
+) -> str:
+    """A BINARY DICOM SEG with one segment "lesion" on the PET slices.
+
+    `pet_datasets` are in file order (head first) and `mask` is (z, y, x) with z = 0 inferior,
+    so the frames are the mask reversed along z. Frames without lesion are omitted, as
+    highdicom does by default; a lesion-free study still gets a SEG: highdicom cannot omit every
+    frame, so an empty mask is written with all (empty) frames, as in the real collection.
+    """
+    frames = np.ascontiguousarray(mask[::-1].astype(np.uint8))
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    series_uid = uids.uid("seg-series")
+    number, series_description = SEG_SERIES
+    seg = hd.seg.Segmentation(
+        source_images=list(pet_datasets),
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=series_uid,
+        series_number=number,
+        sop_instance_uid=uids.uid("seg"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL,
+        software_versions=SOFTWARE,
+        device_serial_number="0001",
+        series_description=series_description,
+        content_label="LESIONS",
+        omit_empty_frames=bool(frames.any()),
+    )
+    # highdicom stamps the current date and time; use the study's so reruns are byte-identical
+    seg.SeriesDate = seg.ContentDate = plan.study_date
+    seg.SeriesTime = seg.ContentTime = _hhmmss(_seconds(plan.series_time) + 3600)
+    if "InstanceCreationDate" in seg:
+        seg.InstanceCreationDate = plan.study_date
+        seg.InstanceCreationTime = seg.ContentTime
+    folder = series_folder(number, series_description, series_uid)
+    (out_dir / folder).mkdir()
+    seg.save_as(out_dir / folder / "1-1.dcm", enforce_file_format=True)
+    return folder

@@ -1,0 +1,154 @@
+"""The synthetic cohort plan: who is scanned when, with which dose, and where the lesions are.
+
+The plan is a pure, fast function of the settings (no images), so the manifest can be written
+without generating anything, and every study can later be generated on its own (in parallel jobs)
+from the same plan. Every random draw comes from a generator seeded by (seed, patient index,
+purpose), so a patient's draws do not depend on how many other patients there are.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Keys the config may omit; the shipped config/config.yaml lists them all.
+DEFAULTS: dict[str, Any] = {
+    "pet_fwhm_mm": 6.5,
+    "pet_noise": 0.12,
+    "lesion_volume_ml": [0.5, 60.0],
+    "lesions_per_study": [1, 6],
+}
+F18_HALF_LIFE_S = 6586.2
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """An analytic lesion in patient LPS millimetres.
+
+    The surface is an ellipsoid (semi-axes `radii_mm` in the frame `rotation`) whose radius is
+    modulated by a cubic polynomial of the direction (`lobulation`), so lesions are not perfect
+    spheres; `volume_ml` is the exact volume of that solid (computed by quadrature).
+    """
+
+    region: str
+    center_mm: tuple[float, float, float]  # LPS (x, y, z)
+    radii_mm: tuple[float, float, float]
+    rotation: tuple[tuple[float, float, float], ...]  # rows: lesion axes in LPS
+    lobulation: tuple[float, ...]  # 3 linear, 6 quadratic, 1 cubic coefficients
+    volume_ml: float
+    suv_max: float
+    necrotic: bool
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """Everything that varies per study; the images follow from it and the settings."""
+
+    study_id: str
+    patient_id: str
+    patient_index: int
+    visit: int  # 1 = baseline, 2 = follow-up
+    sex: str
+    birth_date: str
+    height_m: float
+    weight_kg: float
+    dose_bq: float
+    study_date: str  # YYYYMMDD
+    injection_time: str  # HHMMSS
+    series_time: str  # HHMMSS, PET decay reference
+    anatomy: Mapping[str, Any]
+    lesions: tuple[Lesion, ...] = field(default_factory=tuple)
+
+    @property
+    def has_lesions(self) -> bool:
+        return bool(self.lesions)
+
+    @property
+    def uptake_s(self) -> float:
+        return _seconds(self.series_time) - _seconds(self.injection_time)
+
+
+def settings_with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {**DEFAULTS, **settings}
+
+
+def rng_for(settings: Mapping[str, Any], *keys: int) -> np.random.Generator:
+    """A generator that depends only on the cohort seed and `keys` (patient, visit, purpose)."""
+    return np.random.default_rng(np.random.SeedSequence([int(settings["seed"]), *keys]))
+
+
+def _seconds(hhmmss: str) -> int:
+    return int(hhmmss[:2]) * 3600 + int(hhmmss[2:4]) * 60 + int(hhmmss[4:6])
+
+
+def _hhmmss(seconds: int) -> str:
+    return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+
+
+def pet_field_of_view(settings: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Shape and spacing (z, y, x) of the PET grid as arrays."""
+    return np.asarray(settings["pet_shape"], int), np.asarray(settings["pet_spacing_mm"], float)
+
+
+def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
+    """The whole cohort: patients, their (one or two) studies, lesion status and lesions."""
+    from stepseg.synthetic import phantom  # anatomy is needed to place lesions
+
+    settings = settings_with_defaults(settings)
+    n_patients = int(settings["n_patients"])
+    cohort_rng = rng_for(settings, 0)
+    n_repeat = round(float(settings["repeat_fraction"]) * n_patients)
+    repeated = set(cohort_rng.permutation(n_patients)[:n_repeat].tolist())
+    visits = [(p, v) for p in range(n_patients) for v in (1, 2) if v == 1 or p in repeated]
+    n_lesion = round(float(settings["lesion_fraction"]) * len(visits))
+    positive = {visits[i] for i in cohort_rng.permutation(len(visits))[:n_lesion].tolist()}
+
+    plans = []
+    for patient in range(n_patients):
+        rng = rng_for(settings, 1, patient)
+        sex = "F" if rng.random() < 0.45 else "M"
+        height = float(np.clip(rng.normal(1.66 if sex == "F" else 1.78, 0.07), 1.50, 1.98))
+        weight = float(np.clip(rng.normal(24.5, 4.0) * height**2, 50.0, 110.0))
+        age = int(rng.integers(25, 85))
+        baseline = dt.date(2010, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3650)))
+        birth = dt.date(baseline.year - age, int(rng.integers(1, 13)), int(rng.integers(1, 29)))
+        anatomy = phantom.draw_anatomy(rng, sex, height, weight)
+        previous: tuple[Lesion, ...] = ()
+        for visit in (1, 2):
+            if visit == 2 and patient not in repeated:
+                continue
+            vrng = rng_for(settings, 2, patient, visit)
+            date = baseline + dt.timedelta(days=0 if visit == 1 else int(vrng.integers(60, 400)))
+            visit_weight = round(weight * (1.0 if visit == 1 else vrng.uniform(0.9, 1.05)), 1)
+            visit_weight = float(np.clip(visit_weight, 50.0, 110.0))
+            dose_mbq = float(np.clip(vrng.normal(3.5, 0.6) * visit_weight, 150.0, 400.0))
+            injection = int(vrng.integers(7 * 3600 + 1800, 14 * 3600))
+            uptake = int(vrng.integers(50 * 60, 80 * 60 + 1))
+            patient_id = f"SYN{patient:04d}"
+            lesions: tuple[Lesion, ...] = ()
+            if (patient, visit) in positive:
+                lesions = phantom.draw_lesions(vrng, settings, anatomy, previous)
+                previous = lesions
+            plans.append(
+                StudyPlan(
+                    study_id=f"{patient_id}_{visit}",
+                    patient_id=patient_id,
+                    patient_index=patient,
+                    visit=visit,
+                    sex=sex,
+                    birth_date=birth.strftime("%Y%m%d"),
+                    height_m=round(height, 2),
+                    weight_kg=visit_weight,
+                    dose_bq=round(dose_mbq, 1) * 1e6,
+                    study_date=date.strftime("%Y%m%d"),
+                    injection_time=_hhmmss(injection),
+                    series_time=_hhmmss(injection + uptake),
+                    anatomy=anatomy,
+                    lesions=lesions,
+                )
+            )
+    return plans
