@@ -40,5 +40,12 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+# A single-node SLURM on 127.0.0.1 for tests/test_slurm.py (root, Debian: installs slurm-wlm, munge).
+slurm-up:
+	bash tools/slurm/up.sh
+
+slurm-down:
+	bash tools/slurm/down.sh
+
 clean:
 	rm -rf results .snakemake

@@ -1,0 +1,168 @@
+"""DDP on the CPU (gloo, 2 processes): same result as one process, and resume after a kill.
+
+The training loop below is the pattern `stepseg.train` follows: the global sample order comes from
+a seeded generator, `shard` splits each global batch, `wrap` averages gradients (network and
+learned loss weights), rank 0 alone writes the checkpoint. It trains the real network factory and
+the real step-by-step loss, tiny.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from stepseg import distributed, model
+from stepseg.atomic import atomic_file
+from stepseg.losses import StepwiseLoss
+
+N_SAMPLES = 16
+GLOBAL_BATCH = 4
+STEPS = 6
+PATCH = (8, 8, 8)
+NET = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand((N_SAMPLES, 2, *PATCH), generator=g)
+    lesion = (torch.rand((N_SAMPLES, 1, *PATCH), generator=g) > 0.8).float()
+    aux = torch.rand((N_SAMPLES, 1, *PATCH), generator=g)
+    return x, torch.cat([lesion, aux], dim=1)
+
+
+def _train(state_dir: str, kill_after_step: int | None = None) -> dict[str, torch.Tensor]:
+    """Train (or resume) STEPS steps; return what the trained model computes on every sample.
+
+    Outputs, not raw weights: a conv bias followed by instance norm has a zero true gradient, and
+    Adam turns the float noise of that zero into steps that differ between runs without changing
+    anything the network computes.
+    """
+    torch.set_num_threads(1)
+    state_dir = Path(state_dir)
+    x_all, y_all = _data()
+    with distributed.process_group("cpu") as ctx:
+        torch.manual_seed(0)
+        net = model.build(model.network_spec(NET, out_channels=2, in_channels=2)).to(ctx.device)
+        loss_fn = StepwiseLoss(["dicefocal", "mse"], {})
+        optimizer = torch.optim.Adam([*net.parameters(), *loss_fn.parameters()], lr=1e-2)
+        start = 0
+        checkpoint = state_dir / "state.pt"
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location=ctx.device, weights_only=True)
+            net.load_state_dict(state["network"])
+            loss_fn.load_state_dict(state["loss"])
+            optimizer.load_state_dict(state["optimizer"])
+            start = state["step"]
+        train_module = distributed.wrap(net, ctx, extras=loss_fn)
+        for step in range(start, STEPS):
+            order = torch.Generator().manual_seed(1000 + step)
+            global_batch = torch.randperm(N_SAMPLES, generator=order)[:GLOBAL_BATCH].tolist()
+            mine = distributed.shard(global_batch, ctx)
+            total, _ = loss_fn(train_module(x_all[mine]), y_all[mine])
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            logged = distributed.mean_over_ranks(total.item(), ctx)
+            if ctx.is_main:
+                with atomic_file(checkpoint) as tmp:
+                    torch.save(
+                        {
+                            "network": distributed.unwrap(train_module).state_dict(),
+                            "loss": loss_fn.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "step": step + 1,
+                        },
+                        tmp,
+                    )
+                with open(state_dir / "log.csv", "a", newline="") as f:
+                    csv.writer(f).writerow([step, f"{logged:.8f}"])
+            distributed.barrier(ctx)
+            if kill_after_step == step + 1 and ctx.rank == 1:
+                os._exit(9)  # an abrupt death: no cleanup, no barrier, like SIGKILL
+        with torch.no_grad():
+            outputs = net(x_all).cpu()
+        return {"outputs": outputs, "loss_weights": loss_fn.weighting.params.detach().cpu()}
+
+
+def _log(state_dir: Path) -> list[tuple[int, float]]:
+    with open(state_dir / "log.csv") as f:
+        return [(int(step), float(loss)) for step, loss in csv.reader(f)]
+
+
+def _assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    torch.testing.assert_close(a["outputs"], b["outputs"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["loss_weights"], b["loss_weights"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def no_torchrun_env(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_shard_splits_every_global_batch_into_equal_contiguous_parts():
+    ranks = [distributed.DistContext(r, 3, r, torch.device("cpu")) for r in range(3)]
+    batch = [9, 4, 7, 1, 0, 3]
+    shards = [distributed.shard(batch, ctx) for ctx in ranks]
+    assert shards == [[9, 4], [7, 1], [0, 3]]
+    with pytest.raises(
+        ValueError, match=r"global batch size 5 must be divisible by the number of processes \(3\)"
+    ):
+        distributed.shard(batch[:5], ranks[0])
+
+
+def test_single_process_context_without_torchrun(no_torchrun_env):
+    with distributed.process_group("cpu") as ctx:
+        assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+        net = torch.nn.Linear(2, 1)
+        assert distributed.wrap(net, ctx) is net
+        assert distributed.unwrap(net) is net
+        assert distributed.shard([3, 1, 2], ctx) == [3, 1, 2]
+        assert distributed.mean_over_ranks(2.5, ctx) == 2.5
+        distributed.barrier(ctx)  # a no-op, must not need a process group
+
+
+def test_unknown_device_is_refused(no_torchrun_env):
+    with (
+        pytest.raises(ValueError, match="device must be auto, cpu or cuda"),
+        distributed.process_group("tpu"),
+    ):
+        pass
+
+
+@pytest.mark.slow  # spawns 2 worker processes that import torch and MONAI (~15 s on 2 cores)
+def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path, no_torchrun_env):
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single_dir.mkdir()
+    ddp_dir.mkdir()
+    single = distributed.launch(1, _train, str(single_dir))
+    ddp = distributed.launch(2, _train, str(ddp_dir))
+    _assert_same_model(ddp, single)
+    # the learned loss weights moved (so the comparison covers them) and stayed in sync
+    assert not torch.allclose(single["loss_weights"], torch.ones(2))
+    # rank 0 logs the mean loss over ranks = the single-process loss of the global batch
+    single_log, ddp_log = _log(single_dir), _log(ddp_dir)
+    assert [s for s, _ in ddp_log] == list(range(STEPS))
+    for (_, a), (_, b) in zip(single_log, ddp_log, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.mark.slow  # 2 launches of 2 workers (~25 s on 2 cores)
+def test_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, no_torchrun_env):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir()
+    killed_dir.mkdir()
+    reference = distributed.launch(1, _train, str(reference_dir))
+    with pytest.raises(ChildFailedError):
+        distributed.launch(2, _train, str(killed_dir), 3)
+    state = torch.load(killed_dir / "state.pt", weights_only=True)
+    assert state["step"] == 3  # rank 0's last complete checkpoint, nothing half-written beside it
+    assert sorted(p.name for p in killed_dir.iterdir()) == ["log.csv", "state.pt"]
+    resumed = distributed.launch(2, _train, str(killed_dir))
+    _assert_same_model(resumed, reference)
+    assert [s for s, _ in _log(killed_dir)] == list(range(STEPS))
