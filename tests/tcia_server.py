@@ -23,7 +23,7 @@ import tempfile
 import threading
 import zipfile
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -140,11 +140,15 @@ def write_tiny_study(
     counts: Mapping[str, int] = {"CT": 6, "PT": 4, "SEG": 1},
     side: int = 48,
     seed: int = 0,
+    empty_seg: bool = False,
+    folder_of: Callable[[str], str] | None = None,
 ) -> dict[str, str]:
     """Small DICOM files of one study (random pixels, so archives do not shrink to nothing).
 
     Only the tags that listing, grouping and downloading look at are filled in; these are not
-    images the converter could use. Returns {"StudyInstanceUID": ..., modality: series UID}.
+    images the converter could use. `empty_seg` zeroes the SEG pixels (a lesion-free study);
+    `folder_of(modality)` overrides the folder below `root` (default `<patient>/<date>/<modality>`).
+    Returns {"StudyInstanceUID": ..., modality: series UID}.
     """
     rng = np.random.default_rng(seed)
     study_uid = generate_uid()
@@ -152,7 +156,8 @@ def write_tiny_study(
     for number, (modality, count) in enumerate(counts.items(), start=1):
         series_uid = generate_uid()
         uids[modality] = series_uid
-        folder = Path(root) / patient_id / study_date / modality
+        relative = folder_of(modality) if folder_of else f"{patient_id}/{study_date}/{modality}"
+        folder = Path(root) / relative
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(1, count + 1):
             meta = FileMetaDataset()
@@ -176,8 +181,11 @@ def write_tiny_study(
             ds.PixelRepresentation = 1
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.PixelData = rng.integers(-1000, 1000, (side, side), dtype=np.int16).tobytes()
-            ds.save_as(folder / f"{index:04d}.dcm", enforce_file_format=True)
+            pixels = rng.integers(-1000, 1000, (side, side), dtype=np.int16)
+            if modality == "SEG" and empty_seg:
+                pixels[:] = 0
+            ds.PixelData = pixels.tobytes()
+            ds.save_as(folder / f"{series_uid[-8:]}-{index:04d}.dcm", enforce_file_format=True)
     return uids
 
 

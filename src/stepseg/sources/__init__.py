@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from stepseg import manifest
@@ -19,15 +18,18 @@ from stepseg.atomic import atomic_dir
 SOURCES = {
     "synthetic": "stepseg.synthetic.source",
     "tcia": "stepseg.sources.tcia",
-    "dicom_dir": "stepseg.sources.local",
-    "nifti_dir": "stepseg.sources.local",
+    "dicom_dir": "stepseg.sources.local:dicom_dir",
+    "nifti_dir": "stepseg.sources.local:nifti_dir",
 }
 
 
-def _module(source: str) -> ModuleType:
+def _module(source: str) -> Any:
+    """The module (or, for `module:name`, the module's object) implementing the source."""
     if source not in SOURCES:
         raise ValueError(f"unknown download.source {source!r}; expected one of {sorted(SOURCES)}")
-    return importlib.import_module(SOURCES[source])
+    module, _, name = SOURCES[source].partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, name) if name else loaded
 
 
 def write_manifest(

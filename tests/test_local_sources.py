@@ -1,0 +1,166 @@
+"""Local sources: a DICOM tree in any layout (`dicom_dir`) and the autoPET NIfTI release."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from tcia_server import write_tiny_study
+
+from stepseg import manifest, sources
+from stepseg.errors import StudyError
+from stepseg.sources import local
+
+SPLIT = {"seed": 0, "train": 0.5, "val": 0.25, "test": 0.25}
+
+
+@pytest.fixture(scope="module")
+def dicom_tree(tmp_path_factory):
+    """Three studies, two patients, in three layouts: nested, one flat folder, mixed."""
+    root = tmp_path_factory.mktemp("tree")
+    (root / "README.txt").write_text("not DICOM")
+    uids = {
+        "A_2": write_tiny_study(root, "A", "20040101", seed=1, empty_seg=True),
+        "A_1": write_tiny_study(root, "A", "20030323", seed=2, folder_of=lambda m: "dump"),
+        "B_1": write_tiny_study(
+            root, "B", "20050505", seed=3, folder_of=lambda m: "b/seg" if m == "SEG" else "b"
+        ),
+    }
+    return root, uids
+
+
+def test_dicom_dir_lists_studies_by_tags_whatever_the_layout(dicom_tree):
+    root, uids = dicom_tree
+    records = local.dicom_dir.list_studies({"path": str(root)})
+    assert [(r["study_id"], r["patient_id"], r["has_lesions"]) for r in records] == [
+        ("A_1", "A", True),
+        ("A_2", "A", False),
+        ("B_1", "B", True),
+    ]
+    by_id = {r["study_id"]: r for r in records}
+    for name, study_uids in uids.items():
+        assert by_id[name]["study_uid"] == study_uids["StudyInstanceUID"]
+        assert by_id[name]["pet_series_uid"] == study_uids["PT"]
+    assert by_id["A_1"]["ct_series_dirs"] == str((root / "dump").resolve())
+    assert by_id["B_1"]["seg_series_dirs"] == str((root / "b" / "seg").resolve())
+    assert (by_id["A_1"]["ct_series_images"], by_id["A_1"]["seg_series_images"]) == (6, 1)
+
+
+@pytest.mark.parametrize("mode", ["symlink", "copy"])
+def test_dicom_dir_fetch_links_or_copies_each_series(dicom_tree, tmp_path, mode):
+    root, uids = dicom_tree
+    row = local.dicom_dir.list_studies({"path": str(root)})[0]  # A_1, in the mixed folder
+    out = tmp_path / "raw"
+    local.dicom_dir.fetch_study({"path": str(root), "link": mode}, row, out)
+    assert sorted(p.name for p in out.iterdir()) == ["CT", "PET", "SEG"]
+    ct = sorted((out / "CT").iterdir())
+    assert len(ct) == 6
+    originals = sorted((root / "dump").glob(f"{uids['A_1']['CT'][-8:]}-*.dcm"))
+    assert all(p.is_symlink() == (mode == "symlink") for p in ct)
+    assert [p.read_bytes() for p in ct] == [p.read_bytes() for p in originals]
+
+
+def test_dicom_dir_changed_tree_is_reported(tmp_path):
+    root = tmp_path / "tree"
+    write_tiny_study(root, "C", "20100101")
+    row = local.dicom_dir.list_studies({"path": str(root)})[0]
+    next((root / "C" / "20100101" / "CT").iterdir()).unlink()
+    with pytest.raises(StudyError, match=r"study C_1.*CT series .* has 5 files, 6 when listed"):
+        local.dicom_dir.fetch_study({"path": str(root)}, row, tmp_path / "raw")
+
+
+def test_dicom_dir_through_the_dispatch(dicom_tree, tmp_path):
+    root, _ = dicom_tree
+    settings = {"path": str(root), "link": "symlink"}
+    sources.write_manifest("dicom_dir", settings, SPLIT, tmp_path / "manifest.tsv")
+    table = manifest.read(tmp_path / "manifest.tsv")
+    assert list(table["study_id"]) == ["A_1", "A_2", "B_1"]
+    assert table.groupby("patient_id")["split"].nunique().max() == 1
+    sources.fetch_study("dicom_dir", settings, tmp_path / "manifest.tsv", "B_1", tmp_path / "B_1")
+    assert len(list((tmp_path / "B_1" / "PET").iterdir())) == 4
+
+
+def test_missing_path_is_reported():
+    with pytest.raises(ValueError, match=r"download.dicom_dir.path '' is not a directory"):
+        local.dicom_dir.list_studies({"path": ""})
+
+
+def write_release_study(folder: Path, seg: np.ndarray | None = None, shape=(4, 5, 6)) -> None:
+    """A tiny autoPET release study; arrays (z, y, x), SUV/PET/CTres/SEG on one grid."""
+    folder.mkdir(parents=True)
+    affine = np.diag([-4.0, -4.0, 3.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, -30.0]
+    rng = np.random.default_rng(0)
+    seg = np.zeros(shape, np.uint8) if seg is None else seg
+    arrays = {
+        "CT": rng.normal(0, 100, (8, 10, 12)).astype(np.float32),
+        "CTres": rng.normal(0, 100, shape).astype(np.float32),
+        "PET": rng.random(shape).astype(np.float32),
+        "SUV": rng.random(shape).astype(np.float32),
+        "SEG": seg,
+    }
+    for name, array in arrays.items():
+        nib.save(nib.Nifti1Image(array.transpose(2, 1, 0), affine), folder / f"{name}.nii.gz")
+
+
+@pytest.fixture
+def release(tmp_path):
+    root = tmp_path / "FDG-PET-CT-Lesions"
+    lesion = np.zeros((4, 5, 6), np.uint8)
+    lesion[1:3, 2, 2] = 1
+    write_release_study(root / "PETCT_0a" / "01-02-2004-NA-PET-CT Ganzkoerper-20445", lesion)
+    write_release_study(root / "PETCT_0a" / "03-23-2003-NA-PET-CT Ganzkoerper-10445")
+    write_release_study(root / "PETCT_0b" / "05-05-2005-NA-PET-CT-30445")
+    return root
+
+
+def test_nifti_dir_lists_release_studies_in_date_order(release):
+    records = local.nifti_dir.list_studies({"path": str(release)})
+    assert [(r["study_id"], r["has_lesions"]) for r in records] == [
+        ("PETCT_0a_1", False),
+        ("PETCT_0a_2", True),
+        ("PETCT_0b_1", False),
+    ]
+    assert Path(records[0]["nifti_dir"]).name.startswith("03-23-2003")
+
+
+def test_nifti_dir_fetch_and_link_make_symlinks_not_copies(release, tmp_path):
+    row = local.nifti_dir.list_studies({"path": str(release)})[1]
+    raw = tmp_path / "raw" / "PETCT_0a_2"
+    local.nifti_dir.fetch_study({"path": str(release)}, row, raw)
+    outputs = {n: tmp_path / "nifti" / "PETCT_0a_2" / f"{n}.nii.gz" for n in local.NIFTI_NAMES}
+    local.link_nifti_study("PETCT_0a_2", raw, outputs)
+    source = Path(row["nifti_dir"])
+    for name, path in outputs.items():
+        assert path.is_symlink()
+        assert os.readlink(path) == str((source / f"{name}.nii.gz").resolve())
+    seg = nib.load(outputs["SEG"]).get_fdata()
+    assert seg.sum() == 2
+
+
+def test_nifti_dir_refuses_seg_off_the_suv_grid(release, tmp_path):
+    bad = release / "PETCT_0c" / "06-06-2006-NA-x-1"
+    write_release_study(bad, np.zeros((4, 5, 7), np.uint8))
+    row = next(
+        r
+        for r in local.nifti_dir.list_studies({"path": str(release)})
+        if r["patient_id"] == "PETCT_0c"
+    )
+    with pytest.raises(
+        StudyError, match=r"study PETCT_0c_1, file .*SEG\.nii\.gz: SEG shape \(4, 5, 7\)"
+    ):
+        local.nifti_dir.fetch_study({"path": str(release)}, row, tmp_path / "raw")
+
+
+def test_nifti_dir_refuses_non_binary_seg(tmp_path):
+    seg = np.zeros((4, 5, 6), np.uint8)
+    seg[0, 0, 0] = 2
+    write_release_study(tmp_path / "rel" / "P" / "01-01-2001-NA-x-1", seg)
+    row = local.nifti_dir.list_studies({"path": str(tmp_path / "rel")})[0]
+    with pytest.raises(
+        StudyError, match=r"study P_1, .*SEG\.nii\.gz: SEG is not binary \(values \[0, 2\]\)"
+    ):
+        local.nifti_dir.fetch_study({}, row, tmp_path / "raw")

@@ -1,0 +1,11 @@
+"""Entry script: link one autoPET release study's NIfTI files in place of the DICOM conversion."""
+
+from stepseg import logs
+from stepseg.sources import local
+
+logs.setup(snakemake.log[0])
+local.link_nifti_study(
+    study=snakemake.wildcards.study,
+    raw_dir=snakemake.input[0],
+    outputs=dict(snakemake.output.items()),
+)
