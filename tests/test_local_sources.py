@@ -55,8 +55,11 @@ def test_dicom_dir_fetch_links_or_copies_each_series(dicom_tree, tmp_path, mode)
     row = local.dicom_dir.list_studies({"path": str(root)})[0]  # A_1, in the mixed folder
     out = tmp_path / "raw"
     local.dicom_dir.fetch_study({"path": str(root), "link": mode}, row, out)
-    assert sorted(p.name for p in out.iterdir()) == ["CT", "PET", "SEG"]
-    ct = sorted((out / "CT").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{number}.000000-{kind}-{uids['A_1'][kind][-5:]}"
+        for number, kind in [(1, "CT"), (2, "PT"), (3, "SEG")]
+    )
+    ct = sorted((out / row["ct_series"]).iterdir())
     assert len(ct) == 6
     originals = sorted((root / "dump").glob(f"{uids['A_1']['CT'][-8:]}-*.dcm"))
     assert all(p.is_symlink() == (mode == "symlink") for p in ct)
@@ -80,7 +83,8 @@ def test_dicom_dir_through_the_dispatch(dicom_tree, tmp_path):
     assert list(table["study_id"]) == ["A_1", "A_2", "B_1"]
     assert table.groupby("patient_id")["split"].nunique().max() == 1
     sources.fetch_study("dicom_dir", settings, tmp_path / "manifest.tsv", "B_1", tmp_path / "B_1")
-    assert len(list((tmp_path / "B_1" / "PET").iterdir())) == 4
+    pet_folder = table.set_index("study_id").loc["B_1", "pet_series"]
+    assert len(list((tmp_path / "B_1" / pet_folder).iterdir())) == 4
 
 
 def test_missing_path_is_reported():

@@ -81,7 +81,7 @@ def test_list_studies_groups_series_by_study_and_modality(server, cohort, tmp_pa
         uids["SEG"],
     )
     assert (first["ct_series_images"], first["pet_series_images"]) == (6, 4)
-    assert first["ct_series"] == f"results/raw/{first['study_id']}/CT"
+    assert first["ct_series"] == f"1.000000-CT-{uids['CT'][-5:]}"  # TCIA folder naming
     assert not any(r["has_lesions"] for r in records)
 
 
@@ -120,10 +120,11 @@ def test_fetch_study_extracts_every_series(server, cohort, tmp_path):
     row = tcia.list_studies(config)[0]
     out = tmp_path / "raw"
     tcia.fetch_study(config, row, out)
-    assert sorted(p.name for p in out.iterdir()) == ["CT", "PET", "SEG"]
-    assert len(list((out / "CT").glob("*.dcm"))) == 6
+    folders = [row["ct_series"], row["pet_series"], row["seg_series"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(folders)
+    assert len(list((out / row["ct_series"]).glob("*.dcm"))) == 6
     ct_source = sorted((cohort[0] / "PETCT_aaa" / "20030323" / "CT").iterdir())
-    assert (out / "CT" / "1-001.dcm").read_bytes() == ct_source[0].read_bytes()
+    assert (out / row["ct_series"] / "1-001.dcm").read_bytes() == ct_source[0].read_bytes()
     assert list((tmp_path / "partial").iterdir()) == []  # cache emptied after the study
 
 
@@ -208,6 +209,12 @@ def test_md5_mismatch_is_detected(tmp_path):
     with pytest.raises(tcia._TransientError, match=r"MD5 mismatch for 00000001\.dcm"):
         tcia.verify_series_zip(path, "1.2", 1, verify_md5=True)
     assert not path.exists()
+
+
+def test_series_folder_from_the_manifest_must_be_one_plain_name(tmp_path):
+    row = {"study_id": "P_1", "ct_series": "../../etc"}
+    with pytest.raises(StudyError, match=r"study P_1: ct_series '\.\./\.\./etc' is not a plain"):
+        tcia.series_dir(tmp_path, row, "ct_series")
 
 
 def test_zip_slip_entry_is_refused(server, cohort, tmp_path):

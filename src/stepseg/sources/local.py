@@ -2,8 +2,8 @@
 
 `dicom_dir`: any folder layout; files are grouped by their tags (StudyInstanceUID, Modality,
 SeriesInstanceUID) and a study is fetched by symlinking (or copying) its CT, PT and SEG files
-into `results/raw/{study}/{CT,PET,SEG}`. `has_lesions` comes from the SEG's pixels (exact, and
-SEG files are small).
+into TCIA-style series folders of `results/raw/{study}`. `has_lesions` comes from the SEG's
+pixels (exact, and SEG files are small).
 
 `nifti_dir`: `<root>/<patient>/<study folder>/{CT,CTres,PET,SUV,SEG}.nii.gz` (any depth above
 the patient folder). Conversion is skipped: the download step validates the files (SUV, PET,
@@ -45,6 +45,8 @@ LISTING_TAGS = [
     "SeriesInstanceUID",
     "SeriesDate",
     "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
 ]
 REQUIRED_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
 LINK_MODES = ("symlink", "copy")
@@ -85,6 +87,8 @@ def scan_dicom_tree(root: Path) -> dict[str, dict[str, Any]]:
                 "PatientID": str(ds.PatientID),
                 "Modality": ds.Modality,
                 "StudyDate": str(ds.get("StudyDate", "") or ds.get("SeriesDate", "")),
+                "SeriesNumber": ds.get("SeriesNumber", 0),
+                "SeriesDescription": str(ds.get("SeriesDescription", "")),
                 "ImageCount": 0,
             },
         )
@@ -148,7 +152,7 @@ def _fetch_dicom_dir(settings: Mapping[str, Any], row: Mapping[str, Any], out_di
                 f"{expected} when listed (the tree changed since the manifest was written)",
                 folders[0],
             )
-        target = Path(out_dir) / tcia.SERIES_FOLDERS[modality]
+        target = tcia.series_dir(out_dir, row, column)
         target.mkdir(parents=True)
         for index, path in enumerate(files, start=1):
             _place(path.resolve(), target / f"{index:05d}{path.suffix or '.dcm'}", mode)

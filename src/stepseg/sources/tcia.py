@@ -32,15 +32,15 @@ import requests
 import urllib3
 
 from stepseg.errors import StudyError
+from stepseg.synthetic.dicom_writer import series_folder
 
 log = logging.getLogger(__name__)
 
 MODALITY_COLUMNS = {"CT": "ct_series", "PT": "pet_series", "SEG": "seg_series"}
-SERIES_FOLDERS = {"CT": "CT", "PT": "PET", "SEG": "SEG"}
 CHUNK_BYTES = 1 << 20
 MD5_TABLE = "md5hashes.csv"
 STUDY_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-RAW_ROOT = "results/raw"
+SAFE_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
 class DownloadError(RuntimeError):
@@ -191,7 +191,11 @@ def group_series(
         }
         for modality, column in MODALITY_COLUMNS.items():
             entry = study["series"][modality]
-            record[column] = f"{RAW_ROOT}/{study['study_id']}/{SERIES_FOLDERS[modality]}"
+            record[column] = series_folder(
+                int(float(entry.get("SeriesNumber") or 0)),
+                str(entry.get("SeriesDescription") or modality),
+                entry["SeriesInstanceUID"],
+            )
             record[f"{column}_uid"] = entry["SeriesInstanceUID"]
             record[f"{column}_images"] = int(entry.get("ImageCount") or 0)
         records.append(record)
@@ -423,6 +427,15 @@ def extract_series(zip_path: Path, target: Path, study: str) -> int:
     return count
 
 
+def series_dir(out_dir: Path, row: Mapping[str, Any], column: str) -> Path:
+    """Where a series goes inside the study folder: the manifest's TCIA-style folder name,
+    checked to be one plain path component (the manifest is a file users may edit)."""
+    folder = str(row[column])
+    if not SAFE_FOLDER.fullmatch(folder) or folder in (".", ".."):
+        raise StudyError(str(row["study_id"]), f"{column} {folder!r} is not a plain folder name")
+    return Path(out_dir) / folder
+
+
 def fetch_study(settings: Mapping[str, Any], row: Mapping[str, Any], out_dir: Path) -> None:
     """The source interface: download, verify and unpack the study's CT, PET and SEG series.
 
@@ -440,7 +453,7 @@ def fetch_study(settings: Mapping[str, Any], row: Mapping[str, Any], out_dir: Pa
                 zip_path = download_series(config, uid, images, session)
             except UnsafeArchiveError as exc:
                 raise StudyError(study, f"{modality} series {uid}: {exc}") from exc
-            count = extract_series(zip_path, Path(out_dir) / SERIES_FOLDERS[modality], study)
+            count = extract_series(zip_path, series_dir(out_dir, row, column), study)
             log.info("study %s: %s series %s, %d files", study, modality, uid, count)
             zips.append(zip_path)
     for zip_path in zips:
