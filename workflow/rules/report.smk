@@ -1,3 +1,8 @@
+def report_model(variant):
+    """Training-curve subcategory: the model name without its seed."""
+    return variant.rsplit("-seed", 1)[0]
+
+
 rule report:
     input:
         metrics=expand(
@@ -8,14 +13,59 @@ rule report:
         train_logs=expand(
             "results/models/{trained}/train_log.csv", trained=trained_variants()
         ),
+        suv=lambda wc: expand("results/nifti/{study}/SUV.nii.gz", study=studies("test")),
+        seg=lambda wc: expand("results/nifti/{study}/SEG.nii.gz", study=studies("test")),
+        pred=lambda wc: expand(
+            "results/predictions/{variant}/{study}.nii.gz",
+            variant=all_variants(),
+            study=studies("test"),
+        ),
     output:
-        table="results/report/results.csv",
+        table=report(
+            "results/report/results.csv",
+            caption="../report/results_csv.rst",
+            category="Results",
+            subcategory="Tables",
+        ),
         markdown="results/report/results.md",
+        html=report(
+            "results/report/results.html",
+            caption="../report/results_table.rst",
+            category="Results",
+            subcategory="Tables",
+        ),
+        distributions=report(
+            "results/report/per_study_metrics.png",
+            caption="../report/per_study_metrics.rst",
+            category="Results",
+            subcategory="Per-study metrics",
+        ),
+        curves=[
+            report(
+                f"results/report/training/{variant}.png",
+                caption="../report/training_curves.rst",
+                category="Training",
+                subcategory=report_model(variant),
+                labels={"variant": variant},
+            )
+            for variant in trained_variants()
+        ],
+        cases=[
+            report(
+                f"results/report/cases/{case}.png",
+                caption="../report/test_case.rst",
+                category="Test cases",
+                subcategory="Coronal SUV MIP",
+                labels={"case": case},
+            )
+            for case in config["report"]["mip_cases"]
+        ],
     log:
         "results/logs/report/report.log",
     conda:
         "../../envs/report.yaml"
     params:
         settings=config["report"],
+        data_source=config["download"]["source"],
     script:
         "../scripts/report.py"

@@ -8,4 +8,8 @@ report.write_report(
     train_logs=snakemake.input.train_logs,
     outputs=dict(snakemake.output.items()),
     settings=snakemake.params.settings,
+    suv_paths=snakemake.input.suv,
+    seg_paths=snakemake.input.seg,
+    pred_paths=snakemake.input.pred,
+    data_source=snakemake.params.data_source,
 )

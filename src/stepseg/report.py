@@ -1,0 +1,508 @@
+"""The results report: the paper's Table 1 beside ours, the seed ablation, and figures.
+
+Everything is read from the workflow's files (layout in docs/design.md): per-study metrics
+`metrics/{variant}/{split}_per_study.csv`, training logs `models/{variant}/train_log.csv`, and for
+the example cases `nifti/{study}/{SUV,SEG}.nii.gz` and `predictions/{variant}/{study}.nii.gz`.
+Training-log columns are read generically (every numeric column, grouped by name prefix), so the
+report does not break when the training loop logs another term.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from stepseg import metrics, nifti
+from stepseg.atomic import atomic_file
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+SET_LABELS = {"val": "Validation set", "test": "Preliminary test set"}
+# Liu, Zhong & Mo (autoPET 2022), Table 1: DSC, false positive and false negative volume (ml).
+PAPER_TABLE1 = {"val": (0.80, 1.87, 1.14), "test": (0.92, 0.89, 0.53)}
+PAPER_DATA = {
+    "val": "Liu et al. 2022 (paper): their validation set of 40 patients",
+    "test": "Liu et al. 2022 (paper): the autoPET 2022 challenge's preliminary test set",
+}
+HEADLINE = {"dice": "DSC", "fpv_ml": "False Positive (ml)", "fnv_ml": "False Negative (ml)"}
+# autoPET 2022 ranking weights: Dice 50 %, FPV 25 %, FNV 25 % (lower rank is better).
+RANK_WEIGHTS = {"dice": 0.5, "fpv_ml": 0.25, "fnv_ml": 0.25}
+CASE_NAMES = ("best", "median", "worst")
+_METRICS_NAME = re.compile(r"^(?P<split>[a-z]+)_per_study\.csv$")
+_SEED = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")
+
+
+def split_variant(variant: str) -> tuple[str, int | None]:
+    """`stepwise-seed1` -> ("stepwise", 1); untrained variants have no seed."""
+    match = _SEED.match(variant)
+    return (match["model"], int(match["seed"])) if match else (variant, None)
+
+
+def load_per_study(metrics_csvs: Sequence[str | Path]) -> pd.DataFrame:
+    """All per-study tables in one frame with `variant` and `split` columns from the paths."""
+    frames = []
+    for path in map(Path, metrics_csvs):
+        match = _METRICS_NAME.match(path.name)
+        if match is None or match["split"] not in SPLITS:
+            raise ValueError(f"not a metrics/<variant>/<val|test>_per_study.csv path: {path}")
+        frame = pd.read_csv(path)
+        missing = set(metrics.PER_STUDY_COLUMNS) - set(frame.columns)
+        if missing:
+            raise ValueError(f"{path} lacks columns {sorted(missing)}")
+        frame.insert(0, "split", match["split"])
+        frame.insert(0, "variant", path.parent.name)
+        frames.append(frame)
+    if not frames:
+        raise ValueError("no metrics tables given")
+    table = pd.concat(frames, ignore_index=True)
+    table["has_lesions"] = table["has_lesions"].astype(bool)
+    return table
+
+
+def summary_table(per_study: pd.DataFrame) -> pd.DataFrame:
+    """One row per (variant, split): the autoPET aggregate means and lesion/clinical means."""
+    rows = []
+    for (variant, split), group in per_study.groupby(["variant", "split"], sort=True):
+        model, seed = split_variant(str(variant))
+        rows.append(
+            {"variant": variant, "model": model, "seed": seed, "split": split}
+            | metrics.summarise(group)
+        )
+    return pd.DataFrame(rows)
+
+
+def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample sd across seeds of each model's headline metrics, per split."""
+    rows = []
+    in_order = summary.sort_values("split", key=lambda s: s.map(SPLITS.index), kind="stable")
+    for (model, split), group in in_order.groupby(["model", "split"], sort=False):
+        row: dict[str, object] = {"model": model, "split": split, "n_seeds": len(group)}
+        for column in HEADLINE:
+            values = group[column].dropna()
+            row[f"{column}_mean"] = values.mean() if len(values) else math.nan
+            row[f"{column}_sd"] = values.std(ddof=1) if len(values) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("model", kind="stable", ignore_index=True)
+
+
+def ranking_table(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """autoPET-style ranking of our variants: average rank per metric, weighted 50/25/25."""
+    table = summary[summary["split"] == split].set_index("variant")[list(HEADLINE)].copy()
+    score = pd.Series(0.0, index=table.index)
+    for column, weight in RANK_WEIGHTS.items():
+        ascending = column != "dice"
+        ranks = table[column].rank(ascending=ascending, method="average", na_option="bottom")
+        table[f"{column}_rank"] = ranks
+        score += weight * ranks
+    table["score"] = score
+    return table.sort_values(["score", "dice"], ascending=[True, False]).reset_index()
+
+
+def best_variant(summary: pd.DataFrame) -> str:
+    """The variant with the highest validation Dice (lower validation FPV breaks ties).
+
+    Chosen on validation, never on test, so the example cases do not flatter the test numbers.
+    """
+    val = summary[summary["split"] == "val"].copy()
+    val["dice_key"] = val["dice"].fillna(-math.inf)
+    ordered = val.sort_values(["dice_key", "fpv_ml", "variant"], ascending=[False, True, True])
+    return str(ordered["variant"].iloc[0])
+
+
+def pick_cases(per_study: pd.DataFrame, cases: Sequence[str]) -> dict[str, str]:
+    """Best, median and worst study by Dice (lesion studies), or by FPV when none has lesions."""
+    unknown = set(cases) - set(CASE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown mip_cases {sorted(unknown)}; choose from {CASE_NAMES}")
+    lesion = per_study[per_study["has_lesions"]]
+    if len(lesion):
+        ordered = lesion.assign(missed=lesion["fpv_ml"] + lesion["fnv_ml"]).sort_values(
+            ["dice", "missed", "study"], ascending=[False, True, True]
+        )
+    else:
+        ordered = per_study.sort_values(["fpv_ml", "study"])
+    studies = ordered["study"].tolist()
+    position = {"best": 0, "median": (len(studies) - 1) // 2, "worst": len(studies) - 1}
+    return {case: studies[position[case]] for case in cases}
+
+
+# ---- tables as text ------------------------------------------------------------------------
+
+
+def _fmt(value: object, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mean_sd(mean: float, sd: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def table1_rows(summary: pd.DataFrame, data_source: str) -> pd.DataFrame:
+    """The paper's Table 1 layout, with the paper's numbers above ours in each set."""
+    rows = []
+    for split in SPLITS:
+        dice, fpv, fnv = PAPER_TABLE1[split]
+        paper = [f"{dice:.2f}", f"{fpv:.2f}", f"{fnv:.2f}", "n/a"]
+        rows.append([SET_LABELS[split], PAPER_DATA[split], *paper])
+        ours = summary[summary["split"] == split].sort_values("variant")
+        for row in ours.itertuples():
+            where = f"ours: {row.variant}, our {data_source} {split} split" + (
+                " (not the challenge's test set)" if split == "test" else ""
+            )
+            rows.append(
+                [
+                    SET_LABELS[split],
+                    where,
+                    _fmt(row.dice, 3),
+                    _fmt(row.fpv_ml, 2),
+                    _fmt(row.fnv_ml, 2),
+                    f"{row.n_studies} ({row.n_lesion_studies})",
+                ]
+            )
+    columns = ["Set", "Result", *HEADLINE.values(), "Studies (with lesions)"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def ablation_rows(ablation: pd.DataFrame) -> pd.DataFrame:
+    rows = [
+        [
+            row.model,
+            SET_LABELS[row.split],
+            row.n_seeds,
+            _mean_sd(row.dice_mean, row.dice_sd, 3),
+            _mean_sd(row.fpv_ml_mean, row.fpv_ml_sd, 2),
+            _mean_sd(row.fnv_ml_mean, row.fnv_ml_sd, 2),
+        ]
+        for row in ablation.itertuples()
+    ]
+    return pd.DataFrame(rows, columns=["Model", "Set", "Seeds", *HEADLINE.values()])
+
+
+def ranking_rows(ranking: pd.DataFrame) -> pd.DataFrame:
+    rows = [
+        [
+            row.variant,
+            _fmt(row.dice, 3),
+            _fmt(row.fpv_ml, 2),
+            _fmt(row.fnv_ml, 2),
+            f"{row.dice_rank:g} / {row.fpv_ml_rank:g} / {row.fnv_ml_rank:g}",
+            f"{row.score:.2f}",
+        ]
+        for row in ranking.itertuples()
+    ]
+    columns = ["Variant", *HEADLINE.values(), "Ranks (DSC / FP / FN)", "Score"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    rows = [
+        [
+            row.variant,
+            SET_LABELS[row.split],
+            f"{row.tp_lesions:.2f} / {row.fp_lesions:.2f} / {row.fn_lesions:.2f}",
+            f"{_fmt(row.mtv_true_ml, 1)} / {_fmt(row.mtv_pred_ml, 1)}",
+            f"{_fmt(row.tlg_true, 1)} / {_fmt(row.tlg_pred, 1)}",
+            f"{_fmt(row.suvmax_true, 1)} / {_fmt(row.suvmax_pred, 1)}",
+        ]
+        for row in summary.sort_values(
+            ["split", "variant"], key=lambda s: s.map(SPLITS.index) if s.name == "split" else s
+        ).itertuples()
+    ]
+    columns = [
+        "Variant",
+        "Set",
+        "Lesions TP / FP / FN",
+        "MTV true / pred (ml)",
+        "TLG true / pred",
+        "SUVmax true / pred",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    lines = [
+        "| " + " | ".join(table.columns) + " |",
+        "|" + "|".join("---" for _ in table.columns) + "|",
+    ]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(False)]
+    return "\n".join(lines)
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+
+def _column_groups(log_table: pd.DataFrame) -> dict[str, list[str]]:
+    """Numeric columns grouped by the prefix before the first underscore (loss_*, weight_*)."""
+    groups: dict[str, list[str]] = {}
+    for column in log_table.columns:
+        if column == "epoch":
+            continue
+        values = pd.to_numeric(log_table[column], errors="coerce")
+        if values.notna().any():
+            groups.setdefault(str(column).split("_", 1)[0], []).append(column)
+    return groups
+
+
+def plot_training_curves(log_csv: str | Path, out_png: str | Path, variant: str, dpi: int) -> None:
+    """One panel per column group of the training log, against the epoch."""
+    table = pd.read_csv(log_csv)
+    groups = _column_groups(table)
+    if not groups:
+        raise ValueError(f"{log_csv} has no numeric column to plot")
+    x = table["epoch"] if "epoch" in table else pd.Series(range(len(table)), name="row")
+    columns = min(3, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False, layout="constrained"
+    )
+    for ax, (group, names) in zip(axes.flat, groups.items(), strict=False):
+        for name in names:
+            ax.plot(x, pd.to_numeric(table[name], errors="coerce"), marker=".", label=name)
+        values = table[names].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+        positive = values[np.isfinite(values)]
+        if positive.size and positive.min() > 0 and positive.max() / positive.min() > 100:
+            ax.set_yscale("log")
+        ax.set_title(group)
+        ax.set_xlabel(str(x.name))
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.suptitle(f"Training log of {variant}")
+    _save(fig, out_png, dpi)
+
+
+def plot_distributions(per_study: pd.DataFrame, out_png: str | Path, dpi: int) -> None:
+    """Per-study Dice, FPV and FNV of every variant: box plots with the studies as points."""
+    variants = sorted(per_study["variant"].unique())
+    fig, axes = plt.subplots(
+        len(SPLITS),
+        len(HEADLINE),
+        figsize=(4.5 * len(HEADLINE), 3.2 * len(SPLITS)),
+        squeeze=False,
+        layout="constrained",
+    )
+    rng = np.random.default_rng(0)
+    for i, split in enumerate(SPLITS):
+        for j, (column, label) in enumerate(HEADLINE.items()):
+            ax = axes[i, j]
+            data = [
+                per_study.loc[(per_study["variant"] == v) & (per_study["split"] == split), column]
+                .dropna()
+                .to_numpy()
+                for v in variants
+            ]
+            ax.boxplot(data, showfliers=False)
+            for k, values in enumerate(data, start=1):
+                ax.scatter(k + rng.uniform(-0.15, 0.15, len(values)), values, s=10, alpha=0.7)
+            ax.set_xticks(range(1, len(variants) + 1), variants, rotation=30, ha="right")
+            ax.set_title(f"{SET_LABELS[split]}: {label}", fontsize=9)
+    _save(fig, out_png, dpi)
+
+
+def coronal_mip(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Maximum along the antero-posterior axis, oriented head up and patient right on the
+    viewer's left (radiological convention), whatever the storage orientation."""
+    i_code, _, k_code = nib.aff2axcodes(affine)  # NIfTI (i, j, k) = our (x, y, z)
+    mip = array.max(axis=1)  # (z, x)
+    if k_code == "S":
+        mip = mip[::-1]
+    if i_code == "R":
+        mip = mip[:, ::-1]
+    return mip
+
+
+def plot_case(
+    suv_path: str | Path,
+    seg_path: str | Path,
+    pred_path: str | Path,
+    title: str,
+    out_png: str | Path,
+    dpi: int,
+) -> None:
+    """Coronal SUV MIP with the projected outlines of the ground truth and the prediction."""
+    study = Path(seg_path).parent.name
+    suv = nifti.load(suv_path, study, np.float32)
+    seg = nifti.load(seg_path, study)
+    pred = nifti.load(pred_path, study)
+    nifti.check_same_grid(
+        study,
+        {
+            "SUV": (Path(suv_path), suv),
+            "SEG": (Path(seg_path), seg),
+            "pred": (Path(pred_path), pred),
+        },
+    )
+    sz, _, sx = suv.spacing_zyx
+    mip = coronal_mip(suv.array, suv.affine)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5 * mip.shape[0] * sz / (mip.shape[1] * sx) + 0.8))
+    vmax = max(float(np.percentile(mip, 99.5)), 1e-6)
+    ax.imshow(mip, cmap="gray_r", vmin=0, vmax=vmax, aspect=sz / sx, interpolation="nearest")
+    for volume, colour, label in (
+        (seg, "tab:green", "ground truth"),
+        (pred, "tab:red", "prediction"),
+    ):
+        outline = coronal_mip((volume.array != 0).astype(np.uint8), volume.affine)
+        if outline.any():
+            ax.contour(outline, levels=[0.5], colors=colour, linewidths=0.8)
+        ax.plot([], [], color=colour, label=label)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    _save(fig, out_png, dpi)
+
+
+def _save(fig: plt.Figure, out_png: str | Path, dpi: int) -> None:
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+
+def _by_parent(paths: Sequence[str | Path]) -> dict[str, Path]:
+    return {Path(p).parent.name: Path(p) for p in paths}
+
+
+def write_report(
+    metrics_csvs: Sequence[str | Path],
+    train_logs: Sequence[str | Path],
+    outputs: Mapping[str, str | Path | Sequence[str | Path]],
+    settings: Mapping[str, object],
+    suv_paths: Sequence[str | Path],
+    seg_paths: Sequence[str | Path],
+    pred_paths: Sequence[str | Path],
+    data_source: str,
+) -> None:
+    """Write results.csv, results.md, results.html and every figure named in `outputs`.
+
+    `outputs` keys: table, markdown, html, distributions (paths); curves (one PNG per training
+    log, named `<variant>.png`); cases (one PNG per `settings["mip_cases"]` entry, in order).
+    `suv_paths`/`seg_paths` are the test studies' NIfTI files, `pred_paths` every variant's test
+    predictions; the cases are drawn from the best variant (highest validation Dice).
+    """
+    dpi = int(settings.get("figure_dpi", 120))
+    cases = list(settings.get("mip_cases", CASE_NAMES))
+    per_study = load_per_study(metrics_csvs)
+    summary = summary_table(per_study)
+
+    paper = pd.DataFrame(
+        [
+            {
+                "source": "paper",
+                "variant": "Liu et al. 2022",
+                "split": split,
+                "data": PAPER_DATA[split],
+            }
+            | dict(zip(HEADLINE, PAPER_TABLE1[split], strict=True))
+            for split in SPLITS
+        ]
+    )
+    ours = summary.assign(
+        source="ours", data=[f"our {data_source} {s} split" for s in summary["split"]]
+    )
+    results = pd.concat([paper, ours], ignore_index=True)
+    results.insert(2, "set", results["split"].map(SET_LABELS))
+    with atomic_file(outputs["table"]) as tmp:
+        results.to_csv(tmp, index=False)
+
+    best = best_variant(summary)
+    tables = {
+        "Table 1 layout: the paper's numbers and ours": table1_rows(summary, data_source),
+        "Ablation across seeds (mean ± sd)": ablation_rows(ablation_table(summary)),
+        "autoPET-style ranking of our variants on the test split": ranking_rows(
+            ranking_table(summary)
+        ),
+        "Lesion-wise detection and clinical quantities (mean per study)": detection_rows(summary),
+    }
+    notes = [
+        "DSC, False Positive and False Negative are the official autoPET metrics (Dice, false "
+        "positive and false negative volume in ml, 18-connected components), averaged over the "
+        "studies where they are defined (Dice and FN only over studies with lesions).",
+        "The paper's numbers are quoted from Liu, Zhong & Mo (autoPET 2022), Table 1. Their "
+        "preliminary test set is the challenge's hidden set; ours is the held-out test split of "
+        f"this run's cohort (download source: {data_source}), so the numbers are not comparable "
+        "one to one.",
+        f"Example cases are the {', '.join(cases)} test studies of {best}, the variant with the "
+        "highest validation Dice.",
+    ]
+
+    curves = _by_parent(train_logs)
+    curve_outputs = {Path(p).stem: Path(p) for p in outputs.get("curves", [])}
+    for variant, log_csv in curves.items():
+        if variant not in curve_outputs:
+            raise ValueError(f"no curve output named {variant}.png for {log_csv}")
+        plot_training_curves(log_csv, curve_outputs[variant], variant, dpi)
+    plot_distributions(per_study, outputs["distributions"], dpi)
+
+    test_best = per_study[(per_study["variant"] == best) & (per_study["split"] == "test")]
+    chosen = pick_cases(test_best, cases)
+    suv, seg = _by_parent(suv_paths), _by_parent(seg_paths)
+    preds = {(Path(p).parent.name, Path(p).name.removesuffix(".nii.gz")): p for p in pred_paths}
+    for case, out_png in zip(cases, outputs["cases"], strict=True):
+        study = chosen[case]
+        row = test_best.set_index("study").loc[study]
+        title = (
+            f"{case} test study of {best}: {study}\nDice {_fmt(row['dice'], 3)}, "
+            f"FPV {row['fpv_ml']:.2f} ml, FNV {_fmt(row['fnv_ml'], 2)} ml"
+        )
+        plot_case(suv[study], seg[study], preds[(best, study)], title, out_png, dpi)
+
+    figures = [("Per-study metric distributions", outputs["distributions"])]
+    figures += [(f"Training curves of {v}", curve_outputs[v]) for v in curves]
+    figures += [(f"{c} test case", p) for c, p in zip(cases, outputs["cases"], strict=True)]
+    _write_markdown(outputs["markdown"], tables, notes, figures)
+    _write_html(outputs["html"], tables, notes)
+    log.info("report written; best variant by validation Dice: %s", best)
+
+
+def _write_markdown(
+    path: str | Path,
+    tables: Mapping[str, pd.DataFrame],
+    notes: Sequence[str],
+    figures: Sequence[tuple[str, str | Path]],
+) -> None:
+    parts = ["# stepseg results", ""]
+    parts += [f"- {note}" for note in notes]
+    for title, table in tables.items():
+        parts += ["", f"## {title}", "", markdown_table(table)]
+    parts += ["", "## Figures", ""]
+    base = Path(path).parent
+    for title, figure in figures:
+        parts.append(f"- [{title}]({Path(figure).relative_to(base).as_posix()})")
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+
+
+def _write_html(path: str | Path, tables: Mapping[str, pd.DataFrame], notes: Sequence[str]) -> None:
+    """The tables as one standalone HTML page, which Snakemake's report embeds and displays."""
+    body = ["<ul>", *(f"<li>{html.escape(note)}</li>" for note in notes), "</ul>"]
+    for title, table in tables.items():
+        body += [f"<h2>{html.escape(title)}</h2>", table.to_html(index=False, border=0)]
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>stepseg results</title>"
+        "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style></head><body>"
+        "<h1>stepseg results</h1>" + "\n".join(body) + "</body></html>"
+    )
+    with atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")

@@ -1,0 +1,349 @@
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stepseg import metrics, nifti, report
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (20, 10, 16)  # (z, y, x)
+AFFINE = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS-stored like DICOM-derived files: 12 ml voxels
+VOXEL_ML = 0.012
+STUDIES = {"val": ["V1", "V2"], "test": ["T1", "T2", "T3", "T4"]}
+TRAINED = ["stepwise-seed0", "stepwise-seed1", "plain-seed0"]
+VARIANTS = [*TRAINED, "threshold"]
+
+
+def lesion_volume(study: str) -> np.ndarray:
+    gt = np.zeros(SHAPE, dtype=np.uint8)
+    if study != "T4":  # T4: no lesions
+        gt[4:8, 3:6, 4:8] = 1  # 48 voxels
+        gt[14:16, 5:7, 10:12] = 1  # 8 voxels
+    return gt
+
+
+def prediction(variant: str, study: str) -> np.ndarray:
+    """Deterministic, different quality per variant and study."""
+    gt = lesion_volume(study)
+    pred = np.zeros_like(gt)
+    quality = {"stepwise-seed0": 3, "stepwise-seed1": 2, "plain-seed0": 1, "threshold": 0}[variant]
+    index = int(study[1])
+    if study != "T4":
+        pred[4 : 4 + min(4, quality + index // 2 + 1), 3:6, 4:8] = 1  # part of the big lesion
+    if quality < 2:
+        pred[1:3, 1:3, 12:14] = 1  # a false positive blob
+    return pred
+
+
+def build_results(root: Path) -> dict[str, list[Path]]:
+    """A results/ tree as the workflow leaves it: NIfTI, predictions, metrics, training logs."""
+    suv = np.ones(SHAPE, dtype=np.float32)
+    suv[4:8, 3:6, 4:8] = 8.0
+    for split, studies in STUDIES.items():
+        for study in studies:
+            folder = root / "nifti" / study
+            nifti.save(nifti.Volume(lesion_volume(study), AFFINE), folder / "SEG.nii.gz", np.uint8)
+            nifti.save(nifti.Volume(suv, AFFINE), folder / "SUV.nii.gz", np.float32)
+        for variant in VARIANTS:
+            preds = []
+            for study in studies:
+                path = root / "predictions" / variant / f"{study}.nii.gz"
+                nifti.save(nifti.Volume(prediction(variant, study), AFFINE), path, np.uint8)
+                preds.append(path)
+            metrics.evaluate_split(
+                studies,
+                [root / "nifti" / s / "SEG.nii.gz" for s in studies],
+                [root / "nifti" / s / "SUV.nii.gz" for s in studies],
+                preds,
+                root / "metrics" / variant / f"{split}_per_study.csv",
+                root / "metrics" / variant / f"{split}_summary.csv",
+                {"connectivity": 18},
+            )
+    for k, variant in enumerate(TRAINED):
+        epochs = np.arange(1, 6)
+        log = pd.DataFrame(
+            {
+                "epoch": epochs,
+                "lr": 1e-3 * 0.5**epochs,
+                "loss_total": 2.0 / epochs,
+                "loss_mask": 1.0 / epochs,
+                "loss_step1": 0.5 / epochs + k,
+                "weight_mask": np.linspace(1, 2, 5),
+                "weight_step1": np.linspace(1, 0.5, 5),
+                "val_dice": np.linspace(0.1, 0.6, 5),
+                "seconds": np.full(5, 12.5),
+                "note": ["warm-up"] * 5,  # non-numeric columns are ignored
+            }
+        )
+        path = root / "models" / variant / "train_log.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.to_csv(path, index=False)
+    return {
+        "metrics": [
+            root / "metrics" / v / f"{s}_per_study.csv" for v in VARIANTS for s in ("val", "test")
+        ],
+        "train_logs": [root / "models" / v / "train_log.csv" for v in TRAINED],
+        "suv": [root / "nifti" / s / "SUV.nii.gz" for s in STUDIES["test"]],
+        "seg": [root / "nifti" / s / "SEG.nii.gz" for s in STUDIES["test"]],
+        "pred": [
+            root / "predictions" / v / f"{s}.nii.gz" for v in VARIANTS for s in STUDIES["test"]
+        ],
+    }
+
+
+def outputs(root: Path, cases=("best", "median", "worst")) -> dict:
+    out = root / "report"
+    return {
+        "table": out / "results.csv",
+        "markdown": out / "results.md",
+        "html": out / "results.html",
+        "distributions": out / "per_study_metrics.png",
+        "curves": [out / "training" / f"{v}.png" for v in TRAINED],
+        "cases": [out / "cases" / f"{c}.png" for c in cases],
+    }
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    inputs = build_results(root)
+    outs = outputs(root)
+    report.write_report(
+        inputs["metrics"],
+        inputs["train_logs"],
+        outs,
+        {"mip_cases": ["best", "median", "worst"], "figure_dpi": 50},
+        inputs["suv"],
+        inputs["seg"],
+        inputs["pred"],
+        data_source="synthetic",
+    )
+    return root, inputs, outs
+
+
+def test_results_csv_holds_paper_rows_and_our_means(written):
+    root, _, outs = written
+    table = pd.read_csv(outs["table"])
+    paper = table[table["source"] == "paper"].set_index("split")
+    assert paper.loc["val", ["dice", "fpv_ml", "fnv_ml"]].tolist() == [0.80, 1.87, 1.14]
+    assert paper.loc["test", ["dice", "fpv_ml", "fnv_ml"]].tolist() == [0.92, 0.89, 0.53]
+    assert paper.loc["test", "set"] == "Preliminary test set"
+    ours = table[table["source"] == "ours"].set_index(["variant", "split"])
+    assert len(ours) == len(VARIANTS) * 2
+    summary = pd.read_csv(root / "metrics" / "plain-seed0" / "test_summary.csv").iloc[0]
+    row = ours.loc[("plain-seed0", "test")]
+    for column in ("dice", "fpv_ml", "fnv_ml", "tp_lesions", "tlg_pred"):
+        assert row[column] == pytest.approx(summary[column], rel=1e-12)
+    assert (row["n_studies"], row["n_lesion_studies"]) == (4, 3)
+    assert (row["model"], row["seed"]) == ("plain", 0)
+    assert ours.loc[("threshold", "val"), "data"] == "our synthetic val split"
+
+
+def test_hand_checked_dice_of_one_study(written):
+    """plain-seed0 on T1: 2 of the 4 slabs of the 48-voxel lesion (24 voxels), the 8-voxel lesion
+    missed, and an 8-voxel false positive blob."""
+    root, _, _ = written
+    table = pd.read_csv(root / "metrics" / "plain-seed0" / "test_per_study.csv")
+    t1 = table.set_index("study").loc["T1"]
+    assert t1["dice"] == pytest.approx(2 * 24 / (56 + 24 + 8), abs=1e-12)
+    assert t1["fnv_ml"] == pytest.approx(8 * VOXEL_ML, rel=1e-6)
+    assert t1["fpv_ml"] == pytest.approx(8 * VOXEL_ML, rel=1e-6)
+    assert (t1["tp_lesions"], t1["fn_lesions"], t1["fp_lesions"]) == (1, 1, 1)
+
+
+def test_markdown_table1_and_ablation(written):
+    root, _, outs = written
+    text = outs["markdown"].read_text()
+    assert (
+        "| Validation set | Liu et al. 2022 (paper): their validation set of 40 patients " in text
+    )
+    assert "| 0.80 | 1.87 | 1.14 | n/a |" in text
+    assert "| 0.92 | 0.89 | 0.53 | n/a |" in text
+    assert "ours: stepwise-seed0, our synthetic test split (not the challenge's test set)" in text
+    summaries = {v: pd.read_csv(root / "metrics" / v / "val_summary.csv").iloc[0] for v in VARIANTS}
+    dice = np.array([summaries[v]["dice"] for v in ("stepwise-seed0", "stepwise-seed1")])
+    expected = f"| stepwise | Validation set | 2 | {dice.mean():.3f} ± {dice.std(ddof=1):.3f} |"
+    assert expected in text
+    threshold = summaries["threshold"]["dice"]
+    assert f"| threshold | Validation set | 1 | {threshold:.3f} |" in text
+    for figure in ("per_study_metrics.png", "training/plain-seed0.png", "cases/worst.png"):
+        assert f"]({figure})" in text
+    assert "stepwise-seed0, the variant with the highest validation Dice" in text
+
+
+def test_html_table_is_standalone(written):
+    _, _, outs = written
+    page = outs["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table" in page
+    assert "Liu et al. 2022 (paper): the autoPET 2022 challenge's preliminary test set" in page
+
+
+def test_every_figure_is_a_png(written):
+    _, _, outs = written
+    figures = [outs["distributions"], *outs["curves"], *outs["cases"]]
+    for figure in figures:
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+        assert figure.stat().st_size > 2000
+
+
+def test_best_variant_and_cases_are_ranked_by_hand():
+    per_study = pd.DataFrame(
+        {
+            "study": ["A", "B", "C", "D", "E"],
+            "has_lesions": [True, True, True, False, True],
+            "dice": [0.5, 0.9, 0.1, np.nan, 0.5],
+            "fpv_ml": [1.0, 0.0, 3.0, 9.0, 0.5],
+            "fnv_ml": [1.0, 0.0, 3.0, np.nan, 0.5],
+        }
+    )
+    # by Dice: B 0.9, then E before A (same Dice, less FPV + FNV), then C; D has no lesions
+    assert report.pick_cases(per_study, ["best", "median", "worst"]) == {
+        "best": "B",
+        "median": "E",
+        "worst": "C",
+    }
+    no_lesions = per_study.assign(has_lesions=False)
+    assert report.pick_cases(no_lesions, ["best", "worst"]) == {"best": "B", "worst": "D"}
+    with pytest.raises(ValueError, match="unknown mip_cases"):
+        report.pick_cases(per_study, ["typical"])
+
+    summary = pd.DataFrame(
+        {
+            "variant": ["a-seed0", "b-seed0", "c-seed0", "a-seed0"],
+            "split": ["val", "val", "val", "test"],
+            "dice": [0.7, 0.7, np.nan, 0.99],
+            "fpv_ml": [2.0, 1.0, 0.0, 0.0],
+        }
+    )
+    assert report.best_variant(summary) == "b-seed0"  # tie on Dice, less FPV; test ignored
+
+
+def test_ranking_weights_dice_half():
+    summary = pd.DataFrame(
+        {
+            "variant": ["a", "b", "c"],
+            "split": ["test"] * 3,
+            "dice": [0.8, 0.7, 0.6],
+            "fpv_ml": [3.0, 1.0, 2.0],
+            "fnv_ml": [3.0, 1.0, 2.0],
+        }
+    )
+    ranking = report.ranking_table(summary).set_index("variant")
+    # a: 0.5*1 + 0.25*3 + 0.25*3 = 2.0; b: 0.5*2 + 0.25 + 0.25 = 1.5; c: 1.5 + 0.5 + 0.5 = 2.5
+    assert ranking["score"].to_dict() == {"b": 1.5, "a": 2.0, "c": 2.5}
+    assert ranking.index.tolist() == ["b", "a", "c"]
+
+
+def test_training_log_columns_are_grouped_by_prefix():
+    table = pd.DataFrame(
+        {"epoch": [1], "lr": [0.1], "loss_a": [1.0], "loss_b": [2.0], "w_x": [1], "tag": ["x"]}
+    )
+    assert report._column_groups(table) == {
+        "lr": ["lr"],
+        "loss": ["loss_a", "loss_b"],
+        "w": ["w_x"],
+    }
+
+
+@pytest.mark.parametrize("stored", ["LPS", "RAS"])
+def test_coronal_mip_puts_head_up_and_patient_right_on_the_left(stored):
+    """A hot voxel at the patient's superior right must land top-left, however it is stored."""
+    shape = (6, 4, 5)
+    array = np.zeros(shape)
+    sign = {"LPS": -1.0, "RAS": 1.0}[stored]
+    affine = np.diag([sign, sign, 1.0, 1.0])
+    # patient right: world x most positive -> LPS index 0 (x = -i), RAS index 4
+    right_index = 0 if stored == "LPS" else 4
+    array[5, 2, right_index] = 1  # z index 5 = most superior
+    mip = report.coronal_mip(array, affine)
+    assert mip.shape == (6, 5)
+    assert np.argwhere(mip == 1).tolist() == [[0, 0]]
+
+
+def test_unexpected_metrics_path_is_refused(tmp_path):
+    bad = tmp_path / "threshold" / "train_per_study.csv"
+    bad.parent.mkdir()
+    pd.DataFrame({c: [] for c in metrics.PER_STUDY_COLUMNS}).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=r"not a metrics/<variant>/<val\|test>_per_study\.csv"):
+        report.load_per_study([bad])
+
+
+# ---- the real Snakemake report ---------------------------------------------------------------
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "--quiet", "all", *args]
+    return subprocess.run(
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_snakemake_report_rule_and_html_report(tmp_path):
+    """The real report rule (workflow/rules/report.smk) under a stub of common.smk's helpers:
+    it runs, `snakemake --report` embeds the table and every figure with its caption, and a
+    report setting (not an evaluate setting) makes the report rule rerun."""
+    build_results(tmp_path / "results")
+    (tmp_path / "config.yaml").write_text(
+        "download: {source: synthetic}\nevaluate: {connectivity: 18}\n"
+        "report: {mip_cases: [best, worst], figure_dpi: 40}\n"
+    )
+    (tmp_path / "Snakefile").write_text(
+        textwrap.dedent(
+            f"""
+            configfile: "config.yaml"
+            report: "{REPO}/workflow/report/workflow.rst"
+            EVAL_SPLITS = ["val", "test"]
+            def studies(split):
+                return {STUDIES!r}[split]
+            def trained_variants():
+                return {TRAINED!r}
+            def all_variants():
+                return trained_variants() + ["threshold"]
+            include: "{REPO}/workflow/rules/report.smk"
+            rule all:
+                input: rules.report.output
+            """
+        )
+    )
+    run = snakemake(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "results" / "report" / "cases" / "worst.png").is_file()
+    assert not (tmp_path / "results" / "report" / "cases" / "median.png").exists()
+
+    html_report = tmp_path / "report.html"
+    run = snakemake(tmp_path, "--report", str(html_report))
+    assert run.returncode == 0, run.stderr[-3000:]
+    page = html_report.read_text()
+    for name in (
+        "results.html",
+        "results.csv",
+        "per_study_metrics.png",
+        "stepwise-seed1.png",
+        "plain-seed0.png",
+        "best.png",
+        "worst.png",
+    ):
+        assert name in page, name
+    for caption in ("Training log of one variant", "Per-study Dice", "coronal maximum-intensity"):
+        assert caption in page, caption
+    assert "download source <code" in page or "synthetic" in page
+
+    assert (
+        "Nothing to be done" in snakemake(tmp_path, "-n").stdout + snakemake(tmp_path, "-n").stderr
+    )
+    config = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(config.replace("connectivity: 18", "connectivity: 26"))
+    assert "Nothing to be done" in snakemake(tmp_path, "-n").output  # evaluate setting: no rerun
+    (tmp_path / "config.yaml").write_text(config.replace("figure_dpi: 40", "figure_dpi: 41"))
+    dry = snakemake(tmp_path, "-n")
+    assert (
+        "report" in dry.stdout + dry.stderr and "Nothing to be done" not in dry.stdout + dry.stderr
+    )
+    shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
