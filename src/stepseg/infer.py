@@ -3,7 +3,8 @@
 Training normalised every patch with its own statistics (`stepseg.normalize`), so inference does
 the same for every sliding window (ROI = the training patch size) before the network sees it;
 windows are blended with gaussian weights on the sigmoid of channel 0 and thresholded at 0.5.
-A volume smaller than the patch is padded with air (SUV 0, -1000 HU) and cropped back.
+A volume smaller than the patch is padded with air (SUV 0, -1024 HU, as in training) and
+cropped back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from stepseg.errors import StudyError
 
 log = logging.getLogger(__name__)
 
-AIR_HU = -1000.0
+AIR_HU = -1024.0
 DEFAULTS: dict[str, Any] = {
     "overlap": 0.25,
     "flip_tta": False,
@@ -109,7 +110,7 @@ def predict_probability(
 
 
 def _pad_to(raw: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad each axis shorter than the ROI with air (SUV 0, -1000 HU), centred; return the crop."""
+    """Pad each axis shorter than the ROI with air (SUV 0, -1024 HU), centred; return the crop."""
     shape = raw.shape[2:]
     before = [max(r - s, 0) // 2 for s, r in zip(shape, roi, strict=True)]
     after = [max(r - s, 0) - b for s, r, b in zip(shape, roi, before, strict=True)]

@@ -1,0 +1,127 @@
+"""Training step time and peak memory: default config on CPU; the paper config on CUDA if present.
+
+Rows per device: the plain variant (1 output channel, DiceFocal only) is the baseline; the
+stepwise variant with the paper's and the released code's loss recipes is reported as a ratio to
+it, i.e. what the 7 auxiliary channels cost per step. Random inputs and a random lesion step map
+(one ellipsoidal lesion per patch) stand in for LMDB patches, so only compute is measured.
+
+    .venv/bin/python bench/train_step.py [--steps 5] [--warmup 2] [--config config/config.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from stepseg import losses, model, targets, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch(patch, batch_size, preset, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch_size, 2, *patch, generator=gen) * 0.5 + 1.0
+    mask = np.zeros((batch_size, *patch), bool)
+    zz, yy, xx = np.ogrid[tuple(slice(0, p) for p in patch)]
+    centre = [p // 2 for p in patch]
+    mask[:] = ((zz - centre[0]) / 3) ** 2 + ((yy - centre[1]) / 6) ** 2 + (
+        (xx - centre[2]) / 6
+    ) ** 2 <= 1
+    steps = np.stack([targets.step_map(m, preset) for m in mask])[:, None]
+    return image, torch.from_numpy(steps)
+
+
+def measure(cfg, variant, device, steps, warmup):
+    cfg = train.resolve_settings({**cfg, "targets": variant})
+    preset = targets.preset_from_settings({"preset": "paper"})
+    channel_losses = list(preset.channel_losses) if variant == "stepwise" else ["dicefocal"]
+    spec = model.network_spec(cfg, len(channel_losses), 3 if cfg["zero_input_channel"] else 2)
+    net = model.build(spec).to(device)
+    criterion = losses.StepwiseLoss(channel_losses, cfg).to(device)
+    optim = torch.optim.Adam([*net.parameters(), *criterion.parameters()], lr=float(cfg["lr"]))
+    amp = model.autocast_dtype(device, "auto")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    image, step_maps = batch(cfg["patch_size"], int(cfg["batch_size"]), preset)
+    image, step_maps = image.to(device), step_maps.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        target, regions = train._targets(step_maps, image, preset, cfg)
+        small = train.small_lesion_mask(step_maps, int(cfg["small_lesion_max_voxels"]))
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)):
+            logits = net(model.network_inputs(image, bool(cfg["zero_input_channel"])))
+        total, _ = criterion(logits, target, regions, small)
+        optim.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optim)
+        scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    params = sum(p.numel() for p in net.parameters())
+    return seconds, int(cfg["batch_size"]) / seconds, memory, params
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
+    parser.add_argument("--paper-config", default=str(ROOT / "config" / "paper.yaml"))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = [("cpu", args.config)]
+    if torch.cuda.is_available():
+        runs.append(("cuda", args.paper_config))
+    print(
+        f"{'device':6} {'config':12} {'variant / recipe':26} {'params':>10} {'s/step':>8} "
+        f"{'patches/s':>9} {'peak GiB':>8} {'x plain':>7}"
+    )
+    for device_name, config_path in runs:
+        train_cfg = yaml.safe_load(Path(config_path).read_text())["train"]
+        device = torch.device(device_name)
+        rows = [("plain", train_cfg.get("recipe", "paper"))]
+        rows += [("stepwise", "paper"), ("stepwise", "released_code")]
+        baseline = None
+        for variant, recipe in rows:
+            cfg = {k: v for k, v in train_cfg.items() if k != "variants"}
+            if recipe != cfg.get("recipe", "paper"):
+                # the released code's loss terms on the same network and patch
+                loss_keys = (
+                    "lambda_focal",
+                    "mask_loss_scale",
+                    "small_lesion_dice_weight",
+                    "masked_mse",
+                )
+                cfg.update({k: train.RECIPES[recipe][k] for k in loss_keys})
+            seconds, rate, memory, params = measure(cfg, variant, device, args.steps, args.warmup)
+            baseline = baseline or seconds
+            print(
+                f"{device_name:6} {Path(config_path).name:12} {variant + ' / ' + recipe:26} "
+                f"{params:>10,} {seconds:8.3f} {rate:9.2f} {memory:8.2f} "
+                f"{seconds / baseline:7.2f}"
+            )
+    if not torch.cuda.is_available():
+        print("no CUDA device: the paper config (config/paper.yaml) was not measured")
+    print("CPU peak memory is the process's maximum resident set size (all rows so far).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from stepseg import losses, model, nifti, store, targets, train
+
+AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
+SETTINGS = {
+    "recipe": "paper",
+    "channels": [4, 8],
+    "num_res_units": 1,
+    "norm": "instance",
+    "patch_size": [8, 16, 16],
+    "batch_size": 2,
+    "lr": 1e-3,
+    "schedule": "cosine",
+    "epochs": 3,
+    "samples_per_epoch": 4,
+    "val_samples": 4,
+    "val_every": 2,
+    "device": "cpu",
+    "name": "stepwise",
+    "seed": 0,
+    "targets": "stepwise",
+}
+
+
+def _study(root, study, shape, lesion_at=None, seed=0):
+    rng = np.random.default_rng(seed)
+    suv = rng.gamma(2.0, 0.5, shape).astype(np.float32)
+    ct = rng.normal(0.0, 100.0, shape).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    if lesion_at is not None:
+        z, y, x = lesion_at
+        mask[z - 1 : z + 2, y - 2 : y + 3, x - 2 : x + 3] = True
+        suv[mask] += 8.0
+    steps = targets.step_map(mask, targets.PAPER)
+    paths = [root / study / f"{n}.nii.gz" for n in ("SUV", "CTres", "steps")]
+    for path, array in zip(paths, (suv, ct, steps), strict=True):
+        nifti.save(nifti.Volume(array, AFFINE), path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lmdbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    specs = {
+        "train": [
+            ("A", (12, 20, 20), (6, 10, 10)),
+            ("B", (10, 18, 22), None),
+            ("C", (6, 12, 20), (3, 6, 8)),
+        ],  # C is smaller than the patch
+        "val": [("D", (12, 20, 20), (5, 9, 11))],
+        "empty": [],
+    }
+    out = {}
+    for split, studies in specs.items():
+        paths = [_study(root, s, shape, at, seed=i) for i, (s, shape, at) in enumerate(studies)]
+        out[split] = root / f"{split}.lmdb"
+        store.pack_split(
+            [s for s, *_ in studies],
+            *(list(col) for col in zip(*paths, strict=True)) if paths else ([], [], []),
+            out[split],
+            {"codec": "gzip", "tile_shape": [8, 16, 16]},
+            {"preset": "paper"},
+        )
+    return out
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _train(lmdbs, tmp_path, settings=None, state="state"):
+    settings = {**SETTINGS, **(settings or {})}
+    model_path, log_csv = tmp_path / "model.pt", tmp_path / "train_log.csv"
+    train.train_variant(
+        lmdbs["train"], lmdbs["val"], model_path, log_csv, tmp_path / state, settings, 1
+    )
+    return model_path, log_csv
+
+
+def test_stepwise_training_writes_model_and_log(lmdbs, tmp_path):
+    model_path, log_csv = _train(lmdbs, tmp_path)
+    checkpoint = torch.load(model_path, weights_only=True)
+    assert checkpoint["format"] == model.MODEL_FORMAT
+    assert checkpoint["n_channels"] == 8
+    assert checkpoint["patch_size"] == [8, 16, 16]
+    assert checkpoint["targets"] == "stepwise"
+    assert checkpoint["target_preset"]["name"] == "paper"
+    assert checkpoint["settings"]["channels"] == [4, 8]
+    assert "pet" in checkpoint["normalisation"]
+    net, _ = model.load(model_path, torch.device("cpu"))
+    assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
+    rows = _rows(log_csv)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    names = losses.StepwiseLoss(targets.PAPER.channel_losses, {}).term_names
+    for column in ["loss", "lr", "seconds", "val_dice", *names, *(f"s_{n}" for n in names)]:
+        assert column in rows[0], column
+    assert float(rows[0]["lr"]) == pytest.approx(1e-3)
+    assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi / 3)))
+    assert rows[0]["val_dice"] == "" and 0 <= float(rows[1]["val_dice"]) <= 1
+    assert rows[2]["val_dice"] != ""  # always at the last epoch
+    assert all(float(r["s_ch0_dicefocal"]) != 1.0 for r in rows)  # s is learned
+
+
+def test_plain_variant_has_one_channel_and_one_term(lmdbs, tmp_path):
+    model_path, log_csv = _train(lmdbs, tmp_path, {"targets": "plain", "name": "plain"})
+    checkpoint = torch.load(model_path, weights_only=True)
+    assert checkpoint["n_channels"] == 1
+    header = list(_rows(log_csv)[0])
+    assert [c for c in header if c.startswith("ch")] == ["ch0_dicefocal"]
+
+
+def test_released_code_recipe_trains_with_its_terms(lmdbs, tmp_path):
+    settings = {"recipe": "released_code", "norm": "batch", "schedule": "cosine", "lr": 1e-3}
+    model_path, log_csv = _train(lmdbs, tmp_path, {**settings, "epochs": 1})
+    checkpoint = torch.load(model_path, weights_only=True)
+    assert checkpoint["zero_input_channel"] is True
+    assert checkpoint["network"]["in_channels"] == 3
+    header = list(_rows(log_csv)[0])
+    assert "ch1_mse_masked" in header and "ch0_small_dice" in header
+
+
+def test_resume_after_a_kill_ends_with_identical_weights(lmdbs, tmp_path, monkeypatch):
+    reference, _ = _train(lmdbs, tmp_path / "straight", {"epochs": 4})
+
+    save_state = train._save_state
+    calls = []
+
+    def killed_after_two_epochs(*args, **kwargs):
+        save_state(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "_save_state", killed_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        _train(lmdbs, tmp_path / "resumed", {"epochs": 4})
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+    monkeypatch.setattr(train, "_save_state", save_state)
+    resumed, log_csv = _train(lmdbs, tmp_path / "resumed", {"epochs": 4})
+
+    a = torch.load(reference, weights_only=True)["state_dict"]
+    b = torch.load(resumed, weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows = _rows(log_csv)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_state_from_other_settings_is_not_resumed(lmdbs, tmp_path, caplog):
+    _train(lmdbs, tmp_path, {"epochs": 1})
+    with caplog.at_level("WARNING"):
+        _, log_csv = _train(lmdbs, tmp_path, {"epochs": 2, "lr": 5e-4})
+    assert "from other settings; starting afresh" in caplog.text
+    assert len(_rows(log_csv)) == 2
+
+
+def test_empty_training_split_is_a_clear_error(lmdbs, tmp_path):
+    with pytest.raises(train.TrainingError, match=r"empty.lmdb holds no study"):
+        train.train_variant(
+            lmdbs["empty"],
+            lmdbs["val"],
+            tmp_path / "m.pt",
+            tmp_path / "l.csv",
+            tmp_path / "s",
+            SETTINGS,
+            1,
+        )
+
+
+def test_empty_validation_split_only_skips_validation(lmdbs, tmp_path):
+    train.train_variant(
+        lmdbs["train"],
+        lmdbs["empty"],
+        tmp_path / "m.pt",
+        tmp_path / "l.csv",
+        tmp_path / "s",
+        {**SETTINGS, "epochs": 1},
+        1,
+    )
+    rows = _rows(tmp_path / "l.csv")
+    assert rows[0]["val_dice"] == ""
+
+
+def test_nan_loss_stops_with_the_epoch(lmdbs, tmp_path, monkeypatch):
+    forward = losses.StepwiseLoss.forward
+
+    def nan_forward(self, *args, **kwargs):
+        total, terms = forward(self, *args, **kwargs)
+        return total * float("nan"), terms
+
+    monkeypatch.setattr(losses.StepwiseLoss, "forward", nan_forward)
+    with pytest.raises(train.TrainingError, match=r"stepwise-seed0: loss is nan at epoch 1"):
+        _train(lmdbs, tmp_path)
+
+
+def test_unknown_recipe_and_bad_patch_are_refused(lmdbs, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown train\.recipe 'nnunet'"):
+        train.resolve_settings({"recipe": "nnunet"})
+    with pytest.raises(ValueError, match="divisible by 2"):
+        _train(lmdbs, tmp_path, {"patch_size": [7, 16, 16]})
+
+
+def test_recipe_defaults_yield_to_the_config():
+    cfg = train.resolve_settings({"recipe": "released_code", "lr": 1e-3, "variants": {}})
+    assert cfg["lr"] == 1e-3
+    assert cfg["weight_decay"] == 4e-5
+    assert cfg["channels"] == [96, 192, 192, 192, 192]
+    assert "variants" not in cfg
+    paper = train.resolve_settings({})
+    assert paper["channels"] == [96, 192, 384, 768, 1536]
+    assert paper["schedule"] == "plateau_cosine"
+
+
+def test_small_lesion_mask_keeps_only_small_components():
+    steps = torch.full((1, 1, 6, 12, 12), 5, dtype=torch.uint8)
+    steps[0, 0, 1, 1, 1] = 0  # 1 voxel
+    steps[0, 0, 2:5, 4:10, 4:10] = 0  # 108 voxels
+    mask = train.small_lesion_mask(steps, max_voxels=100)
+    assert int(mask.sum()) == 1 and bool(mask[0, 0, 1, 1, 1])
+
+
+def test_channel_regions_follow_the_preset():
+    steps = torch.tensor([0, 1, 2, 3, 255], dtype=torch.uint8).view(1, 1, 1, 1, 5)
+    regions = train.channel_regions(steps, targets.RELEASED_CODE)
+    # ch2 (step 1): lesion and step 1; ch4 (step 2, hollow): steps 1..2; ch1, ch7: no region
+    assert regions[0, 2, 0, 0].tolist() == [True, True, False, False, False]
+    assert regions[0, 4, 0, 0].tolist() == [False, True, True, False, False]
+    assert not regions[0, 1].any() and not regions[0, 7].any()
