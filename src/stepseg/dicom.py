@@ -86,7 +86,9 @@ def find_series(study: str, raw_dir: str | Path) -> list[Series]:
             raise StudyError(study, f"corrupt DICOM file ({exc})", path) from exc
         uid, modality = header.get("SeriesInstanceUID"), header.get("Modality")
         if not uid or not modality:
-            raise StudyError(study, "DICOM file lacks SeriesInstanceUID or Modality", path)
+            raise StudyError(
+                study, "corrupt DICOM file (truncated?): no SeriesInstanceUID or Modality", path
+            )
         groups[str(uid)].append(header)
     log.info("study %s: %d series, %d non-DICOM files ignored", study, len(groups), ignored)
     return [Series(uid, str(h[0].Modality), tuple(h)) for uid, h in groups.items()]
