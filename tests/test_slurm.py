@@ -1,0 +1,121 @@
+"""The workflow on a real SLURM (single node on 127.0.0.1, `make slurm-up`) with profiles/slurm.
+
+Every job must be an sbatch job: the test collects the SLURM job ids from Snakemake's log, prints
+them, and asks the controller that each one exists and COMPLETED. The run happens in a temporary
+working directory, so the checkout's results/ is never touched.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stepseg import manifest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
+NIFTI_NAMES = ["CT", "PET", "SUV", "CTres", "SEG"]
+
+
+def slurm_unreachable() -> str | None:
+    """Why no SLURM controller answers (None when one does)."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM client tools (sinfo, sbatch) are not installed: run `make slurm-up` first"
+    try:
+        result = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo got no answer from a SLURM controller within 20 s: run `make slurm-up`"
+    if result.returncode != 0:
+        return f"sinfo cannot reach a SLURM controller ({result.stderr.strip()}): `make slurm-up`"
+    if not result.stdout.strip():
+        return "the SLURM controller has no node: run `make slurm-up`"
+    return None
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """State of each job as the controller knows it (it keeps finished jobs for MinJobAge)."""
+    result = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "--format=%i|%T", "--jobs", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(line.split("|", 1) for line in result.stdout.split())
+
+
+def node_profile(workdir: Path) -> Path:
+    """profiles/slurm as shipped, adapted to the test node the way a user adapts it to a site.
+
+    The node has 2 CPUs, ~20 GB and no GPU: GPU rules run on the CPU (gpu=0), and no job asks
+    for more CPUs or memory than the node has, or sbatch would refuse it. Status checks start
+    after 2 s instead of 20 s (still far below the node's MinJobAge of 600 s).
+    """
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    for rule in ("train", "infer"):
+        profile["set-resources"][rule].update(gpu=0, mem_mb=6000)
+    profile["set-threads"] = {rule: 2 for rule in profile["set-threads"]}
+    profile["slurm-init-seconds-before-status-checks"] = 2
+    directory = workdir / "node-profile"
+    directory.mkdir()
+    (directory / "config.yaml").write_text(yaml.safe_dump(profile))
+    return directory
+
+
+def run_on_slurm(workdir: Path, profile: Path, *targets: str) -> list[str]:
+    """Run Snakemake with the SLURM executor; return the SLURM job ids it submitted."""
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+         "--configfile", str(workdir / "tiny.yaml"), "--workflow-profile", str(profile),
+         *targets],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-8000:]
+    assert "Using workflow specific profile" in output and str(profile) in output
+    return SUBMITTED.findall(output)
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    reason = slurm_unreachable()
+    if reason:
+        pytest.skip(reason)
+
+
+def test_workflow_jobs_are_slurm_jobs(slurm, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copytree(ROOT / "config", workdir / "config")
+    shutil.copy(ROOT / "tests" / "data" / "tiny.yaml", workdir / "tiny.yaml")
+    profile = node_profile(tmp_path)
+
+    job_ids = run_on_slurm(workdir, profile, "results/manifest.tsv")
+    assert len(job_ids) == 1  # the manifest checkpoint
+    studies = sorted(manifest.read(workdir / "results" / "manifest.tsv")["study_id"])
+    assert len(studies) >= 2
+    nifti = [f"results/nifti/{s}/{name}.nii.gz" for s in studies for name in NIFTI_NAMES]
+    job_ids += run_on_slurm(workdir, profile, *nifti)
+
+    print(f"\nSLURM job ids of the workflow's {len(job_ids)} jobs: {' '.join(job_ids)}")
+    # one sbatch job per Snakemake job: manifest, then download and convert of every study
+    assert len(job_ids) == 1 + 2 * len(studies)
+    assert len(set(job_ids)) == len(job_ids)
+    states = job_states(job_ids)
+    print("states reported by squeue:", states)
+    assert states == dict.fromkeys(job_ids, "COMPLETED")
+    for path in nifti:
+        assert (workdir / path).stat().st_size > 0, path
