@@ -1,0 +1,192 @@
+"""The `stepseg` command: predict lesions for new studies outside Snakemake.
+
+    stepseg predict --model model.pt --suv SUV.nii.gz --ctres CTres.nii.gz --out pred.nii.gz
+    stepseg predict --model model.pt [--input-dir /input] [--output-dir /output]
+
+The second form is the grand-challenge algorithm container layout used by autoPET: SUV images in
+`<input>/images/pet/*.mha`, CTres in `<input>/images/ct/*.mha`, masks written to
+`<output>/images/automated-petct-lesion-segmentation/<uuid>.mha`. Inputs are paired by file name
+when both folders use the same uuids; otherwise each folder must hold exactly one image, and the
+mask takes the CT image's uuid (as in the autoPET baseline containers).
+
+Images in .mha/.mhd/.nrrd are read with SimpleITK and converted exactly to `stepseg.nifti.Volume`
+((z, y, x) array + RAS affine): ITK keeps LPS origin/direction/spacing, NIfTI a RAS affine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813 (the conventional name)
+
+from stepseg import nifti
+from stepseg.atomic import atomic_file
+from stepseg.errors import StudyError
+
+log = logging.getLogger("stepseg.cli")
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
+GC_PET = Path("images/pet")
+GC_CT = Path("images/ct")
+GC_OUTPUT = Path("images/automated-petct-lesion-segmentation")
+ORTHONORMAL_TOLERANCE = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# SimpleITK <-> Volume
+
+
+def volume_from_itk(image: sitk.Image) -> nifti.Volume:
+    """(z, y, x) array and the RAS affine of an ITK image (LPS direction, spacing, origin)."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"expected a 3-D scalar image, got {image.GetDimension()}-D")
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
+    return nifti.Volume(array=sitk.GetArrayFromImage(image), affine=affine)
+
+
+def volume_to_itk(volume: nifti.Volume) -> sitk.Image:
+    """The ITK image of a volume; refuses affines ITK cannot hold (shear, zero spacing)."""
+    linear = LPS_TO_RAS @ volume.affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError(f"affine has a zero voxel size: {volume.affine.tolist()}")
+    direction = linear / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=ORTHONORMAL_TOLERANCE):
+        raise ValueError("affine is sheared; an ITK image needs orthonormal directions")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array), isVector=False)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection(direction.flatten().tolist())
+    image.SetOrigin((LPS_TO_RAS @ volume.affine[:3, 3]).tolist())
+    return image
+
+
+def read_image(path: str | Path, study: str) -> nifti.Volume:
+    """A NIfTI file through `stepseg.nifti`, anything else (.mha, ...) through SimpleITK."""
+    path = Path(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        return nifti.load(path, study, np.float32)
+    if not path.is_file():
+        raise StudyError(study, "file is missing", path)
+    try:
+        volume = volume_from_itk(sitk.ReadImage(str(path)))
+    except (RuntimeError, ValueError) as exc:
+        raise StudyError(study, f"cannot read image ({exc})", path) from exc
+    return nifti.Volume(volume.array.astype(np.float32, copy=False), volume.affine)
+
+
+def write_image(volume: nifti.Volume, path: str | Path) -> None:
+    """Write atomically: NIfTI through `stepseg.nifti`, .mha (compressed) through SimpleITK."""
+    path = Path(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        nifti.save(volume, path)
+        return
+    with atomic_file(path) as tmp:
+        sitk.WriteImage(volume_to_itk(volume), str(tmp), useCompression=True)
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+def predict_study(
+    model: Path,
+    suv_path: Path,
+    ctres_path: Path,
+    out_path: Path,
+    settings: dict[str, Any],
+    device: str | None,
+) -> int:
+    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count."""
+    from stepseg import infer  # torch and MONAI load only when a prediction is asked for
+
+    study = suv_path.name.split(".")[0]
+    suv = read_image(suv_path, study)
+    ctres = read_image(ctres_path, study)
+    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "CTres": (ctres_path, ctres)})
+    mask = infer.predict_volume(model, suv, ctres, settings, device=device, study=study)
+    write_image(nifti.Volume(mask.astype(np.uint8), suv.affine), out_path)
+    log.info("%s: %d lesion voxels -> %s", study, int(mask.sum()), out_path)
+    return int(mask.sum())
+
+
+def grand_challenge_pairs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path, Path]]:
+    """(SUV, CTres, output) paths of the container layout; see the module docstring."""
+    pets = {p.name: p for p in sorted((input_dir / GC_PET).glob("*.mha"))}
+    cts = {p.name: p for p in sorted((input_dir / GC_CT).glob("*.mha"))}
+    if not pets or not cts:
+        raise FileNotFoundError(
+            f"expected .mha images in {input_dir / GC_PET} and {input_dir / GC_CT} "
+            f"(found {len(pets)} and {len(cts)})"
+        )
+    out = output_dir / GC_OUTPUT
+    if set(pets) == set(cts):
+        return [(pets[name], cts[name], out / name) for name in sorted(pets)]
+    if len(pets) == 1 and len(cts) == 1:
+        ((_, pet),), ((name, ct),) = pets.items(), cts.items()
+        return [(pet, ct, out / name)]
+    raise ValueError(
+        f"cannot pair {len(pets)} PET and {len(cts)} CT images: their file names differ "
+        "and there is more than one of each"
+    )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    settings: dict[str, Any] = {"overlap": args.overlap, "flip_tta": args.flip_tta}
+    single = [args.suv, args.ctres, args.out]
+    if any(single) and not all(single):
+        raise SystemExit("stepseg predict: --suv, --ctres and --out go together")
+    if all(single):
+        pairs = [(Path(args.suv), Path(args.ctres), Path(args.out))]
+    else:
+        pairs = grand_challenge_pairs(Path(args.input_dir), Path(args.output_dir))
+    for suv, ctres, out in pairs:
+        voxels = predict_study(Path(args.model), suv, ctres, out, settings, args.device)
+        print(f"{out}\t{voxels} lesion voxels")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepseg", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser(
+        "predict",
+        help="segment lesions in new studies (single files or the grand-challenge layout)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("--model", required=True, help="model.pt written by the train rule")
+    predict.add_argument("--suv", help="SUV image (.nii.gz or .mha)")
+    predict.add_argument("--ctres", help="CT resampled to the SUV grid (.nii.gz or .mha)")
+    predict.add_argument("--out", help="output mask (.nii.gz or .mha)")
+    predict.add_argument("--input-dir", default="/input", help="container input root")
+    predict.add_argument("--output-dir", default="/output", help="container output root")
+    predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    predict.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
+    predict.set_defaults(handler=_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (StudyError, FileNotFoundError, ValueError) as exc:
+        print(f"stepseg {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""`stepseg predict`: .mha <-> Volume geometry, the grand-challenge layout, predictions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk  # noqa: N813 (the conventional name)
+import torch
+
+from stepseg import cli, infer, model, nifti
+
+# an oblique, anisotropic grid: rotation about z by 30 degrees, one axis flipped
+ANGLE = np.deg2rad(30.0)
+ROTATION = np.array(
+    [[np.cos(ANGLE), -np.sin(ANGLE), 0.0], [np.sin(ANGLE), np.cos(ANGLE), 0.0], [0.0, 0.0, -1.0]]
+)
+AFFINE = np.eye(4)
+AFFINE[:3, :3] = ROTATION @ np.diag([2.04, 2.5, 3.0])
+AFFINE[:3, 3] = [-401.3, 250.25, -1203.5]
+PATCH = [8, 16, 16]
+
+
+def volume(shape=(5, 6, 7), dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return nifti.Volume(rng.normal(0, 10, shape).astype(dtype), AFFINE.copy())
+
+
+def test_mha_round_trip_keeps_array_and_affine(tmp_path):
+    original = volume()
+    cli.write_image(original, tmp_path / "x.mha")
+    back = cli.read_image(tmp_path / "x.mha", "s")
+    np.testing.assert_array_equal(back.array, original.array)
+    np.testing.assert_allclose(back.affine, original.affine, atol=1e-9)
+    assert back.array.shape == (5, 6, 7)  # (z, y, x), as everywhere in stepseg
+
+
+def test_itk_geometry_is_lps_and_matches_simpleitk_reading_the_nifti(tmp_path):
+    """SimpleITK's own NIfTI reader is the independent reference for the LPS/RAS convention."""
+    original = volume()
+    nifti.save(original, tmp_path / "x.nii.gz")
+    reference = sitk.ReadImage(str(tmp_path / "x.nii.gz"))
+    ours = cli.volume_to_itk(original)
+    np.testing.assert_allclose(ours.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(ours.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(ours.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert ours.GetOrigin()[:2] == pytest.approx((401.3, -250.25))  # RAS x, y negated
+    back = cli.volume_from_itk(reference)
+    np.testing.assert_array_equal(back.array, original.array)
+    np.testing.assert_allclose(back.affine, original.affine, atol=1e-4)
+
+
+def test_voxel_centre_lands_on_the_same_world_point(tmp_path):
+    image = cli.volume_to_itk(volume())
+    index_xyz = (3, 1, 4)
+    lps = np.array(image.TransformIndexToPhysicalPoint(index_xyz))
+    ras = AFFINE @ np.array([*index_xyz, 1.0])
+    np.testing.assert_allclose(lps, ras[:3] * [-1, -1, 1], atol=1e-9)
+
+
+def test_sheared_affine_is_refused():
+    sheared = AFFINE.copy()
+    sheared[0, 1] += 1.0
+    with pytest.raises(ValueError, match="sheared"):
+        cli.volume_to_itk(nifti.Volume(np.zeros((2, 2, 2), np.float32), sheared))
+
+
+def write_gc_inputs(root, names_pet, names_ct):
+    for folder, names in (("pet", names_pet), ("ct", names_ct)):
+        (root / "images" / folder).mkdir(parents=True)
+        for name in names:
+            cli.write_image(volume(), root / "images" / folder / name)
+
+
+def test_grand_challenge_pairs_by_name_or_single_images(tmp_path):
+    write_gc_inputs(tmp_path / "a", ["u1.mha", "u2.mha"], ["u1.mha", "u2.mha"])
+    pairs = cli.grand_challenge_pairs(tmp_path / "a", tmp_path / "out")
+    out = tmp_path / "out" / "images" / "automated-petct-lesion-segmentation"
+    assert [(p.name, c.name, o) for p, c, o in pairs] == [
+        ("u1.mha", "u1.mha", out / "u1.mha"),
+        ("u2.mha", "u2.mha", out / "u2.mha"),
+    ]
+    write_gc_inputs(tmp_path / "b", ["pet-uuid.mha"], ["ct-uuid.mha"])
+    ((pet, ct, target),) = cli.grand_challenge_pairs(tmp_path / "b", tmp_path / "out")
+    assert (pet.parent.name, ct.parent.name, target.name) == ("pet", "ct", "ct-uuid.mha")
+    write_gc_inputs(tmp_path / "c", ["a.mha", "b.mha"], ["c.mha", "d.mha"])
+    with pytest.raises(ValueError, match="cannot pair 2 PET and 2 CT images"):
+        cli.grand_challenge_pairs(tmp_path / "c", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"found 0 and 0"):
+        cli.grand_challenge_pairs(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    spec = model.network_spec({"channels": [4, 8], "num_res_units": 1, "norm": "instance"}, 8, 2)
+    torch.manual_seed(0)
+    net = model.build(spec)
+    with torch.no_grad():  # a bias so that the mask is neither empty nor full
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save(path, net, spec, {"patch_size": PATCH, "zero_input_channel": False})
+    return path
+
+
+def test_predict_grand_challenge_layout(tmp_path, model_path):
+    rng = np.random.default_rng(1)
+    shape = (10, 18, 17)
+    suv = nifti.Volume(rng.gamma(2.0, 1.0, shape).astype(np.float32), AFFINE.copy())
+    ct = nifti.Volume(rng.normal(0, 300, shape).astype(np.float32), AFFINE.copy())
+    (tmp_path / "in" / "images" / "pet").mkdir(parents=True)
+    (tmp_path / "in" / "images" / "ct").mkdir(parents=True)
+    cli.write_image(suv, tmp_path / "in" / "images" / "pet" / "1f2e.mha")
+    cli.write_image(ct, tmp_path / "in" / "images" / "ct" / "9a8b.mha")
+    args = ["predict", "--model", str(model_path), "--device", "cpu"]
+    dirs = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out")]
+    assert cli.main(args + dirs) == 0
+    out = tmp_path / "out" / "images" / "automated-petct-lesion-segmentation" / "9a8b.mha"
+    image = sitk.ReadImage(str(out))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    written = cli.volume_from_itk(image)
+    np.testing.assert_allclose(written.affine, suv.affine, atol=1e-9)
+    expected = infer.predict_volume(model_path, suv, ct, {"overlap": 0.25}, device="cpu")
+    np.testing.assert_array_equal(written.array, expected)
+    assert 0 < expected.sum() < expected.size
+
+
+def test_predict_single_nifti_study_via_the_console_script(tmp_path, model_path):
+    rng = np.random.default_rng(2)
+    shape = tuple(PATCH)
+    nifti.save(
+        nifti.Volume(rng.gamma(2.0, 1.0, shape).astype(np.float32), AFFINE), tmp_path / "SUV.nii.gz"
+    )
+    nifti.save(
+        nifti.Volume(rng.normal(0, 300, shape).astype(np.float32), AFFINE),
+        tmp_path / "CTres.nii.gz",
+    )
+    script = Path(sys.executable).parent / "stepseg"  # the console script pyproject declares
+    command = [str(script), "predict", "--model", str(model_path)]
+    files = ["--suv", str(tmp_path / "SUV.nii.gz"), "--ctres", str(tmp_path / "CTres.nii.gz")]
+    done = subprocess.run(
+        command + files + ["--out", str(tmp_path / "pred.nii.gz"), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith(f"{tmp_path / 'pred.nii.gz'}\t")
+    mask = nifti.load(tmp_path / "pred.nii.gz", "s")
+    assert mask.array.dtype == np.uint8
+    np.testing.assert_allclose(mask.affine, AFFINE, atol=1e-5)
+
+
+def test_grid_mismatch_is_reported_with_the_study(tmp_path, model_path, capsys):
+    cli.write_image(volume((4, 5, 6)), tmp_path / "SUV.mha")
+    cli.write_image(volume((4, 5, 7)), tmp_path / "CTres.mha")
+    code = cli.main(
+        ["predict", "--model", str(model_path), "--suv", str(tmp_path / "SUV.mha"),
+         "--ctres", str(tmp_path / "CTres.mha"), "--out", str(tmp_path / "p.mha")]
+    )  # fmt: skip
+    assert code == 1
+    assert "study SUV, file" in capsys.readouterr().err
+    assert not (tmp_path / "p.mha").exists()
