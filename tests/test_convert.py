@@ -1,0 +1,275 @@
+"""convert_study on a tiny generated study: values against the generator's truth, geometry against
+SimpleITK and dcm2niix, and bad inputs (built by modifying the study's files with pydicom) that
+must raise a StudyError naming the study and the file and leave no output behind."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+import yaml
+
+from stepseg import nifti
+from stepseg.convert import OUTPUT_NAMES, convert_study
+from stepseg.errors import StudyError
+from stepseg.synthetic import source
+
+ROOT = Path(__file__).resolve().parents[1]
+F18_HALF_LIFE_S = 6586.2
+# the generator's truth SUV is decayed to SeriesTime (the exact reference of DecayCorrection START)
+TRUTH_SETTINGS = {"suv_reference_time": "series", "ctres_interpolation": "linear"}
+
+
+def tiny_settings() -> dict:
+    settings = yaml.safe_load((ROOT / "config/config.yaml").read_text())["download"]["synthetic"]
+    return {
+        **settings,
+        "n_patients": 4,
+        "pet_shape": [48, 40, 40],
+        "pet_spacing_mm": [12.0, 13.0, 13.0],
+        "ct_shape": [60, 64, 64],
+        "ct_spacing_mm": [9.6, 8.0, 8.0],
+    }
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[str, Path]:
+    settings = tiny_settings()
+    row = next(r for r in source.list_studies(settings) if r["has_lesions"])
+    raw = tmp_path_factory.mktemp("raw") / row["study_id"]
+    raw.mkdir()
+    source.fetch_study(settings, row, raw)
+    return row["study_id"], raw
+
+
+def outputs_in(folder: Path) -> dict[str, str]:
+    return {name: str(folder / f"{name}.nii.gz") for name in OUTPUT_NAMES}
+
+
+@pytest.fixture(scope="module")
+def converted(study, tmp_path_factory) -> dict[str, str]:
+    study_id, raw = study
+    outputs = outputs_in(tmp_path_factory.mktemp("nifti"))
+    convert_study(study_id, raw, outputs, TRUTH_SETTINGS)
+    return outputs
+
+
+def load(path) -> nifti.Volume:
+    return nifti.load(path, "test")
+
+
+def series_dir(raw: Path, modality: str) -> Path:
+    for folder in sorted(p for p in raw.iterdir() if p.is_dir() and p.name != "truth"):
+        if pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).Modality == modality:
+            return folder
+    raise AssertionError(f"no {modality} folder in {raw}")
+
+
+def test_suv_matches_truth(study, converted):
+    _, raw = study
+    suv, truth = load(converted["SUV"]), load(raw / "truth/SUV.nii.gz")
+    body = truth.array > 0.5
+    relative_error = np.abs(suv.array[body] - truth.array[body]) / truth.array[body]
+    assert np.median(relative_error) < 0.01
+    assert relative_error.max() < 1e-4  # same tags, same formula: only float32 rounding left
+
+
+def test_seg_equals_truth(study, converted):
+    _, raw = study
+    seg = nib.load(converted["SEG"])
+    assert seg.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(
+        np.asarray(seg.dataobj), np.asarray(nib.load(raw / "truth/SEG.nii.gz").dataobj)
+    )
+    assert set(np.unique(np.asarray(seg.dataobj))) == {0, 1}
+
+
+def test_ctres_matches_truth(study, converted):
+    _, raw = study
+    ctres, truth = load(converted["CTres"]), load(raw / "truth/CTres.nii.gz")
+    assert np.median(np.abs(ctres.array - truth.array)) < 20.0
+
+
+def test_suv_ctres_seg_share_the_pet_grid(study, converted):
+    _, raw = study
+    images = {name: nib.load(converted[name]) for name in ("PET", "SUV", "CTres", "SEG")}
+    truth = nib.load(raw / "truth/SUV.nii.gz")
+    for name, image in images.items():
+        assert image.shape == truth.shape, name
+        np.testing.assert_allclose(image.affine, truth.affine, atol=1e-4, err_msg=name)
+    assert len({image.affine.tobytes() for image in images.values()}) == 1  # exactly one affine
+    pet, suv = load(converted["PET"]), load(converted["SUV"])
+    ratio = suv.array[pet.array > 1000] / pet.array[pet.array > 1000]
+    assert np.ptp(ratio) < 1e-6 * ratio.mean()  # SUV is the PET times one factor
+
+
+def test_acquisition_reference_scales_suv_by_the_decay_between_the_times(study, tmp_path):
+    study_id, raw = study
+    by_series, by_acquisition = outputs_in(tmp_path / "s"), outputs_in(tmp_path / "a")
+    convert_study(study_id, raw, by_series, TRUTH_SETTINGS)
+    convert_study(
+        study_id, raw, by_acquisition, {**TRUTH_SETTINGS, "suv_reference_time": "acquisition"}
+    )
+
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in series_dir(raw, "PT").iterdir()]
+
+    def seconds(hhmmss) -> int:
+        return int(hhmmss[:2]) * 3600 + int(hhmmss[2:4]) * 60 + int(hhmmss[4:6])
+
+    delay = min(seconds(h.AcquisitionTime) for h in headers) - seconds(headers[0].SeriesTime)
+    assert delay > 0
+    ratio = load(by_acquisition["SUV"]).array.sum() / load(by_series["SUV"]).array.sum()
+    assert ratio == pytest.approx(2 ** (delay / F18_HALF_LIFE_S), rel=1e-5)
+
+
+def test_nearest_ctres_only_holds_ct_values(study, converted, tmp_path):
+    study_id, raw = study
+    outputs = outputs_in(tmp_path)
+    convert_study(study_id, raw, outputs, {**TRUTH_SETTINGS, "ctres_interpolation": "nearest"})
+    ct_values = np.unique(load(converted["CT"]).array)
+    ctres = load(outputs["CTres"]).array
+    assert np.isin(ctres, np.append(ct_values, -1024)).all()
+    assert not np.isin(load(converted["CTres"]).array, ct_values).all()  # linear interpolates
+
+
+def sitk_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK's (z, y, x) array and RAS affine of a series folder."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    lps = np.eye(4)
+    lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return sitk.GetArrayFromImage(image), np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+@pytest.mark.parametrize(("name", "modality"), [("CT", "CT"), ("PET", "PT")])
+def test_ct_and_pet_agree_with_simpleitk(study, converted, name, modality):
+    _, raw = study
+    array, affine = sitk_series(series_dir(raw, modality))
+    ours = load(converted[name])
+    assert ours.array.shape == array.shape
+    np.testing.assert_allclose(ours.affine, affine, atol=1e-3)
+    np.testing.assert_allclose(ours.array, array, rtol=1e-5, atol=1e-3)
+
+
+def dcm2niix_input(raw: Path, modality: str, folder: Path) -> Path:
+    """The series folder as dcm2niix can read it: dcm2niix (v1.0.20220720) orders PET slices by
+    FrameReferenceTime, which the generator varies per bed position like a scanner does, and then
+    fails; the tag carries no geometry, so it is removed from a copy."""
+    copy = Path(shutil.copytree(series_dir(raw, modality), folder))
+    edit(sorted(copy.iterdir()), lambda ds: ds.pop("FrameReferenceTime", None))
+    return copy
+
+
+@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix is not installed")
+@pytest.mark.parametrize(("name", "modality"), [("CT", "CT"), ("PET", "PT")])
+def test_geometry_agrees_with_dcm2niix(study, converted, tmp_path, name, modality):
+    """dcm2niix may store another voxel order (it flips rows); compare in canonical RAS order."""
+    _, raw = study
+    series = dcm2niix_input(raw, modality, tmp_path / "dicom")
+    subprocess.run(
+        ["dcm2niix", "-z", "y", "-f", "out", "-o", str(tmp_path), str(series)],
+        check=True,
+        capture_output=True,
+    )
+    theirs = nib.as_closest_canonical(nib.load(tmp_path / "out.nii.gz"))
+    ours = nib.as_closest_canonical(nib.load(converted[name]))
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-3)
+    np.testing.assert_allclose(ours.get_fdata(), theirs.get_fdata(), rtol=1e-4, atol=1e-3)
+
+
+def test_any_folder_layout_gives_the_same_files(study, converted, tmp_path):
+    study_id, raw = study
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(raw.rglob("*.dcm"))[::-1]):
+        shutil.copy(path, flat / f"IM{i:05d}")
+    shutil.copytree(raw / "truth", flat / "truth")
+    outputs = outputs_in(tmp_path / "nifti")
+    convert_study(study_id, flat, outputs, TRUTH_SETTINGS)
+    for name in OUTPUT_NAMES:
+        a, b = nib.load(outputs[name]), nib.load(converted[name])
+        np.testing.assert_array_equal(a.affine, b.affine)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+
+
+def edit(paths, change) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        change(ds)
+        ds.save_as(path)
+
+
+def truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:600])
+    return path
+
+
+def corrupt_pet_file(raw: Path) -> Path:
+    return truncate(sorted(series_dir(raw, "PT").iterdir())[10])
+
+
+def corrupt_pixel_data(raw: Path) -> Path:
+    path = sorted(series_dir(raw, "CT").iterdir())[5]
+    path.write_bytes(path.read_bytes()[:-1000])
+    return path
+
+
+def pet_without_radiopharmaceutical(raw: Path) -> Path:
+    files = sorted(series_dir(raw, "PT").iterdir())
+    edit(files, lambda ds: delattr(ds, "RadiopharmaceuticalInformationSequence"))
+    return files[-1]  # the most inferior slice comes first in position order
+
+
+def pet_in_counts(raw: Path) -> Path:
+    files = sorted(series_dir(raw, "PT").iterdir())
+    edit(files, lambda ds: setattr(ds, "Units", "CNTS"))
+    return files[-1]
+
+
+def seg_on_the_ct(raw: Path) -> Path:
+    ct_uid = pydicom.dcmread(next(series_dir(raw, "CT").iterdir())).SeriesInstanceUID
+    seg_file = next(series_dir(raw, "SEG").iterdir())
+    edit(
+        [seg_file], lambda ds: setattr(ds.ReferencedSeriesSequence[0], "SeriesInstanceUID", ct_uid)
+    )
+    return seg_file
+
+
+def ct_without_pet(raw: Path) -> Path:
+    shutil.rmtree(series_dir(raw, "PT"))
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (corrupt_pet_file, "corrupt DICOM file"),
+        (corrupt_pixel_data, "cannot decode pixel data"),
+        (pet_without_radiopharmaceutical, "lacks RadionuclideTotalDose"),
+        (pet_in_counts, "Units is 'CNTS'; only BQML"),
+        (seg_on_the_ct, "SEG references series .* not the PET series"),
+        (ct_without_pet, "expected exactly one PT series, found 0"),
+    ],
+)
+def test_bad_input_names_study_and_file_and_leaves_no_output(study, tmp_path, damage, message):
+    study_id, raw = study
+    copy = Path(shutil.copytree(raw, tmp_path / "raw"))
+    bad_path = damage(copy)
+    out = tmp_path / "nifti"
+    outputs = outputs_in(out)
+    out.mkdir()
+    Path(outputs["SEG"]).write_bytes(b"left over from an earlier run")
+
+    with pytest.raises(StudyError, match=message) as error:
+        convert_study(study_id, copy, outputs, TRUTH_SETTINGS)
+
+    assert f"study {study_id}" in str(error.value)
+    assert str(bad_path) in str(error.value)
+    assert list(out.iterdir()) == []
