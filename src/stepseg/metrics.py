@@ -249,7 +249,7 @@ def evaluate_split(
         )
     if not studies:
         raise ValueError("the split has no studies to evaluate")
-    connectivity = int(settings.get("connectivity", OFFICIAL_CONNECTIVITY))
+    connectivity = int(settings["connectivity"])
     if connectivity != OFFICIAL_CONNECTIVITY:
         log.warning("connectivity %d differs from the official autoPET 18", connectivity)
     rows = []

@@ -400,8 +400,8 @@ def write_report(
     `suv_paths`/`seg_paths` are the test studies' NIfTI files, `pred_paths` every variant's test
     predictions; the cases are drawn from the best variant (highest validation Dice).
     """
-    dpi = int(settings.get("figure_dpi", 120))
-    cases = list(settings.get("mip_cases", CASE_NAMES))
+    dpi = int(settings["figure_dpi"])
+    cases = list(settings["mip_cases"])
     per_study = load_per_study(metrics_csvs)
     summary = summary_table(per_study)
 

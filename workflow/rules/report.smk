@@ -1,8 +1,3 @@
-def report_model(variant):
-    """Training-curve subcategory: the model name without its seed."""
-    return variant.rsplit("-seed", 1)[0]
-
-
 rule report:
     input:
         metrics=expand(
@@ -45,7 +40,7 @@ rule report:
                 f"results/report/training/{variant}.png",
                 caption="../report/training_curves.rst",
                 category="Training",
-                subcategory=report_model(variant),
+                subcategory=variant.rsplit("-seed", 1)[0],
                 labels={"variant": variant},
             )
             for variant in trained_variants()
