@@ -120,9 +120,11 @@ def scan_dicom_tree(root: Path, collection: str = COLLECTION) -> dict[str, Serie
 def build_zip(files: list[Path], path: Path, md5: bool, extra: Mapping[str, bytes] = {}) -> None:
     """The archive NBIA streams: `1-001.dcm`... (NewFileNames) or `00000001.dcm`... + MD5s."""
     rows = []
+    # as in the collection's downloads: 1-001.dcm ... for image series, 1-1.dcm for a lone SEG
+    width = 1 if len(files) == 1 else max(3, len(str(len(files))))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for index, file in enumerate(files, start=1):
-            name = f"{index:08d}.dcm" if md5 else f"1-{index:03d}.dcm"
+            name = f"{index:08d}.dcm" if md5 else f"1-{index:0{width}d}.dcm"
             archive.write(file, name)
             rows.append((name, hashlib.md5(file.read_bytes()).hexdigest()))
         if md5:

@@ -168,3 +168,27 @@ def test_nifti_dir_refuses_non_binary_seg(tmp_path):
         StudyError, match=r"study P_1, .*SEG\.nii\.gz: SEG is not binary \(values \[0, 2\]\)"
     ):
         local.nifti_dir.fetch_study({}, row, tmp_path / "raw")
+
+
+def test_dicom_dir_of_the_synthetic_cohort_lists_like_the_synthetic_source(tmp_path):
+    """Ids, patients, series folders and lesion status (from real DICOM SEG pixels) agree."""
+    from stepseg.synthetic import source as synthetic
+
+    settings = {
+        "seed": 1,
+        "n_patients": 3,
+        "repeat_fraction": 0.5,
+        "lesion_fraction": 0.5,
+        "pet_shape": [24, 20, 20],
+        "pet_spacing_mm": [12.0, 13.0, 13.0],
+        "ct_shape": [30, 32, 32],
+        "ct_spacing_mm": [9.6, 8.0, 8.0],
+    }
+    expected = synthetic.list_studies(settings)
+    for row in expected:
+        (tmp_path / row["study_id"]).mkdir()
+        synthetic.fetch_study(settings, row, tmp_path / row["study_id"])
+    records = local.dicom_dir.list_studies({"path": str(tmp_path)})
+    columns = ["study_id", "patient_id", "has_lesions", "ct_series", "pet_series", "seg_series"]
+    assert [{c: r[c] for c in columns} for r in records] == expected
+    assert {r["has_lesions"] for r in records} == {True, False}

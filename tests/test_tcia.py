@@ -268,3 +268,42 @@ def test_killed_download_resumes_from_bytes_on_disk(server, cohort, tmp_path):
     assert (cache / f"{uid}.zip").read_bytes() == server.zip_path(uid).read_bytes()
     assert server.bytes_sent[uid] == total  # the second run fetched only the missing half
     assert [r[2] for r in server.requests if r[1] == uid] == [0, half]
+
+
+SYNTHETIC = {
+    "seed": 1,
+    "n_patients": 3,
+    "repeat_fraction": 0.5,
+    "lesion_fraction": 0.5,
+    "pet_shape": [24, 20, 20],
+    "pet_spacing_mm": [12.0, 13.0, 13.0],
+    "ct_shape": [30, 32, 32],
+    "ct_spacing_mm": [9.6, 8.0, 8.0],
+}
+
+
+def test_synthetic_cohort_served_over_nbia_lists_and_fetches_identically(tmp_path):
+    """Same study ids, patients, lesion status, series folders and files as the synthetic source."""
+    from stepseg.synthetic import source as synthetic
+
+    expected = synthetic.list_studies(SYNTHETIC)
+    raw = tmp_path / "raw"
+    for row in expected:
+        (raw / row["study_id"]).mkdir(parents=True)
+        synthetic.fetch_study(SYNTHETIC, row, raw / row["study_id"])
+    with NbiaTestServer.from_dicom_tree(raw) as srv:
+        clinical = tmp_path / "clinical.csv"
+        srv.write_clinical_file(clinical, [r["study_id"] for r in expected if r["has_lesions"]])
+        config = settings(srv, tmp_path, clinical_file=str(clinical))
+        records = tcia.list_studies(config)
+        columns = ["study_id", "patient_id", "has_lesions", "ct_series", "pet_series", "seg_series"]
+        assert [{c: r[c] for c in columns} for r in records] == expected
+        fetched = tmp_path / "fetched"
+        for row in records:
+            tcia.fetch_study(config, row, fetched / row["study_id"])
+    for row in expected:
+        for column in ("ct_series", "pet_series", "seg_series"):
+            original = sorted((raw / row["study_id"] / row[column]).iterdir())
+            copy = sorted((fetched / row["study_id"] / row[column]).iterdir())
+            assert [p.name for p in copy] == [p.name for p in original]
+            assert [p.read_bytes() for p in copy] == [p.read_bytes() for p in original]
