@@ -436,8 +436,9 @@ def write_report(
     }
     notes = [
         "DSC, False Positive and False Negative are the official autoPET metrics (Dice, false "
-        "positive and false negative volume in ml, 18-connected components), averaged over the "
-        "studies where they are defined (Dice and FN only over studies with lesions).",
+        "positive and false negative volume in ml over connected components, 18-connected unless "
+        "evaluate.connectivity says otherwise), averaged over the studies where they are "
+        "defined (Dice and FN only over studies with lesions).",
         "The paper's numbers are quoted from Liu, Zhong & Mo (autoPET 2022), Table 1. Their "
         "preliminary test set is the challenge's hidden set; ours is the held-out test split of "
         f"this run's cohort (download source: {data_source}), so the numbers are not comparable "
@@ -447,7 +448,7 @@ def write_report(
     ]
 
     curves = _by_parent(train_logs)
-    curve_outputs = {Path(p).stem: Path(p) for p in outputs.get("curves", [])}
+    curve_outputs = {Path(p).stem: Path(p) for p in outputs["curves"]}
     for variant, log_csv in curves.items():
         if variant not in curve_outputs:
             raise ValueError(f"no curve output named {variant}.png for {log_csv}")
