@@ -41,6 +41,7 @@ BED_DURATION_S = 120
 CT_SERIES = (2, "CT WB 5.0 B30f")
 PET_SERIES = (4, "PET corr.")
 SEG_SERIES = (300, "Segmentation")
+SERIES_KIND = {"CT": "ct", "PT": "pet", "SEG": "seg"}  # names used in UIDs and manifest columns
 
 
 @dataclass(frozen=True)
@@ -122,32 +123,27 @@ def _patient_study(plan: StudyPlan, uids: StudyUIDs) -> Dataset:
     return ds
 
 
-def _image(
-    common: Dataset,
+def _series_template(
+    plan: StudyPlan,
+    uids: StudyUIDs,
+    grid: Grid,
     sop_class: str,
-    sop_uid: str,
-    series_uid: str,
-    series_number: int,
-    description: str,
+    series: tuple[int, str],
     modality: str,
     series_time: str,
 ) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.update(common)
+    """Attributes shared by every slice of a series (patient, study, series, geometry)."""
+    ds = _patient_study(plan, uids)
     ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
     ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = description
-    ds.SeriesDate = common.StudyDate
+    ds.SeriesInstanceUID = uids.uid(f"{SERIES_KIND[modality]}-series")
+    ds.SeriesNumber, ds.SeriesDescription = series
+    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = plan.study_date
     ds.SeriesTime = series_time
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [_ds(grid.spacing[1]), _ds(grid.spacing[2])]
+    ds.SliceThickness = _ds(grid.spacing[0])
+    ds.Rows, ds.Columns = grid.shape[1], grid.shape[2]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
@@ -157,45 +153,42 @@ def _image(
     return ds
 
 
-def _place(ds: Dataset, grid: Grid, k: int, instance: int) -> None:
-    """Geometry of slice k (k = 0 is the most inferior slice of the (z, y, x) array)."""
-    dz, dy, dx = grid.spacing
-    ox, oy, oz = grid.origin
-    z = oz + k * dz
+def _slice(template: Dataset, sop_uid: str, grid: Grid, k: int, instance: int) -> Dataset:
+    """A copy of the series template placed at slice k (k = 0 is the most inferior slice)."""
+    ds = Dataset(dict(template))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = template.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPInstanceUID = sop_uid
     ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [_ds(ox), _ds(oy), _ds(z)]
+    z = grid.origin[2] + k * grid.spacing[0]
+    ds.ImagePositionPatient = [_ds(grid.origin[0]), _ds(grid.origin[1]), _ds(z)]
     ds.SliceLocation = _ds(z)
-    ds.PixelSpacing = [_ds(dy), _ds(dx)]
-    ds.SliceThickness = _ds(dz)
-    ds.Rows, ds.Columns = grid.shape[1], grid.shape[2]
+    return ds
 
 
 def write_ct(out_dir: Path, plan: StudyPlan, uids: StudyUIDs, grid: Grid, hu: np.ndarray) -> str:
     """CT Image Storage, one file per slice, int16 stored = HU + 1024 (intercept -1024)."""
-    common = _patient_study(plan, uids)
-    series_uid = uids.uid("ct-series")
-    number, description = CT_SERIES
     series_time = _hhmmss(_seconds(plan.series_time) - 240)
-    folder = series_folder(number, description, series_uid)
+    template = _series_template(plan, uids, grid, CTImageStorage, CT_SERIES, "CT", series_time)
+    template.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
+    template.AcquisitionTime = template.ContentTime = series_time
+    template.KVP = "120"
+    template.ConvolutionKernel = "B30f"
+    template.RescaleIntercept = "-1024"
+    template.RescaleSlope = "1"
+    template.RescaleType = "HU"
+    template.WindowCenter = "40"
+    template.WindowWidth = "400"
+    folder = series_folder(*CT_SERIES, template.SeriesInstanceUID)
     (out_dir / folder).mkdir()
+    stored = (hu.astype(np.int16) + np.int16(1024)).astype("<i2")
     nz = grid.shape[0]
     for instance, k in enumerate(range(nz - 1, -1, -1), start=1):
-        sop_uid = uids.uid("ct", k)
-        ds = _image(
-            common, CTImageStorage, sop_uid, series_uid, number, description, "CT", series_time
-        )
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
-        ds.AcquisitionDate = ds.ContentDate = plan.study_date
-        ds.AcquisitionTime = ds.ContentTime = series_time
-        ds.KVP = "120"
-        ds.ConvolutionKernel = "B30f"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        _place(ds, grid, k, instance)
-        ds.PixelData = (hu[k].astype(np.int16) + np.int16(1024)).astype("<i2").tobytes()
+        ds = _slice(template, uids.uid("ct", k), grid, k, instance)
+        ds.PixelData = stored[k].tobytes()
         ds.save_as(out_dir / folder / f"1-{instance:03d}.dcm", enforce_file_format=True)
     return folder
 
@@ -208,64 +201,56 @@ def write_pet(
     Returns the folder, the datasets (for the SEG's references) and the SUV the files encode
     (stored value * slope / SUV factor, all from the written strings).
     """
-    common = _patient_study(plan, uids)
-    series_uid = uids.uid("pet-series")
-    number, description = PET_SERIES
-    folder = series_folder(number, description, series_uid)
-    (out_dir / folder).mkdir()
+    template = _series_template(
+        plan,
+        uids,
+        grid,
+        PositronEmissionTomographyImageStorage,
+        PET_SERIES,
+        "PT",
+        plan.series_time,
+    )
     dose, weight = _ds(plan.dose_bq), _ds(plan.weight_kg)
     factor = suv_factor(dose, weight, plan.injection_time, plan.series_time)
-    radiopharmaceutical = _radiopharmaceutical(plan, dose)
+    template.ImageType = ["ORIGINAL", "PRIMARY"]
+    template.SeriesType = ["WHOLE BODY", "IMAGE"]
+    template.Units = "BQML"
+    template.CountsSource = "EMISSION"
+    template.DecayCorrection = "START"
+    template.CorrectedImage = ["NORM", "DTIM", "ATTN", "SCAT", "DECY", "RAN"]
+    template.RandomsCorrectionMethod = "DLYD"
+    template.AttenuationCorrectionMethod = "measured,AC CT"
+    template.ReconstructionMethod = "OSEM3D 4i8s"
+    template.ActualFrameDuration = BED_DURATION_S * 1000
+    template.NumberOfSlices = grid.shape[0]
+    template.NumberOfTimeSlices = 1
+    template.RadiopharmaceuticalInformationSequence = _radiopharmaceutical(plan, dose)
+    template.RescaleIntercept = "0"
+    folder = series_folder(*PET_SERIES, template.SeriesInstanceUID)
+    (out_dir / folder).mkdir()
     nz = grid.shape[0]
     top_z = grid.origin[2] + (nz - 1) * grid.spacing[0]
+    series_s = _seconds(plan.series_time)
     encoded = np.empty(suv.shape, dtype=np.float32)
     datasets = []
     for instance, k in enumerate(range(nz - 1, -1, -1), start=1):
-        sop_uid = uids.uid("pet", k)
-        ds = _image(
-            common,
-            PositronEmissionTomographyImageStorage,
-            sop_uid,
-            series_uid,
-            number,
-            description,
-            "PT",
-            plan.series_time,
-        )
-        # beds acquired head to feet; each slice reports its bed's start as AcquisitionTime
+        ds = _slice(template, uids.uid("pet", k), grid, k, instance)
+        # beds are acquired head to feet; a slice reports its bed's start as AcquisitionTime
         depth = top_z - (grid.origin[2] + k * grid.spacing[0])
         bed = int(depth // (BED_LENGTH_MM * (1 - BED_OVERLAP)))
-        acquisition_s = _seconds(plan.series_time) + bed * BED_DURATION_S
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.AcquisitionDate = ds.ContentDate = plan.study_date
+        acquisition_s = series_s + plan.acquisition_delay_s + bed * BED_DURATION_S
         ds.AcquisitionTime = _hhmmss(acquisition_s)
         ds.ContentTime = _hhmmss(acquisition_s + BED_DURATION_S)
-        ds.SeriesType = ["WHOLE BODY", "IMAGE"]
-        ds.Units = "BQML"
-        ds.CountsSource = "EMISSION"
-        ds.DecayCorrection = "START"
-        ds.CorrectedImage = ["NORM", "DTIM", "ATTN", "SCAT", "DECY", "RAN"]
-        ds.RandomsCorrectionMethod = "DLYD"
-        ds.AttenuationCorrectionMethod = "measured,AC CT"
-        ds.ReconstructionMethod = "OSEM3D 4i8s"
-        ds.DecayFactor = _ds(
-            2.0 ** ((acquisition_s - _seconds(plan.series_time)) / F18_HALF_LIFE_S)
-        )
-        ds.FrameReferenceTime = _ds((acquisition_s - _seconds(plan.series_time)) * 1000.0)
-        ds.ActualFrameDuration = BED_DURATION_S * 1000
+        ds.DecayFactor = _ds(2.0 ** ((acquisition_s - series_s) / F18_HALF_LIFE_S))
+        ds.FrameReferenceTime = _ds((acquisition_s - series_s) * 1000.0)
         ds.ImageIndex = instance
-        ds.NumberOfSlices = nz
-        ds.NumberOfTimeSlices = 1
-        ds.RadiopharmaceuticalInformationSequence = radiopharmaceutical
         activity = suv[k].astype(np.float64) * factor
         peak = float(activity.max())
         slope = _ds(peak / PET_MAX_STORED if peak > 0 else 1.0)
         stored = np.clip(np.rint(activity / float(slope)), 0, PET_MAX_STORED).astype("<i2")
-        ds.RescaleIntercept = "0"
         ds.RescaleSlope = slope
         ds.SmallestImagePixelValue = int(stored.min())
         ds.LargestImagePixelValue = int(stored.max())
-        _place(ds, grid, k, instance)
         ds.PixelData = stored.tobytes()
         ds.save_as(out_dir / folder / f"1-{instance:03d}.dcm", enforce_file_format=True)
         encoded[k] = stored * float(slope) / factor
@@ -294,6 +279,26 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     code.CodingSchemeDesignator = scheme
     code.CodeMeaning = meaning
     return code
+
+
+def _make_reproducible(seg: Dataset, plan: StudyPlan, uids: StudyUIDs) -> None:
+    """Replace what highdicom takes from the clock or a random UID, so reruns are identical.
+
+    The SEG is dated one hour after the PET series (annotation time), and its dimension
+    organisation gets a UID derived from the study like every other UID.
+    """
+    created = _hhmmss(_seconds(plan.series_time) + 3600)
+    seg.SeriesDate = seg.ContentDate = plan.study_date
+    seg.SeriesTime = seg.ContentTime = created
+    if "InstanceCreationDate" in seg:
+        seg.InstanceCreationDate = plan.study_date
+        seg.InstanceCreationTime = created
+    for item in seg.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = plan.study_date + created
+    organisation = uids.uid("seg-dimension-organization")
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        for item in seg.get(keyword, []):
+            item.DimensionOrganizationUID = organisation
 
 
 def write_seg(
@@ -337,12 +342,7 @@ def write_seg(
         content_label="LESIONS",
         omit_empty_frames=bool(frames.any()),
     )
-    # highdicom stamps the current date and time; use the study's so reruns are byte-identical
-    seg.SeriesDate = seg.ContentDate = plan.study_date
-    seg.SeriesTime = seg.ContentTime = _hhmmss(_seconds(plan.series_time) + 3600)
-    if "InstanceCreationDate" in seg:
-        seg.InstanceCreationDate = plan.study_date
-        seg.InstanceCreationTime = seg.ContentTime
+    _make_reproducible(seg, plan, uids)
     folder = series_folder(number, series_description, series_uid)
     (out_dir / folder).mkdir()
     seg.save_as(out_dir / folder / "1-1.dcm", enforce_file_format=True)

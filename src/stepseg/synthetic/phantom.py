@@ -45,6 +45,7 @@ LABELS = (
 LABEL = {name: index for index, (name, _) in enumerate(LABELS)}
 HU = np.array([hu for _, hu in LABELS], dtype=np.float32)
 REFERENCE_LENGTH_MM = 1000.0  # vertex to mid-thigh of the 1.75 m reference adult
+REFERENCE_HALF_WIDTH_MM = 287.0  # body axis to the outside of an arm
 LESION_REGIONS = (
     "neck",
     "axilla",
@@ -142,8 +143,12 @@ def body_scale(settings: Mapping[str, Any], anatomy: Mapping[str, Any]) -> tuple
     shape = np.asarray(settings["pet_shape"], float)
     spacing = np.asarray(settings["pet_spacing_mm"], float)
     fov_z = shape[0] * spacing[0]
-    scale = min(1.0, fov_z / REFERENCE_LENGTH_MM) * anatomy["height_factor"]
-    return scale, scale * anatomy["girth"]
+    fov_xy = min(shape[1] * spacing[1], shape[2] * spacing[2])
+    # vertex to mid-thigh always fits the axial field of view (30 mm to spare)
+    scale = min(anatomy["height_factor"], 1.0) * min(1.0, (fov_z - 30.0) / REFERENCE_LENGTH_MM)
+    # arms included, the body must fit the transaxial field of view (and the CT's)
+    in_plane = min(scale * anatomy["girth"], 0.92 * fov_xy / (2 * REFERENCE_HALF_WIDTH_MM))
+    return scale, in_plane
 
 
 def build_anatomy(settings: Mapping[str, Any], anatomy: Mapping[str, Any]) -> list[Shape]:
@@ -541,6 +546,23 @@ def draw_uptake(rng: np.random.Generator) -> np.ndarray:
     return np.array([rng.uniform(*ranges[name]) for name, _ in LABELS], dtype=np.float32)
 
 
+def uptake_texture(
+    rng: np.random.Generator, grid: Grid, knot_mm: float = 40.0, spread: float = 0.1
+) -> np.ndarray:
+    """A smooth multiplicative field (about 1) so that organs are not flat.
+
+    Lognormal values on knots every `knot_mm`, interpolated linearly along each axis; the
+    interpolation is separable, so it costs three small matrix products at any grid size.
+    """
+    weights = []
+    for axis in grid.axes()[::-1]:  # z, y, x
+        knots = np.arange(axis[0], axis[-1] + knot_mm, knot_mm)
+        hats = [np.interp(axis, knots, row) for row in np.eye(len(knots))]
+        weights.append(np.stack(hats, axis=1).astype(np.float32))  # (voxels, knots)
+    coarse = rng.lognormal(0.0, spread, [w.shape[1] for w in weights]).astype(np.float32)
+    return np.einsum("abc,za,yb,xc->zyx", coarse, *weights, optimize=True)
+
+
 def _index_range(axis: np.ndarray, low: float, high: float) -> slice:
     return slice(int(np.searchsorted(axis, low, "left")), int(np.searchsorted(axis, high, "right")))
 
@@ -587,6 +609,11 @@ def render(
             window, coords = found
             inside, suv = lesion_values(lesion, *coords)
             inside &= labels[window] != LABEL["air"]  # a lesion never pokes out of the body
+            if not inside.any():  # smaller than a voxel here: keep the voxel at its centre
+                nearest = tuple(
+                    int(np.argmin(np.abs(c - lesion.center_mm[i]))) for i, c in enumerate(coords)
+                )
+                inside[nearest[::-1]] = True
             labels[window][inside] = LABEL["lesion"]
             lesion_mask[window] |= inside
             lesion_suv[window] = np.where(

@@ -60,6 +60,7 @@ class StudyPlan:
     study_date: str  # YYYYMMDD
     injection_time: str  # HHMMSS
     series_time: str  # HHMMSS, PET decay reference
+    acquisition_delay_s: int  # first bed starts this long after SeriesTime
     anatomy: Mapping[str, Any]
     lesions: tuple[Lesion, ...] = field(default_factory=tuple)
 
@@ -128,6 +129,7 @@ def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
             dose_mbq = float(np.clip(vrng.normal(3.5, 0.6) * visit_weight, 150.0, 400.0))
             injection = int(vrng.integers(7 * 3600 + 1800, 14 * 3600))
             uptake = int(vrng.integers(50 * 60, 80 * 60 + 1))
+            acquisition_delay = int(vrng.integers(15, 90))
             patient_id = f"SYN{patient:04d}"
             lesions: tuple[Lesion, ...] = ()
             if (patient, visit) in positive:
@@ -147,6 +149,7 @@ def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
                     study_date=date.strftime("%Y%m%d"),
                     injection_time=_hhmmss(injection),
                     series_time=_hhmmss(injection + uptake),
+                    acquisition_delay_s=acquisition_delay,
                     anatomy=anatomy,
                     lesions=lesions,
                 )

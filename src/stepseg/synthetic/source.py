@@ -27,7 +27,7 @@ from stepseg.synthetic.plan import StudyPlan, plan_cohort, rng_for, settings_wit
 log = logging.getLogger(__name__)
 
 # purposes of the per-study random generators (the plan uses 0, 1 and 2)
-_UPTAKE, _GEOMETRY, _PET_NOISE, _CT_NOISE = 3, 4, 5, 6
+_UPTAKE, _GEOMETRY, _PET_NOISE, _CT_NOISE, _TEXTURE = 3, 4, 5, 6, 7
 
 
 def _uids(settings: Mapping[str, Any], study_id: str) -> dicom_writer.StudyUIDs:
@@ -80,6 +80,7 @@ def fetch_study(settings: Mapping[str, Any], row: dict, out_dir: Path) -> None:
     labels, suv_true, mask = phantom.render(
         geometry.pet, geometry.table_offset, shapes, plan.lesions, uptake
     )
+    suv_true *= phantom.uptake_texture(rng_for(settings, _TEXTURE, *keys), geometry.pet)
     suv = scanner.pet_suv(
         suv_true,
         geometry.pet.spacing,
