@@ -64,14 +64,10 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    """`auto` = this rank's GPU when CUDA is usable, else the CPU; `cpu`/`cuda` force it."""
-    if device not in {"auto", "cpu", "cuda"}:
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but CUDA is not available")
+def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The rank's own GPU (cuda:LOCAL_RANK among the visible ones) when training on GPUs."""
+    if device.type != "cuda":
+        return device
     if local_rank >= torch.cuda.device_count():
         raise RuntimeError(
             f"rank with LOCAL_RANK={local_rank} has no GPU: only {torch.cuda.device_count()} "
@@ -81,21 +77,22 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def process_group(device: str = "auto") -> Iterator[DistContext]:
+def process_group(device: torch.device) -> Iterator[DistContext]:
     """Join the process group that torchrun / `launch` described in the environment.
 
-    NCCL on GPUs, gloo on the CPU. On leaving, all ranks meet at a barrier (so none exits while
-    rank 0 still writes) and the group is destroyed; on an error the group is only destroyed, so
-    the launcher sees the failure instead of a hang. Without `WORLD_SIZE` > 1 nothing is
-    initialised and the context describes a single process.
+    `device` is where training runs (`stepseg.model.resolve_device`); on GPUs each rank takes its
+    own, cuda:LOCAL_RANK. NCCL on GPUs, gloo on the CPU. On leaving, all ranks meet at a barrier
+    (so none exits while rank 0 still writes) and the group is destroyed; on an error the group is
+    only destroyed, so the launcher sees the failure instead of a hang. Without `WORLD_SIZE` > 1
+    nothing is initialised and the context describes a single process on `device`.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    ctx = DistContext(rank, world_size, local_rank, _pick_device(device, local_rank))
-    if not ctx.distributed:
-        yield ctx
+    if world_size <= 1:
+        yield DistContext(0, 1, 0, device)
         return
+    ctx = DistContext(rank, world_size, local_rank, _rank_device(device, local_rank))
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
     backend = "nccl" if ctx.device.type == "cuda" else "gloo"
@@ -137,6 +134,26 @@ def shard(global_batch: Sequence[int], ctx: DistContext) -> list[int]:
         )
     per_rank = size // ctx.world_size
     return list(global_batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank])
+
+
+def rank_batches(n_samples: int, global_batch_size: int, ctx: DistContext) -> list[list[int]]:
+    """This rank's share of every global batch of the sample indices 0..n-1, in order.
+
+    A DataLoader's `batch_sampler`: the single-process loader takes batches of
+    `global_batch_size` consecutive indices; here each rank takes its `shard` of each of them. A
+    last, partial global batch that does not split evenly is left out on every rank.
+    """
+    batches = []
+    for start in range(0, n_samples, global_batch_size):
+        batch = list(range(start, min(start + global_batch_size, n_samples)))
+        if len(batch) % ctx.world_size:
+            log.warning(
+                "leaving out the last %d of %d samples: they do not split over %d processes",
+                len(batch), n_samples, ctx.world_size,
+            )  # fmt: skip
+            continue
+        batches.append(shard(batch, ctx))
+    return batches
 
 
 class _WithExtras(nn.Module):
