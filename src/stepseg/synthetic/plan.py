@@ -74,7 +74,13 @@ class StudyPlan:
 
 
 def settings_with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {**DEFAULTS, **settings}
+    """The settings with the optional keys filled in; inverted ranges are refused."""
+    merged = {**DEFAULTS, **settings}
+    for key in ("lesion_volume_ml", "lesions_per_study"):
+        low, high = merged[key]
+        if not 0 < low <= high:
+            raise ValueError(f"download.synthetic.{key} must be [low, high] with 0 < low <= high")
+    return merged
 
 
 def rng_for(settings: Mapping[str, Any], *keys: int) -> np.random.Generator:
