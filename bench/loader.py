@@ -1,0 +1,285 @@
+"""Patch loading: our tiled LMDB loader against a naive NIfTI loader and a MONAI pipeline.
+
+Run: .venv/bin/python bench/loader.py [--studies 3] [--depth 326] [--size 400] [--batches 150]
+
+Synthetic studies at the autoPET geometry (400 x 400 x ~326 voxels of 2.04 x 2.04 x 3 mm): a
+smooth body (torso with arms, lungs, spine, liver, bladder, brain) in constant air, noise only
+inside the body (CT about 15 HU; PET multiplicative noise smoothed like a reconstruction), and
+spherical lesions in half of the studies. Pure noise would not compress at all and an empty
+phantom would compress trivially; real scans sit in between, like these.
+
+Measures, in one run: patches per second of `stepseg.data.PatchDataset` (2 workers), of a naive
+loader (nibabel loads the .nii.gz files and crops, same DataLoader) and of MONAI
+`LoadImaged + RandSpatialCropd`; the CPU cost of the 8-channel expansion per patch; bytes on disk
+of our LMDB, of the NIfTI files and of what the original stored (float32, 8 targets + 2 inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+from stepseg import data, nifti, store, targets
+from stepseg.normalize import normalize_ct, normalize_pet
+
+SPACING = (3.0, 2.04, 2.04)
+
+
+def synthetic_study(shape: tuple[int, int, int], seed: int, n_lesions: int):
+    """(SUV float32, CT float32 HU, SEG uint8), (z, y, x), plausible whole-body anatomy."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    z = (np.arange(nz) / nz)[:, None, None]
+    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
+    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    width = 165 + 20 * np.sin(z * 5 + rng.uniform(0, 6))
+    depth = 110 + 12 * np.cos(z * 4 + rng.uniform(0, 6))
+    torso = (x / width) ** 2 + (y / depth) ** 2 < 1
+    arm_x = width + 45
+    arms = (((np.abs(x) - arm_x) / 38) ** 2 + (y / 45) ** 2 < 1) & (z > 0.35) & (z < 0.85)
+    head = ((x / 75) ** 2 + (y / 95) ** 2 < 1) & (z > 0.88)
+    body = (torso & (z <= 0.88)) | arms | head
+    lungs = (((np.abs(x) - 0.45 * width) / (0.33 * width)) ** 2 + (y / (0.7 * depth)) ** 2 < 1) & (
+        (z > 0.6) & (z < 0.82)
+    )
+    spine = (x / 16) ** 2 + ((y + 0.65 * depth) / 16) ** 2 < 1
+    liver = (((x + 0.35 * width) / (0.4 * width)) ** 2 + (y / (0.6 * depth)) ** 2 < 1) & (
+        (z > 0.5) & (z < 0.6)
+    )
+    bladder = ((x / 35) ** 2 + ((y - 0.3 * depth) / 30) ** 2 < 1) & (z > 0.1) & (z < 0.17)
+    brain = ((x / 65) ** 2 + (y / 80) ** 2 < 1) & (z > 0.9)
+
+    coarse = rng.normal(0, 1, (nz // 8 + 2, ny // 8 + 2, nx // 8 + 2)).astype(np.float32)
+    smooth = ndimage.zoom(ndimage.gaussian_filter(coarse, 1.0), 8, order=1)[:nz, :ny, :nx]
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    ct = np.full(shape, -1000.0, dtype=np.float32)
+    ct[body] = 40 + 25 * smooth[body] + 15 * noise[body]
+    for region, hu in ((lungs, -830.0), (spine, 650.0), (liver, 60.0), (bladder, 10.0)):
+        inside = region & body
+        ct[inside] = hu + 25 * smooth[inside] + 15 * noise[inside]
+    pet_noise = ndimage.gaussian_filter(noise, 1.0) * 2.5
+    suv = np.zeros(shape, dtype=np.float32)
+    level = np.where(lungs, 0.4, 1.0) + np.where(liver, 1.5, 0) + np.where(brain, 7.0, 0)
+    level = level + np.where(bladder, 18.0, 0)
+    suv[body] = ((level + 0.2 * smooth) * (1 + 0.12 * pet_noise))[body]
+    seg = np.zeros(shape, dtype=np.uint8)
+    for _ in range(n_lesions):
+        centre = [
+            rng.uniform(0.2, 0.8) * nz,
+            rng.uniform(0.4, 0.6) * ny,
+            rng.uniform(0.3, 0.7) * nx,
+        ]
+        radius_mm = rng.uniform(4, 25)
+        box = tuple(
+            slice(max(int(c - radius_mm / s) - 1, 0), min(int(c + radius_mm / s) + 2, n))
+            for c, s, n in zip(centre, SPACING, shape, strict=True)
+        )
+        grid = np.ogrid[box]
+        distance = sum(((g - c) * s / radius_mm) ** 2 for g, c, s in zip(grid, centre, SPACING))
+        seg[box][distance < 1] = 1
+        suv[box] += rng.uniform(3, 15) * np.exp(-1.5 * distance).astype(np.float32)
+    return np.clip(suv, 0, None), ct, seg
+
+
+def affine_for() -> np.ndarray:
+    """NIfTI affine with the autoPET spacing (x, y, z columns)."""
+    return np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])
+
+
+class NaiveDataset(Dataset):
+    """What one would write first: load the three .nii.gz files, crop, normalise."""
+
+    def __init__(self, folders: list[Path], patch: tuple[int, int, int], n: int) -> None:
+        self.folders, self.patch, self.n = folders, patch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(index)
+        folder = self.folders[index % len(self.folders)]
+        arrays = [
+            np.asarray(nib.load(folder / f"{name}.nii.gz").dataobj).transpose(2, 1, 0)
+            for name in ("SUV", "CTres", "steps")
+        ]
+        start = [int(rng.integers(0, n - p + 1)) for n, p in zip(arrays[0].shape, self.patch)]
+        box = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
+        suv, ct, steps = (np.ascontiguousarray(a[box]) for a in arrays)
+        image = torch.stack(
+            [normalize_pet(torch.from_numpy(suv)), normalize_ct(torch.from_numpy(ct))]
+        )
+        return {"image": image, "steps": torch.from_numpy(steps)[None]}
+
+
+def monai_loader(folders: list[Path], patch, n: int, workers: int, batch: int) -> DataLoader:
+    from monai.data import Dataset as MonaiDataset
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropd
+
+    keys = ["suv", "ct", "steps"]
+    files = [
+        {
+            k: str(folders[i % len(folders)] / f"{f}.nii.gz")
+            for k, f in zip(keys, ("SUV", "CTres", "steps"))
+        }
+        for i in range(n)
+    ]
+    transform = Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            RandSpatialCropd(keys=keys, roi_size=patch[::-1], random_size=False),
+        ]
+    )
+    dataset = MonaiDataset(files, transform)
+    return DataLoader(dataset, batch_size=batch, num_workers=workers)
+
+
+def rate(loader, batches: int, warmup: int) -> tuple[float, int]:
+    """Patches per second after `warmup` batches (worker start-up excluded)."""
+    iterator = iter(loader)
+    count = 0
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+        count += len(batch["image"] if "image" in batch else batch["suv"])
+    return count / (time.perf_counter() - start), count
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=326, help="slices of the first study")
+    parser.add_argument("--size", type=int, default=400, help="in-plane voxels")
+    parser.add_argument("--patch", type=int, nargs=3, default=(32, 160, 160))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=150, help="timed batches of our loader")
+    parser.add_argument("--slow-batches", type=int, default=4, help="timed batches of baselines")
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--tile", type=int, nargs=3, default=(16, 64, 64))
+    parser.add_argument("--codec", default="gzip")
+    parser.add_argument("--level", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    args = parser.parse_args()
+    patch = tuple(args.patch)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="stepseg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {"preset": args.preset}
+    try:
+        folders, voxels = [], 0
+        t0 = time.perf_counter()
+        target_seconds = 0.0
+        for k in range(args.studies):
+            shape = (args.depth + 12 * k - 12 * (args.studies // 2), args.size, args.size)
+            folder = work / f"study{k}"
+            folders.append(folder)
+            voxels += int(np.prod(shape))
+            if (folder / "steps.nii.gz").exists():
+                continue
+            suv, ct, seg = synthetic_study(shape, seed=k, n_lesions=6 if k % 2 == 0 else 0)
+            for name, array, dtype in (
+                ("SUV", suv, np.float32),
+                ("CTres", ct, np.float32),
+                ("SEG", seg, np.uint8),
+            ):
+                nifti.save(
+                    nifti.Volume(array, affine_for()), folder / f"{name}.nii.gz", dtype=dtype
+                )
+            t = time.perf_counter()
+            targets.write_study_targets(
+                f"study{k}",
+                folder / "SEG.nii.gz",
+                folder / "SUV.nii.gz",
+                folder / "CTres.nii.gz",
+                folder / "steps.nii.gz",
+                folder / "qc.png",
+                settings,
+            )
+            target_seconds += time.perf_counter() - t
+        print(
+            f"generated {args.studies} studies in {time.perf_counter() - t0:.0f} s "
+            f"(step maps incl. I/O: {target_seconds:.1f} s)"
+        )
+        lmdb_path = work / "train.lmdb"
+        t = time.perf_counter()
+        store.pack_split(
+            [f.name for f in folders],
+            [f / "SUV.nii.gz" for f in folders],
+            [f / "CTres.nii.gz" for f in folders],
+            [f / "steps.nii.gz" for f in folders],
+            lmdb_path,
+            {"codec": args.codec, "level": args.level, "tile_shape": list(args.tile)},
+            settings,
+        )
+        pack_seconds = time.perf_counter() - t
+
+        n_ours = args.batches * args.batch + 4 * args.batch
+        dataset = data.PatchDataset(lmdb_path, patch, n_ours, 2.0, 0.5, seed=0)
+        ours, n = rate(data.make_loader(dataset, args.batch, args.workers), args.batches, 4)
+        n_slow = (args.slow_batches + 1) * args.batch
+        naive_loader = DataLoader(
+            NaiveDataset(folders, patch, n_slow), batch_size=args.batch, num_workers=args.workers
+        )
+        naive, _ = rate(naive_loader, args.slow_batches, 1)
+        monai, _ = rate(
+            monai_loader(folders, patch, n_slow, args.workers, args.batch), args.slow_batches, 1
+        )
+
+        batch = next(iter(data.make_loader(dataset, 4, 0)))
+        expand_ms = []
+        for _ in range(5):
+            t = time.perf_counter()
+            targets.expand(batch["steps"], batch["image"], dataset.preset)
+            expand_ms.append((time.perf_counter() - t) * 1000 / 4)
+
+        lmdb_bytes = directory_bytes(lmdb_path)
+        nifti_bytes = sum(
+            (f / f"{name}.nii.gz").stat().st_size
+            for f in folders
+            for name in ("SUV", "CTres", "SEG")
+        )
+        raw_bytes = voxels * (8 + 2) * 4
+        print(
+            f"\npatch {patch}, batch {args.batch}, {args.workers} workers, "
+            f"{torch.get_num_threads()} torch threads, preset {args.preset}, "
+            f"tiles {tuple(args.tile)}, codec {args.codec} level {args.level}; pack {pack_seconds:.0f} s"
+        )
+        print(f"{'loader':<34}{'patches/s':>12}{'vs naive':>10}")
+        for name, value in (
+            ("stepseg PatchDataset (LMDB)", ours),
+            ("naive nibabel + crop", naive),
+            ("MONAI LoadImaged+RandSpatialCropd", monai),
+        ):
+            print(f"{name:<34}{value:>12.1f}{value / naive:>9.1f}x")
+        print(f"(ours timed over {n} patches)")
+        print(f"\n8-channel expansion on CPU: {np.median(expand_ms):.1f} ms per patch")
+        print(f"\n{'storage':<34}{'MB':>12}{'vs raw':>10}")
+        for name, value in (
+            ("stepseg LMDB", lmdb_bytes),
+            ("NIfTI .nii.gz (SUV, CTres, SEG)", nifti_bytes),
+            ("raw float32 8 targets + 2 inputs", raw_bytes),
+        ):
+            print(f"{name:<34}{value / 1e6:>12.1f}{value / raw_bytes:>10.4f}")
+        print(f"LMDB is 1/{raw_bytes / lmdb_bytes:.0f} of raw float32")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

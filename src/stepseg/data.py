@@ -1,0 +1,149 @@
+"""Training patches from a packed split: random crops, lesion oversampling, flips, normalisation.
+
+Every sample is a pure function of (seed, epoch, index): its random generator is seeded with
+those three numbers, so batches are identical whatever the number of workers or their order.
+Studies with lesions are drawn `lesion_oversampling` times as often as lesion-free ones, and a
+share `lesion_centre_fraction` of their crops is centred on a voxel of the stored lesion index.
+
+Studies smaller than the patch along an axis are padded (the volume placed at a random offset
+inside the patch) with air: SUV 0, CT -1024 HU (normalised 0) and, in the step map, the study's
+*background step*: the "whole image" step when the study has lesions and the preset has one,
+otherwise 255 (never). Padding is more of the same air around the body, and for a lesion study
+the whole-image channel covers all air, so this keeps the outermost target consistent with what
+the network sees; padding with 255 would instead teach it to switch that channel off in air.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from stepseg.normalize import normalize_ct, normalize_pet
+from stepseg.store import DTYPES, TileStore
+from stepseg.targets import Preset, preset_from_settings
+
+PAD_SUV = 0.0
+PAD_HU = -1024
+
+
+class PatchDataset(Dataset):
+    """`samples_per_epoch` random patches per epoch; call `set_epoch` before each epoch."""
+
+    def __init__(
+        self,
+        lmdb_path: str | Path,
+        patch_size: tuple[int, int, int],
+        samples_per_epoch: int,
+        lesion_oversampling: float,
+        lesion_centre_fraction: float,
+        seed: int,
+        flips: bool = True,
+    ) -> None:
+        if lesion_oversampling <= 0 or not 0 <= lesion_centre_fraction <= 1:
+            raise ValueError("lesion_oversampling must be > 0 and lesion_centre_fraction in [0, 1]")
+        self.store = TileStore(lmdb_path)
+        self.patch_size = tuple(int(n) for n in patch_size)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.lesion_centre_fraction = float(lesion_centre_fraction)
+        self.seed = int(seed)
+        self.flips = flips
+        self.epoch = 0
+        self.preset: Preset = preset_from_settings(self.store.meta["targets"])
+        self.studies = self.store.studies
+        metas = [self.store.study_meta(study) for study in self.studies]
+        self.shapes = [m["shape"] for m in metas]
+        self.lesion_voxels = [m["lesion_voxels"] for m in metas]
+        self.background_steps = [self.preset.background_step(m["has_lesions"]) for m in metas]
+        weights = np.array([lesion_oversampling if m["has_lesions"] else 1.0 for m in metas])
+        self.study_probabilities = weights / weights.sum()
+        self.store.close()  # workers open their own handle
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's samples (new workers pick it up: the loader is not persistent)."""
+        self.epoch = int(epoch)
+
+    def sample(self, index: int) -> tuple[int, tuple[int, int, int], tuple[bool, bool, bool]]:
+        """Study number, patch origin (may be negative: padding) and flips of sample `index`."""
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        study = int(rng.choice(len(self.studies), p=self.study_probabilities))
+        shape = self.shapes[study]
+        lesions = self.lesion_voxels[study]
+        centre = None
+        if len(lesions) and rng.random() < self.lesion_centre_fraction:
+            centre = lesions[rng.integers(len(lesions))]
+        origin = []
+        for axis, (n, p) in enumerate(zip(shape, self.patch_size, strict=True)):
+            if n <= p:
+                origin.append(-int(rng.integers(0, p - n + 1)))
+            elif centre is not None:
+                origin.append(int(np.clip(int(centre[axis]) - p // 2, 0, n - p)))
+            else:
+                origin.append(int(rng.integers(0, n - p + 1)))
+        flips = tuple(bool(f) for f in rng.random(3) < 0.5) if self.flips else (False,) * 3
+        return study, (origin[0], origin[1], origin[2]), flips
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        study, origin, flips = self.sample(index)
+        name = self.studies[study]
+        suv = self._crop(name, "suv", origin, flips, PAD_SUV)
+        hu = self._crop(name, "ct", origin, flips, PAD_HU)
+        steps = self._crop(name, "steps", origin, flips, self.background_steps[study])
+        image = torch.empty((2, *self.patch_size), dtype=torch.float32)
+        normalize_pet(torch.from_numpy(suv), out=image[0])
+        normalize_ct(torch.from_numpy(hu), out=image[1])
+        return {"image": image, "steps": torch.from_numpy(steps).unsqueeze(0), "study": name}
+
+    def _crop(
+        self,
+        study: str,
+        name: str,
+        origin: tuple[int, int, int],
+        flips: tuple[bool, bool, bool],
+        pad: float,
+    ) -> np.ndarray:
+        """The patch of one volume, flipped and padded, read straight into its final buffer."""
+        shape = self.store.study_meta(study)["shape"]
+        inside = tuple(
+            slice(max(o, 0), min(o + p, n))
+            for o, p, n in zip(origin, self.patch_size, shape, strict=True)
+        )
+        out = np.empty(self.patch_size, dtype=DTYPES[name])
+        if any(s.stop - s.start != p for s, p in zip(inside, self.patch_size, strict=True)):
+            out.fill(pad)
+        flipped = out[tuple(slice(None, None, -1 if f else 1) for f in flips)]
+        region = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin, strict=True))
+        self.store.read(study, name, inside, out=flipped[region])
+        return out
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Open the worker's own read-only LMDB handle once, before its first sample."""
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, PatchDataset):
+        info.dataset.store.open()
+
+
+def make_loader(
+    dataset: PatchDataset, batch_size: int, num_workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader over `dataset` in index order (each index is already a random draw).
+
+    Workers are not persistent, so each epoch's workers see the epoch set by `set_epoch`.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=worker_init_fn if num_workers else None,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,446 @@
+"""One split's studies in an LMDB of compressed 3-D tiles, read patch by patch.
+
+Layout (format version 1): every volume (SUV as float16, CT as int16 HU, step map as uint8) is
+cut into tiles of `tile_shape` (z, y, x); each tile is one LMDB value, a compressed pickle of a
+numpy array (compress-pickle, codec configurable), under the key `{study}/{name}/{tz}/{ty}/{tx}`.
+Reading a 32x160x160 patch therefore decompresses only the tiles it touches, never whole slices.
+`{study}/meta` holds the study's shape, spacing, affine and a lesion voxel index (for sampling),
+`__meta__` the format version, codec, tile shape, dtypes, normalisation and target settings; both
+metadata records are uncompressed pickles, so they are readable before the codec is known.
+
+Values are unpickled by a restricted unpickler that accepts numpy arrays, dtypes and scalars and
+plain Python types only, so a tampered database cannot run code. The database is built in a
+temporary directory and renamed when complete (`stepseg.atomic.atomic_dir`), and `__meta__` is
+written last: a killed job never leaves a valid-looking LMDB.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import itertools
+import logging
+import lzma
+import os
+import pickle
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import compress_pickle
+import lmdb
+import numpy as np
+from compress_pickle.picklers.base import BasePicklerIO
+from compress_pickle.picklers.registry import get_known_picklers, register_pickler
+
+from stepseg import nifti
+from stepseg.atomic import atomic_dir
+from stepseg.errors import StudyError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_KEY = b"__meta__"
+DTYPES = {"suv": np.float16, "ct": np.int16, "steps": np.uint8}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+INT16_RANGE = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
+PICKLER = "stepseg_restricted"
+
+
+# compress-pickle codecs and the keyword that sets their compression level
+def _gunzip(data: bytes | memoryview) -> bytes:
+    """One-shot gunzip into a buffer of the exact size (the gzip trailer's ISIZE field)."""
+    size = int.from_bytes(data[-4:], "little")
+    return zlib.decompress(data, wbits=31, bufsize=max(size, 1))
+
+
+LEVEL_KEYWORD = {"gzip": "compresslevel", "bz2": "compresslevel", "lzma": "preset"}
+DECOMPRESS = {"gzip": _gunzip, "bz2": bz2.decompress, "lzma": lzma.decompress, None: bytes}
+MAGIC = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "lzma": b"\xfd7zXZ"}
+CODECS = ["gzip", "bz2", "lzma", None]
+
+Box = tuple[slice, slice, slice]
+
+
+class StoreError(RuntimeError):
+    """The database as a whole is unusable (missing, empty, corrupt, wrong version)."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"LMDB {self.path}: {message}")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain Python values; any other global is refused."""
+
+    ALLOWED = frozenset(
+        (module, name)
+        for core in ("numpy._core", "numpy.core")
+        for module, name in (
+            (f"{core}.multiarray", "_reconstruct"),
+            (f"{core}.multiarray", "scalar"),
+            (f"{core}.numeric", "_frombuffer"),
+        )
+    ) | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
+        return super().find_class(module, name)
+
+
+class _RestrictedPicklerIO(BasePicklerIO):
+    """compress-pickle adapter: plain pickle (protocol 5) out, `RestrictedUnpickler` in."""
+
+    def dump(self, obj: Any, stream: IO[bytes], **kwargs: Any) -> None:
+        stream.write(pickle.dumps(obj, protocol=5, **kwargs))
+
+    def load(self, stream: IO[bytes], **kwargs: Any) -> Any:
+        return RestrictedUnpickler(stream, **kwargs).load()
+
+
+if PICKLER not in get_known_picklers():
+    register_pickler(PICKLER, _RestrictedPicklerIO)
+
+
+def encode(obj: Any, codec: str | None, level: int | None = None) -> bytes:
+    """Compressed pickle of `obj` (compress-pickle; codec None = a plain pickle)."""
+    if codec not in DECOMPRESS:
+        raise ValueError(f"unsupported codec {codec!r}; choose one of {CODECS}")
+    kwargs = {LEVEL_KEYWORD[codec]: level} if level is not None and codec in LEVEL_KEYWORD else {}
+    return compress_pickle.dumps(obj, compression=codec, pickler_method=PICKLER, **kwargs)
+
+
+def encode_tile(tile: np.ndarray, codec: str | None, level: int | None, max_ratio: float) -> bytes:
+    """One tile's value: constant tiles as `{"shape", "fill"}`, tiles that compress to more than
+    `max_ratio` of their size (noise inside the body) as plain pickles, others compressed.
+
+    Inflating a noisy tile costs about 50 times as long as copying it and saves under half of
+    its bytes, so storing such tiles plain buys loader speed at little cost on disk.
+    """
+    flat = tile.reshape(-1)
+    if flat.size and (flat == flat[0]).all():
+        return encode({"shape": tile.shape, "fill": flat[0].item()}, None)
+    plain = encode(tile, None)
+    if codec is None:
+        return plain
+    packed = encode(tile, codec, level)
+    return packed if len(packed) <= max_ratio * len(plain) else plain
+
+
+def decode(data: bytes | memoryview) -> Any:
+    """Inverse of `encode` through the restricted unpickler; the codec is read off the magic
+    bytes, so plain and compressed values can sit side by side.
+
+    Compressed values are the files compress-pickle writes (gzip, bz2 or xz around a pickle),
+    decompressed in one call rather than through compress-pickle's file object, which reads in
+    small chunks and takes about twice as long per tile.
+    """
+    head = bytes(data[:6])
+    for codec, magic in MAGIC.items():
+        if head.startswith(magic):
+            return RestrictedUnpickler(io.BytesIO(DECOMPRESS[codec](data))).load()
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def check_suv(study: str, suv: np.ndarray, path: str | Path) -> None:
+    """NaN or negative SUV means a broken conversion: refuse it rather than train on it."""
+    if np.isnan(suv).any():
+        raise StudyError(study, f"SUV has {int(np.isnan(suv).sum())} NaN voxels", path)
+    if (suv < 0).any():
+        raise StudyError(study, f"SUV has negative values (min {float(suv.min()):.3g})", path)
+
+
+def tile_grid(shape: Sequence[int], tile_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Number of tiles along (z, y, x)."""
+    z, y, x = (-(-int(n) // int(t)) for n, t in zip(shape, tile_shape, strict=True))
+    return (z, y, x)
+
+
+def tile_key(study: str, name: str, index: Sequence[int]) -> bytes:
+    return f"{study}/{name}/{index[0]}/{index[1]}/{index[2]}".encode()
+
+
+def study_meta_key(study: str) -> bytes:
+    return f"{study}/meta".encode()
+
+
+def pack_split(
+    studies: Sequence[str],
+    suv_paths: Sequence[str | Path],
+    ctres_paths: Sequence[str | Path],
+    steps_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    pack_settings: dict[str, Any],
+    target_settings: dict[str, Any],
+) -> None:
+    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`."""
+    if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
+        raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
+    codec = pack_settings.get("codec", "gzip")
+    level = pack_settings.get("level")
+    max_ratio = float(pack_settings.get("max_compressed_ratio", 0.35))
+    tile_shape = tuple(int(t) for t in pack_settings.get("tile_shape", (16, 64, 64)))
+    index_max = int(pack_settings.get("lesion_index_max", 4096))
+    with atomic_dir(out_dir) as tmp:
+        env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
+        try:
+            for study, suv_path, ct_path, steps_path in zip(
+                studies, suv_paths, ctres_paths, steps_paths, strict=True
+            ):
+                volumes, meta = _load_study(study, suv_path, ct_path, steps_path, index_max)
+                with env.begin(write=True) as txn:
+                    for name, array in volumes.items():
+                        for index, box in iter_tiles(array.shape, tile_shape):
+                            tile = np.ascontiguousarray(array[box])
+                            txn.put(
+                                tile_key(study, name, index),
+                                encode_tile(tile, codec, level, max_ratio),
+                            )
+                    txn.put(study_meta_key(study), encode(meta, None))
+                log.info(
+                    "packed %s: shape %s, %d lesion voxels",
+                    study,
+                    meta["shape"],
+                    meta["lesion_voxel_count"],
+                )
+            store_meta = {
+                "format_version": FORMAT_VERSION,
+                "codec": codec,
+                "max_compressed_ratio": max_ratio,
+                "tile_shape": tile_shape,
+                "dtypes": {name: np.dtype(dtype).str for name, dtype in DTYPES.items()},
+                "normalisation": {
+                    "ct": "(clip(HU, -1000, 1000) + 1000) / 500",
+                    "pet": "z(log2(SUV + 1)) / 2 + 1, z over SUV > 0.14, std >= 0.01",
+                },
+                "targets": dict(target_settings),
+                "studies": list(studies),
+            }
+            with env.begin(write=True) as txn:
+                txn.put(META_KEY, encode(store_meta, None))
+            env.sync()
+        finally:
+            env.close()
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        log.info("LMDB of %d studies: %.1f MB", len(studies), size / 1e6)
+
+
+def _map_size(suv_paths: Sequence[str | Path]) -> int:
+    """Upper bound for the map: compressed NIfTI sizes times a generous factor, plus slack.
+
+    LMDB files grow only as pages are used, so a large map costs no disk space.
+    """
+    nifti_bytes = sum(Path(p).stat().st_size for p in suv_paths if Path(p).exists())
+    return max(64 * nifti_bytes, 1 << 30)
+
+
+def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:
+    """(tile index, box) for every tile of a volume, in key order."""
+    for index in itertools.product(*(range(n) for n in tile_grid(shape, tile_shape))):
+        yield (
+            index,
+            tuple(
+                slice(i * t, min((i + 1) * t, n))
+                for i, t, n in zip(index, tile_shape, shape, strict=True)
+            ),
+        )
+
+
+def _load_study(
+    study: str, suv_path: str | Path, ct_path: str | Path, steps_path: str | Path, index_max: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    suv = nifti.load(suv_path, study, dtype=np.float32)
+    ct = nifti.load(ct_path, study)
+    steps = nifti.load(steps_path, study)
+    nifti.check_same_grid(
+        study,
+        {
+            "SUV": (Path(suv_path), suv),
+            "CTres": (Path(ct_path), ct),
+            "steps": (Path(steps_path), steps),
+        },
+    )
+    check_suv(study, suv.array, suv_path)
+    if not np.array_equal(steps.array, steps.array.astype(np.uint8)):
+        raise StudyError(study, "step map is not uint8", steps_path)
+    suv16 = _to_float16(study, suv.array, suv_path)
+    ct16 = _to_int16(study, ct.array, ct_path)
+    lesion = np.argwhere(steps.array == 0)
+    rng = np.random.default_rng(zlib.crc32(study.encode()))
+    if len(lesion) > index_max:
+        lesion = lesion[np.sort(rng.choice(len(lesion), index_max, replace=False))]
+    meta = {
+        "shape": tuple(int(n) for n in suv.array.shape),
+        "spacing_zyx": suv.spacing_zyx,
+        "affine": suv.affine,
+        "has_lesions": bool(len(lesion)),
+        "lesion_voxel_count": int((steps.array == 0).sum()),
+        "lesion_voxels": lesion.astype(np.uint16),
+        "suv_max": float(suv.array.max()),
+    }
+    volumes = {"suv": suv16, "ct": ct16, "steps": steps.array.astype(np.uint8)}
+    return volumes, meta
+
+
+def _to_float16(study: str, suv: np.ndarray, path: str | Path) -> np.ndarray:
+    """float16 keeps SUV to a relative 5e-4 (0.03 at SUV 50); values above 65504 are clipped."""
+    over = int((suv > FLOAT16_MAX).sum())
+    if over:
+        log.warning(
+            "study %s (%s): %d SUV voxels above %.0f clipped for float16 storage",
+            study,
+            path,
+            over,
+            FLOAT16_MAX,
+        )
+    return np.minimum(suv, FLOAT16_MAX).astype(np.float16)
+
+
+def _to_int16(study: str, ct: np.ndarray, path: str | Path) -> np.ndarray:
+    """CT in whole HU (CTres is interpolated, so fractions of a HU are rounding noise)."""
+    rounded = np.rint(ct.astype(np.float32))
+    outside = int(((rounded < INT16_RANGE[0]) | (rounded > INT16_RANGE[1])).sum())
+    if outside:
+        log.warning("study %s (%s): %d CT voxels outside int16 clipped", study, path, outside)
+    return np.clip(rounded, *INT16_RANGE).astype(np.int16)
+
+
+_ENVIRONMENTS: dict[tuple[str, int], lmdb.Environment] = {}
+
+
+class TileStore:
+    """Read-only access to a packed split: `meta`, `study_meta(study)`, `read(study, name, box)`.
+
+    The LMDB environment is opened lazily, read-only and without a lock file, once per process:
+    a store created in the parent and used in a forked DataLoader worker opens its own handle.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._meta: dict[str, Any] | None = None
+        self._study_meta: dict[str, dict[str, Any]] = {}
+
+    def open(self) -> lmdb.Environment:
+        """The environment of this process (opened on first use after start or fork).
+
+        One handle per (directory, process) is shared by all stores: LMDB refuses to open the
+        same environment twice in one process.
+        """
+        key = (os.path.realpath(self.path), os.getpid())
+        env = _ENVIRONMENTS.get(key)
+        if env is None:
+            if not (self.path / "data.mdb").is_file():
+                raise StoreError(self.path, "missing or not an LMDB directory (no data.mdb)")
+            try:
+                env = lmdb.open(
+                    str(self.path),
+                    readonly=True,
+                    lock=False,
+                    readahead=False,
+                    meminit=False,
+                    subdir=True,
+                )
+            except lmdb.Error as exc:
+                raise StoreError(self.path, f"cannot open ({exc})") from exc
+            _ENVIRONMENTS[key] = env
+        return env
+
+    def close(self) -> None:
+        """Close this process's handle (e.g. before forking workers); reopened on next use."""
+        env = _ENVIRONMENTS.pop((os.path.realpath(self.path), os.getpid()), None)
+        if env is not None:
+            env.close()
+
+    def _get(self, key: bytes) -> bytes | None:
+        try:
+            with self.open().begin(buffers=False) as txn:
+                return txn.get(key)
+        except lmdb.Error as exc:
+            raise StoreError(self.path, f"cannot read key {key!r} ({exc})") from exc
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Store-wide metadata; refuses empty, corrupt or foreign-version databases."""
+        if self._meta is None:
+            data = self._get(META_KEY)
+            if data is None:
+                raise StoreError(self.path, "no __meta__ record: empty or incompletely written")
+            meta = self._decode_or_fail(data, "__meta__ record")
+            if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+                version = meta.get("format_version") if isinstance(meta, dict) else None
+                raise StoreError(self.path, f"format version {version}, expected {FORMAT_VERSION}")
+            self._meta = meta
+        return self._meta
+
+    def _decode_or_fail(self, data: Any, what: str, study: str = "") -> Any:
+        try:
+            return decode(data)
+        except Exception as exc:
+            self._fail(study, f"{what} cannot be decoded ({type(exc).__name__}: {exc})")
+
+    def _fail(self, study: str, message: str) -> None:
+        if study:
+            raise StudyError(study, message, self.path)
+        raise StoreError(self.path, message)
+
+    @property
+    def studies(self) -> list[str]:
+        return list(self.meta["studies"])
+
+    def study_meta(self, study: str) -> dict[str, Any]:
+        """Shape, spacing, affine, has_lesions and lesion voxel index of one study."""
+        if study not in self._study_meta:
+            data = self._get(study_meta_key(study))
+            if data is None:
+                raise StudyError(study, "not in this LMDB (no metadata record)", self.path)
+            self._study_meta[study] = self._decode_or_fail(data, "metadata record", study)
+        return self._study_meta[study]
+
+    def read(self, study: str, name: str, box: Box, out: np.ndarray | None = None) -> np.ndarray:
+        """The voxels of `box` (three slices inside the volume) of volume `name` of `study`.
+
+        `out` (optional) receives them; it may be any view, e.g. a flipped one, so a loader
+        gets flips and padding without another copy.
+        """
+        if name not in DTYPES:
+            raise KeyError(f"unknown volume {name!r}; stored: {sorted(DTYPES)}")
+        shape = self.study_meta(study)["shape"]
+        starts = [s.start for s in box]
+        stops = [s.stop for s in box]
+        if any(a < 0 or b > n or a >= b for a, b, n in zip(starts, stops, shape, strict=True)):
+            raise StudyError(study, f"box {box} outside volume {shape}", self.path)
+        tile_shape = self.meta["tile_shape"]
+        extent = tuple(b - a for a, b in zip(starts, stops, strict=True))
+        if out is None:
+            out = np.empty(extent, dtype=DTYPES[name])
+        elif out.shape != extent or out.dtype != DTYPES[name]:
+            raise ValueError(f"out has {out.shape} {out.dtype}, need {extent} {DTYPES[name]}")
+        first = [a // t for a, t in zip(starts, tile_shape, strict=True)]
+        last = [(b - 1) // t for b, t in zip(stops, tile_shape, strict=True)]
+        try:
+            with self.open().begin(buffers=True) as txn:
+                for index in itertools.product(
+                    *(range(f, e + 1) for f, e in zip(first, last, strict=True))
+                ):
+                    key = tile_key(study, name, index)
+                    data = txn.get(key)
+                    if data is None:
+                        raise StudyError(study, f"missing tile {key.decode()}", self.path)
+                    tile = self._decode_or_fail(data, f"tile {key.decode()}", study)
+                    constant = isinstance(tile, dict)
+                    tile_extent = tile["shape"] if constant else tile.shape
+                    origin = [i * t for i, t in zip(index, tile_shape, strict=True)]
+                    src = tuple(
+                        slice(max(a - o, 0), min(b - o, t))
+                        for a, b, o, t in zip(starts, stops, origin, tile_extent, strict=True)
+                    )
+                    dst = tuple(
+                        slice(s.start + o - a, s.stop + o - a)
+                        for s, o, a in zip(src, origin, starts, strict=True)
+                    )
+                    out[dst] = tile["fill"] if constant else tile[src]
+        except lmdb.Error as exc:
+            raise StudyError(study, f"cannot read tiles ({exc})", self.path) from exc
+        return out
