@@ -356,14 +356,15 @@ def plot_case(
     fig, ax = plt.subplots(figsize=(4.5, 4.5 * mip.shape[0] * sz / (mip.shape[1] * sx) + 0.8))
     vmax = max(float(np.percentile(mip, 99.5)), 1e-6)
     ax.imshow(mip, cmap="gray_r", vmin=0, vmax=vmax, aspect=sz / sx, interpolation="nearest")
-    for volume, colour, label in (
-        (seg, "tab:green", "ground truth"),
-        (pred, "tab:red", "prediction"),
+    # ground truth wide and solid, prediction thin and dashed: both stay visible where they agree
+    for volume, label, colour, width, dash in (
+        (seg, "ground truth", "tab:green", 1.8, "solid"),
+        (pred, "prediction", "tab:red", 0.9, "dashed"),
     ):
         outline = coronal_mip((volume.array != 0).astype(np.uint8), volume.affine)
         if outline.any():
-            ax.contour(outline, levels=[0.5], colors=colour, linewidths=0.8)
-        ax.plot([], [], color=colour, label=label)
+            ax.contour(outline, levels=[0.5], colors=colour, linewidths=width, linestyles=dash)
+        ax.plot([], [], color=colour, lw=width, ls=dash, label=label)
     ax.legend(loc="lower right", fontsize=7)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
