@@ -184,6 +184,20 @@ def test_geometry_agrees_with_dcm2niix(study, converted, tmp_path, name, modalit
     np.testing.assert_allclose(ours.get_fdata(), theirs.get_fdata(), rtol=1e-4, atol=1e-3)
 
 
+def test_lesion_free_study_gives_an_empty_seg(tmp_path):
+    settings = tiny_settings()
+    row = next(r for r in source.list_studies(settings) if not r["has_lesions"])
+    raw = tmp_path / row["study_id"]
+    raw.mkdir()
+    source.fetch_study(settings, row, raw)
+    outputs = outputs_in(tmp_path / "nifti")
+    convert_study(row["study_id"], raw, outputs, TRUTH_SETTINGS)
+    seg = load(outputs["SEG"])
+    assert seg.array.shape == load(outputs["SUV"]).array.shape
+    assert seg.array.dtype == np.uint8
+    assert not seg.array.any()
+
+
 def test_any_folder_layout_gives_the_same_files(study, converted, tmp_path):
     study_id, raw = study
     flat = tmp_path / "flat"

@@ -239,10 +239,13 @@ def suv_factor(study: str, pet: Stack, reference_time: str) -> float:
     if any(c is None for c in candidates):
         raise StudyError(study, f"PET header lacks {time_keyword}", path)
     reference = min(candidates)
-    if info.get("RadiopharmaceuticalStartDateTime"):
-        injection = DT(info.RadiopharmaceuticalStartDateTime).replace(tzinfo=None)
-    elif info.get("RadiopharmaceuticalStartTime"):
-        injection = datetime.combine(reference.date(), TM(info.RadiopharmaceuticalStartTime))
+    start_datetime = info.get("RadiopharmaceuticalStartDateTime")
+    start_time = info.get("RadiopharmaceuticalStartTime")
+    if start_datetime and all(h.get(date_keyword) for h in pet.headers):
+        injection = DT(start_datetime).replace(tzinfo=None)
+    elif start_time or start_datetime:  # time of day only: the scan is within a day
+        time_of_day = TM(start_time) if start_time else DT(start_datetime).time()
+        injection = datetime.combine(reference.date(), time_of_day)
         if injection > reference:  # injected before midnight, scanned after
             injection -= timedelta(days=1)
     else:
