@@ -108,6 +108,12 @@ def test_list_studies_subset_limit_manifest_and_clinical_file(server, cohort, tm
     ]
 
 
+def test_listing_retries_server_errors(server, tmp_path):
+    server.add_fault("getSeries", Fault("error", status=502))
+    assert len(tcia.list_studies(settings(server, tmp_path))) == 3
+    assert [r[0] for r in server.requests] == ["getSeries", "getSeries"]
+
+
 def test_study_missing_a_modality_is_named():
     rows = [{"StudyInstanceUID": "1.2.345", "PatientID": "P", "Modality": "CT",
              "SeriesInstanceUID": "9", "StudyDate": "2003-03-23 00:00:00.0"}]  # fmt: skip

@@ -1,7 +1,11 @@
 """The `tcia` source: the FDG-PET-CT-Lesions collection through TCIA's public NBIA REST API.
 
 Listing uses `getSeries` (by collection, or per SeriesInstanceUID of a `.tcia` manifest file);
-series are grouped into studies by StudyInstanceUID and modality (CT, PT, SEG). Each series is one
+series are grouped into studies by StudyInstanceUID and modality (CT, PT, SEG). A study is named
+`<PatientID>_<visit>` (visit = rank of its date among the patient's studies) and its series land
+in NBIA Data Retriever folders `<SeriesNumber>.000000-<SeriesDescription>-<uid5>`, both exactly as
+the synthetic cohort names them, so the synthetic cohort served over the API lists and converts
+identically. Each series is one
 ZIP from `getImage` (or `getImageWithMD5Hash` when `verify_md5`), streamed into a cache folder that
 is not the rule's output (`cache_dir`), so that a killed job resumes from the bytes already on disk
 (HTTP Range). A ZIP is renamed into place only after its size, CRCs, image count and (optionally)
@@ -32,7 +36,6 @@ import requests
 import urllib3
 
 from stepseg.errors import StudyError
-from stepseg.synthetic.dicom_writer import series_folder
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,13 @@ def _iso_date(value: str) -> str:
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     match = re.match(r"(\d{4}-\d{2}-\d{2})", value)
     return match.group(1) if match else ""
+
+
+def series_folder(number: int, description: str, series_uid: str) -> str:
+    """The NBIA Data Retriever's series folder name, `<number>.000000-<description>-<uid5>`,
+    reduced to characters safe in paths and shells (the synthetic cohort uses the same names)."""
+    safe = re.sub(r"[^A-Za-z0-9.]+", "_", description).strip("_")
+    return f"{number}.000000-{safe}-{series_uid[-5:]}"
 
 
 def visit_numbers(series: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -250,7 +260,8 @@ def _get_json(
         except (requests.ConnectionError, requests.Timeout) as exc:
             reason = str(exc)
         log.warning("%s %s failed (%s), attempt %d", endpoint, params, reason, attempt + 1)
-        time.sleep(config.backoff_s * 2**attempt)
+        if attempt + 1 < config.max_attempts:
+            time.sleep(config.backoff_s * 2**attempt)
     raise DownloadError(f"{url} {params}: no answer after {config.max_attempts} attempts")
 
 
