@@ -331,6 +331,10 @@ class TileStore:
         key = (os.path.realpath(self.path), os.getpid())
         env = _ENVIRONMENTS.get(key)
         if env is None:
+            for inherited in [k for k in _ENVIRONMENTS if k[0] == key[0]]:
+                # a handle of the parent process, inherited by fork: unusable here, and LMDB
+                # refuses a second open while it exists; closing it only affects this process
+                _ENVIRONMENTS.pop(inherited).close()
             if not (self.path / "data.mdb").is_file():
                 raise StoreError(self.path, "missing or not an LMDB directory (no data.mdb)")
             try:

@@ -1,0 +1,145 @@
+"""PatchDataset: crops equal the NIfTI data, padding, flips, sampling and determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+from stepseg import data, nifti, store, targets
+from stepseg.normalize import normalize_ct, normalize_pet
+
+AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
+PATCH = (8, 24, 24)
+
+
+def make_split(tmp_path, preset, shapes):
+    """Studies with a lesion in every other one; returns the LMDB path and the arrays."""
+    rng = np.random.default_rng(7)
+    arrays = {}
+    for k, (study, shape) in enumerate(shapes.items()):
+        folder = tmp_path / study
+        suv = rng.gamma(2.0, 0.8, shape).astype(np.float32)
+        ct = rng.integers(-1024, 1400, shape).astype(np.int16)
+        seg = np.zeros(shape, bool)
+        if k % 2 == 0:
+            seg[shape[0] // 2, 2:4, shape[2] - 3] = True
+        steps = targets.step_map(seg, targets.PRESETS[preset])
+        for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
+            nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
+        arrays[study] = (suv.astype(np.float16), ct, steps)
+    folders = [tmp_path / s for s in shapes]
+    path = tmp_path / "train.lmdb"
+    store.pack_split(
+        list(shapes),
+        [f / "SUV.nii.gz" for f in folders],
+        [f / "CTres.nii.gz" for f in folders],
+        [f / "steps.nii.gz" for f in folders],
+        path,
+        {"codec": "gzip", "level": 1, "tile_shape": [4, 16, 16]},
+        {"preset": preset},
+    )
+    return path, arrays
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    shapes = {"PETCT_big": (20, 40, 44), "PETCT_free": (12, 30, 30), "PETCT_small": (5, 20, 30)}
+    return make_split(tmp_path_factory.mktemp("data"), "paper", shapes)
+
+
+def expected_patch(arrays, origin, flips, background):
+    """Reference crop: pad, cut, flip, normalise, straight from the arrays."""
+    suv, ct, steps = arrays
+    pads = [
+        (max(-o, 0), max(o + p - n, 0)) for o, p, n in zip(origin, PATCH, suv.shape, strict=True)
+    ]
+    start = [o + before for o, (before, _) in zip(origin, pads, strict=True)]
+    box = tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))
+    out = []
+    for array, fill in ((suv, 0), (ct, -1024), (steps, background)):
+        padded = np.pad(array, pads, constant_values=fill)[box]
+        axes = tuple(a for a, f in enumerate(flips) if f)
+        out.append(np.flip(padded, axes) if axes else padded)
+    image = np.stack([normalize_pet(np.ascontiguousarray(out[0])), normalize_ct(out[1])])
+    return image, out[2]
+
+
+def test_samples_equal_reference_crops_with_padding_and_flips(split):
+    path, arrays = split
+    dataset = data.PatchDataset(path, PATCH, 60, 1.0, 0.5, seed=3)
+    seen_pad = seen_flip = False
+    for index in range(60):
+        study, origin, flips = dataset.sample(index)
+        name = dataset.studies[study]
+        sample = dataset[index]
+        assert sample["study"] == name
+        assert sample["image"].shape == (2, *PATCH) and sample["image"].dtype == torch.float32
+        assert sample["steps"].shape == (1, *PATCH) and sample["steps"].dtype == torch.uint8
+        background = dataset.background_steps[study]
+        image, steps = expected_patch(arrays[name], origin, flips, background)
+        np.testing.assert_allclose(sample["image"].numpy(), image, atol=1e-5)
+        np.testing.assert_array_equal(sample["steps"][0].numpy(), steps)
+        seen_pad |= min(origin) < 0
+        seen_flip |= any(flips)
+    assert seen_pad and seen_flip
+
+
+def test_padding_values_and_background_step(split):
+    path, _ = split
+    dataset = data.PatchDataset(path, PATCH, 200, 1.0, 0.0, seed=0, flips=False)
+    small = dataset.studies.index("PETCT_small")
+    assert dataset.background_steps[small] == targets.PAPER.whole_step == 7
+    assert dataset.background_steps[dataset.studies.index("PETCT_free")] == 255
+    index = next(i for i in range(200) if dataset.sample(i)[0] == small)
+    _, origin, _ = dataset.sample(index)
+    sample = dataset[index]
+    before = -origin[0]
+    if before:
+        assert (sample["image"][1, :before] == 0).all()  # CT -1024 HU -> 0
+        assert (sample["steps"][0, :before] == 7).all()
+    after = before + 5
+    assert (sample["image"][1, after:] == 0).all() and (sample["steps"][0, after:] == 7).all()
+
+
+def test_lesion_oversampling_and_centring(split):
+    path, _ = split
+    dataset = data.PatchDataset(path, PATCH, 400, 4.0, 1.0, seed=1)
+    draws = [dataset.studies[dataset.sample(i)[0]] for i in range(400)]
+    share = np.mean([d != "PETCT_free" for d in draws])
+    assert 0.82 < share < 0.96  # weights 4 : 1 : 4 -> 8/9
+    for index in range(40):
+        if draws[index] == "PETCT_big":
+            assert (dataset[index]["steps"] == 0).any()  # centred on a lesion voxel
+
+
+def test_deterministic_across_workers_and_epochs(split):
+    path, _ = split
+    dataset = data.PatchDataset(path, PATCH, 8, 2.0, 0.5, seed=5)
+    serial = list(data.make_loader(dataset, batch_size=4, num_workers=0))
+    parallel = list(data.make_loader(dataset, batch_size=4, num_workers=2))
+    for a, b in zip(serial, parallel, strict=True):
+        assert a["study"] == b["study"]
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+        assert torch.equal(a["steps"], b["steps"])
+    first = [dataset.sample(i) for i in range(8)]
+    dataset.set_epoch(1)
+    assert [dataset.sample(i) for i in range(8)] != first
+    dataset.set_epoch(0)
+    assert [dataset.sample(i) for i in range(8)] == first
+
+
+def test_released_code_preset_and_expansion_of_a_batch(tmp_path):
+    path, _ = make_split(tmp_path, "released_code", {"PETCT_one": (10, 30, 30)})
+    dataset = data.PatchDataset(path, PATCH, 4, 1.0, 1.0, seed=0)
+    assert dataset.preset == targets.RELEASED_CODE
+    batch = next(iter(data.make_loader(dataset, batch_size=4, num_workers=0)))
+    out = targets.expand(batch["steps"], batch["image"], dataset.preset)
+    assert out.shape == (4, 8, *PATCH)
+    torch.testing.assert_close(out[:, 0], (batch["steps"][:, 0] == 0).float())
+    assert (batch["steps"] <= 4).all()  # lesion study: every voxel reached by the whole step
+
+
+def test_bad_arguments_and_missing_database(tmp_path, split):
+    with pytest.raises(ValueError, match="lesion_centre_fraction"):
+        data.PatchDataset(split[0], PATCH, 4, 1.0, 1.5, seed=0)
+    with pytest.raises(store.StoreError, match=r"no data.mdb"):
+        data.PatchDataset(tmp_path / "missing.lmdb", PATCH, 4, 1.0, 0.5, seed=0)

@@ -1,0 +1,220 @@
+"""LMDB packing: round trip, metadata, atomicity, the restricted unpickler and bad databases."""
+
+import gzip
+import logging
+import os
+import pickle
+
+import lmdb
+import numpy as np
+import pytest
+
+from stepseg import nifti, store, targets
+from stepseg.errors import StudyError
+
+AFFINE = np.array([[-2.04, 0, 0, 400.0], [0, -2.04, 0, 300.0], [0, 0, 3.0, -900.0], [0, 0, 0, 1]])
+PACK = {"codec": "gzip", "level": 1, "tile_shape": [8, 16, 16], "max_compressed_ratio": 0.35}
+TARGETS = {"preset": "released_code"}
+
+
+def make_study(folder, shape, seed, lesion=True, suv_max=None):
+    """SUV/CTres/steps NIfTI files: air outside an ellipse, noise inside (all tile kinds)."""
+    rng = np.random.default_rng(seed)
+    _, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    body = ((y - shape[1] / 2) / (shape[1] / 3)) ** 2 + ((x - shape[2] / 2) / (shape[2] / 3)) ** 2
+    body = np.broadcast_to(body < 1, shape)
+    suv = np.where(body, rng.gamma(2, 0.6, shape), 0).astype(np.float32)
+    ct = np.where(body, rng.integers(-900, 1500, shape), -1000).astype(np.int16)
+    seg = np.zeros(shape, bool)
+    if lesion:
+        seg[shape[0] // 2, shape[1] // 2 : shape[1] // 2 + 3, shape[2] // 2] = True
+        suv[seg] = 12.0
+    if suv_max is not None:
+        suv[0, 0, 0] = suv_max
+    folder.mkdir(parents=True, exist_ok=True)
+    nifti.save(nifti.Volume(suv, AFFINE), folder / "SUV.nii.gz")
+    nifti.save(nifti.Volume(ct, AFFINE), folder / "CTres.nii.gz")
+    steps = targets.step_map(seg, targets.RELEASED_CODE)
+    nifti.save(nifti.Volume(steps, AFFINE), folder / "steps.nii.gz")
+    return suv, ct, steps
+
+
+def pack(tmp_path, folders, out="train.lmdb", settings=PACK):
+    names = [f.name for f in folders]
+    store.pack_split(
+        names,
+        [f / "SUV.nii.gz" for f in folders],
+        [f / "CTres.nii.gz" for f in folders],
+        [f / "steps.nii.gz" for f in folders],
+        tmp_path / out,
+        settings,
+        TARGETS,
+    )
+    return tmp_path / out
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("lmdb")
+    shapes = {"PETCT_a": (21, 37, 45), "PETCT_b": (9, 20, 18)}
+    data = {
+        name: make_study(tmp_path / name, shape, seed, lesion=(name == "PETCT_a"))
+        for seed, (name, shape) in enumerate(shapes.items())
+    }
+    return pack(tmp_path, [tmp_path / name for name in shapes]), data
+
+
+def full_box(shape):
+    return tuple(slice(0, n) for n in shape)
+
+
+def test_round_trip_equals_the_nifti_data(packed):
+    path, data = packed
+    reader = store.TileStore(path)
+    for study, (suv, ct, steps) in data.items():
+        np.testing.assert_array_equal(
+            reader.read(study, "suv", full_box(suv.shape)), suv.astype(np.float16)
+        )
+        rel = np.abs(reader.read(study, "suv", full_box(suv.shape)) - suv) / np.maximum(suv, 1e-3)
+        assert rel.max() <= 2**-11  # float16 precision
+        np.testing.assert_array_equal(reader.read(study, "ct", full_box(ct.shape)), ct)
+        np.testing.assert_array_equal(reader.read(study, "steps", full_box(steps.shape)), steps)
+    rng = np.random.default_rng(0)
+    suv, ct, _ = data["PETCT_a"]
+    for _ in range(20):
+        start = [int(rng.integers(0, n)) for n in ct.shape]
+        box = tuple(
+            slice(s, int(rng.integers(s + 1, n + 1))) for s, n in zip(start, ct.shape, strict=True)
+        )
+        np.testing.assert_array_equal(reader.read("PETCT_a", "ct", box), ct[box])
+    flipped = np.empty((5, 6, 7), np.int16)
+    reader.read("PETCT_a", "ct", (slice(2, 7), slice(3, 9), slice(4, 11)), out=flipped[::-1])
+    np.testing.assert_array_equal(flipped[::-1], ct[2:7, 3:9, 4:11])
+
+
+def test_metadata(packed):
+    path, data = packed
+    reader = store.TileStore(path)
+    meta = reader.meta
+    assert meta["format_version"] == store.FORMAT_VERSION
+    assert meta["studies"] == ["PETCT_a", "PETCT_b"]
+    assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
+    assert meta["targets"] == TARGETS and "log2" in meta["normalisation"]["pet"]
+    a = reader.study_meta("PETCT_a")
+    assert a["shape"] == (21, 37, 45) and a["has_lesions"] and a["lesion_voxel_count"] == 3
+    np.testing.assert_allclose(a["affine"], AFFINE)
+    np.testing.assert_allclose(a["spacing_zyx"], (3.0, 2.04, 2.04))
+    steps = data["PETCT_a"][2]
+    assert all(steps[tuple(v)] == 0 for v in a["lesion_voxels"])
+    b = reader.study_meta("PETCT_b")
+    assert not b["has_lesions"] and len(b["lesion_voxels"]) == 0
+
+
+def test_tiles_are_constant_plain_or_compressed_and_small(packed):
+    path, data = packed
+    env = store.TileStore(path).open()  # the process's shared read-only handle
+    kinds = {"constant": 0, "plain": 0, "gzip": 0}
+    with env.begin() as txn:
+        for key, value in txn.cursor():
+            if b"/suv/" in key or b"/ct/" in key or b"/steps/" in key:
+                obj = store.decode(value)
+                if isinstance(obj, dict):
+                    kinds["constant"] += 1
+                else:
+                    kinds["gzip" if value[:2] == b"\x1f\x8b" else "plain"] += 1
+    assert all(kinds.values()), kinds
+    stored = sum(f.stat().st_size for f in path.iterdir())
+    voxels = sum(suv.size for suv, _, _ in data.values())
+    assert stored < voxels * 10 * 4 / 4  # far below raw float32 (tiny volumes: LMDB pages)
+
+
+def test_float16_overflow_is_clipped_with_a_log(tmp_path, caplog):
+    make_study(tmp_path / "PETCT_hot", (8, 16, 16), 3, suv_max=70000.0)
+    with caplog.at_level(logging.WARNING):
+        path = pack(tmp_path, [tmp_path / "PETCT_hot"])
+    assert "PETCT_hot" in caplog.text and "clipped" in caplog.text
+    value = store.TileStore(path).read("PETCT_hot", "suv", (slice(0, 1),) * 3)
+    assert float(value[0, 0, 0]) == 65504.0
+
+
+@pytest.mark.parametrize(("problem", "message"), [("shape", "shape"), ("nan", "NaN")])
+def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
+    make_study(tmp_path / "PETCT_ok", (8, 16, 16), 1)
+    suv, _, _ = make_study(tmp_path / "PETCT_bad", (8, 16, 16), 2)
+    if problem == "shape":
+        nifti.save(nifti.Volume(np.zeros((8, 16, 17), np.int16), AFFINE),
+                   tmp_path / "PETCT_bad" / "CTres.nii.gz")  # fmt: skip
+    else:
+        suv[1, 1, 1] = np.nan
+        nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "PETCT_bad" / "SUV.nii.gz")
+    with pytest.raises(StudyError, match=message) as error:
+        pack(tmp_path, [tmp_path / "PETCT_ok", tmp_path / "PETCT_bad"])
+    assert "study PETCT_bad" in str(error.value)
+    assert not any(p.name.startswith(("train.lmdb", ".train.lmdb")) for p in tmp_path.iterdir())
+
+
+def test_malicious_pickle_is_refused(packed, tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    payload = gzip.compress(pickle.dumps(Exploit(), protocol=5))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global"):
+        store.decode(payload)
+    path = tmp_path / "tampered.lmdb"
+    path.mkdir()
+    source = packed[0]
+    (path / "data.mdb").write_bytes((source / "data.mdb").read_bytes())
+    env = lmdb.open(str(path), subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"PETCT_a/ct/0/0/0", payload)
+    env.close()
+    with pytest.raises(StudyError, match=r"study PETCT_a.*refusing to unpickle global"):
+        store.TileStore(path).read("PETCT_a", "ct", (slice(0, 2),) * 3)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
+    path = tmp_path / "holey.lmdb"
+    path.mkdir()
+    (path / "data.mdb").write_bytes((packed[0] / "data.mdb").read_bytes())
+    env = lmdb.open(str(path), subdir=True)
+    with env.begin(write=True) as txn:
+        txn.delete(b"PETCT_b/suv/0/1/0")
+    env.close()
+    reader = store.TileStore(path)
+    with pytest.raises(StudyError, match=r"study PETCT_b.*missing tile PETCT_b/suv/0/1/0"):
+        reader.read("PETCT_b", "suv", (slice(0, 9), slice(0, 20), slice(0, 18)))
+    with pytest.raises(StudyError, match=r"study PETCT_zz.*not in this LMDB"):
+        reader.read("PETCT_zz", "suv", (slice(0, 1),) * 3)
+    with pytest.raises(StudyError, match="outside volume"):
+        reader.read("PETCT_b", "suv", (slice(0, 10), slice(0, 1), slice(0, 1)))
+
+
+def test_empty_missing_and_corrupt_databases(tmp_path):
+    with pytest.raises(store.StoreError, match=r"no data.mdb"):
+        _ = store.TileStore(tmp_path / "nothing.lmdb").meta
+    empty = tmp_path / "empty.lmdb"
+    lmdb.open(str(empty), subdir=True).close()
+    with pytest.raises(store.StoreError, match="empty or incompletely written"):
+        _ = store.TileStore(empty).meta
+    corrupt = tmp_path / "corrupt.lmdb"
+    corrupt.mkdir()
+    (corrupt / "data.mdb").write_bytes(os.urandom(64 * 1024))
+    with pytest.raises(store.StoreError, match=r"corrupt.lmdb"):
+        _ = store.TileStore(corrupt).meta
+
+
+def test_encode_tile_choices():
+    constant = np.full((4, 4, 4), -1000, np.int16)
+    assert store.decode(store.encode_tile(constant, "gzip", 1, 0.35)) == {
+        "shape": (4, 4, 4),
+        "fill": -1000,
+    }
+    noise = np.random.default_rng(0).integers(-1000, 1000, (4, 16, 16)).astype(np.int16)
+    plain = store.encode_tile(noise, "gzip", 1, 0.35)
+    assert plain[:1] == b"\x80"
+    np.testing.assert_array_equal(store.decode(plain), noise)
+    assert store.encode_tile(noise, "gzip", 1, 1.0)[:2] == b"\x1f\x8b"
+    with pytest.raises(ValueError, match="unsupported codec"):
+        store.encode(noise, "lz5")
