@@ -220,7 +220,9 @@ class NbiaTestServer:
         return f"http://{host}:{port}{API_PATH}"
 
     def start(self) -> NbiaTestServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
         return self
 
