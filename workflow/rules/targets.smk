@@ -13,8 +13,11 @@ rule targets:
         ),
     log:
         "results/logs/targets/{study}.log",
+    benchmark:
+        "results/benchmarks/targets/{study}.tsv"
     conda:
-        "../../envs/io.yaml"
+        # stepseg.targets also holds the torch expansion used in training
+        "../../envs/torch.yaml"
     params:
         targets=config["targets"],
     script:
