@@ -66,16 +66,18 @@ def build_results(root: Path) -> dict[str, list[Path]]:
             )
     for k, variant in enumerate(TRAINED):
         epochs = np.arange(1, 6)
-        log = pd.DataFrame(
+        log = pd.DataFrame(  # the columns stepseg.train writes, plus one it might add
             {
                 "epoch": epochs,
                 "lr": 1e-3 * 0.5**epochs,
-                "loss_total": 2.0 / epochs,
-                "loss_mask": 1.0 / epochs,
-                "loss_step1": 0.5 / epochs + k,
-                "weight_mask": np.linspace(1, 2, 5),
-                "weight_step1": np.linspace(1, 0.5, 5),
-                "val_dice": np.linspace(0.1, 0.6, 5),
+                "loss": 2.0 / epochs,
+                "ch0_dicefocal": 1.0 / epochs,
+                "ch1_mse": 0.05 / epochs + k,
+                "ch2_mse": 0.02 / epochs,
+                "s_ch0_dicefocal": np.linspace(1, 2, 5),
+                "s_ch1_mse": np.linspace(1, 0.5, 5),
+                "s_ch2_mse": np.linspace(1, 0.7, 5),
+                "val_dice": [np.nan, np.nan, 0.3, np.nan, 0.6],  # validated every few epochs
                 "seconds": np.full(5, 12.5),
                 "note": ["warm-up"] * 5,  # non-numeric columns are ignored
             }
@@ -241,12 +243,23 @@ def test_ranking_weights_dice_half():
 
 def test_training_log_columns_are_grouped_by_prefix():
     table = pd.DataFrame(
-        {"epoch": [1], "lr": [0.1], "loss_a": [1.0], "loss_b": [2.0], "w_x": [1], "tag": ["x"]}
+        {
+            "epoch": [1],
+            "lr": [0.1],
+            "loss": [3.0],
+            "ch0_dicefocal": [1.0],
+            "ch1_mse": [2.0],
+            "s_ch0_dicefocal": [1.0],
+            "s_ch1_mse": [1.0],
+            "val_dice": [""],
+            "tag": ["x"],
+        }
     )
     assert report._column_groups(table) == {
         "lr": ["lr"],
-        "loss": ["loss_a", "loss_b"],
-        "w": ["w_x"],
+        "loss": ["loss"],
+        "ch": ["ch0_dicefocal", "ch1_mse"],
+        "s": ["s_ch0_dicefocal", "s_ch1_mse"],
     }
 
 

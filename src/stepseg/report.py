@@ -250,15 +250,29 @@ def markdown_table(table: pd.DataFrame) -> str:
 # ---- figures -------------------------------------------------------------------------------
 
 
+# Titles of the column groups the training loop writes (stepseg.train); other groups keep their
+# prefix as the title.
+GROUP_TITLES = {
+    "ch": "loss terms (unweighted, per output channel)",
+    "s": "learned loss weights",
+    "loss": "total loss",
+    "lr": "learning rate",
+    "val": "validation",
+    "seconds": "seconds per epoch",
+}
+
+
 def _column_groups(log_table: pd.DataFrame) -> dict[str, list[str]]:
-    """Numeric columns grouped by the prefix before the first underscore (loss_*, weight_*)."""
+    """Numeric columns grouped by the digit-free prefix before the first underscore, so that
+    `ch0_dicefocal`, `ch1_mse`, ... share one panel and `s_ch0_dicefocal`, ... another."""
     groups: dict[str, list[str]] = {}
     for column in log_table.columns:
         if column == "epoch":
             continue
         values = pd.to_numeric(log_table[column], errors="coerce")
         if values.notna().any():
-            groups.setdefault(str(column).split("_", 1)[0], []).append(column)
+            prefix = re.sub(r"\d+", "", str(column).split("_", 1)[0]) or str(column)
+            groups.setdefault(prefix, []).append(column)
     return groups
 
 
@@ -276,12 +290,14 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path, variant: str,
     )
     for ax, (group, names) in zip(axes.flat, groups.items(), strict=False):
         for name in names:
-            ax.plot(x, pd.to_numeric(table[name], errors="coerce"), marker=".", label=name)
-        values = table[names].apply(pd.to_numeric, errors="coerce").to_numpy(float)
-        positive = values[np.isfinite(values)]
+            values = pd.to_numeric(table[name], errors="coerce")
+            logged = values.notna()  # e.g. validation only every few epochs: join the points
+            ax.plot(x[logged], values[logged], marker=".", label=name)
+        panel = table[names].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+        positive = panel[np.isfinite(panel)]
         if positive.size and positive.min() > 0 and positive.max() / positive.min() > 100:
             ax.set_yscale("log")
-        ax.set_title(group)
+        ax.set_title(GROUP_TITLES.get(group, group), fontsize=9)
         ax.set_xlabel(str(x.name))
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(groups) :]:
