@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -192,3 +195,38 @@ def test_dicom_dir_of_the_synthetic_cohort_lists_like_the_synthetic_source(tmp_p
     columns = ["study_id", "patient_id", "has_lesions", "ct_series", "pet_series", "seg_series"]
     assert [{c: r[c] for c in columns} for r in records] == expected
     assert {r["has_lesions"] for r in records} == {True, False}
+
+
+@pytest.mark.slow
+def test_nifti_dir_workflow_links_instead_of_converting(release, tmp_path):
+    """The real Snakefile: with `source: nifti_dir`, link_nifti (not convert) makes the NIfTI."""
+    root = Path(__file__).resolve().parents[1]
+    snakefile = root / "Snakefile"
+    assert 'include: "workflow/rules/nifti_dir.smk"' in snakefile.read_text(), (
+        "the Snakefile must include workflow/rules/nifti_dir.smk"
+    )
+    workdir = tmp_path / "run"
+    shutil.copytree(root / "config", workdir / "config")
+    (workdir / "nifti.yaml").write_text(
+        f"download:\n  source: nifti_dir\n  nifti_dir:\n    path: {release}\n"
+    )
+    studies = ("PETCT_0a_2", "PETCT_0b_1")
+    targets = [f"results/nifti/{s}/{n}.nii.gz" for s in studies for n in ("SUV", "SEG")]
+
+    def snakemake(*args: str) -> str:
+        command = [str(Path(sys.executable).parent / "snakemake"), "-s", str(snakefile)]
+        done = subprocess.run(
+            [*command, "-d", str(workdir), "--cores", "1", *targets, *args,
+             "--configfile", str(workdir / "nifti.yaml")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done.stdout + done.stderr
+
+    log = snakemake()
+    assert "Rule: link_nifti" in log and "Rule: convert" not in log
+    suv = workdir / "results" / "nifti" / "PETCT_0a_2" / "SUV.nii.gz"
+    assert suv.is_symlink()
+    study = release / "PETCT_0a" / "01-02-2004-NA-PET-CT Ganzkoerper-20445"
+    assert suv.resolve() == (study / "SUV.nii.gz").resolve()
+    assert "Nothing to be done" in snakemake("--dry-run")
