@@ -66,6 +66,7 @@ class Ellipsoid:
     label: str
     center: tuple[float, float, float]  # body frame (x, y, z) mm
     semi: tuple[float, float, float]
+    site: str = ""  # where bone lesions may sit: spine, pelvis, femur
 
     def bounds(self) -> np.ndarray:
         c, s = np.asarray(self.center), np.asarray(self.semi)
@@ -166,8 +167,9 @@ def build_anatomy(settings: Mapping[str, Any], anatomy: Mapping[str, Any]) -> li
         ay: float,
         az: float,
         k: float = organ,
+        site: str = "",
     ) -> Ellipsoid:
-        return Ellipsoid(label, (xr * k, yr * k, -d * sz), (ax * k, ay * k, az * sz))
+        return Ellipsoid(label, (xr * k, yr * k, -d * sz), (ax * k, ay * k, az * sz), site)
 
     def c(
         label: str,
@@ -211,17 +213,19 @@ def build_anatomy(settings: Mapping[str, Any], anatomy: Mapping[str, Any]) -> li
         c("fat", 0, 0, 345, 910, (190, 112), (178, 120)),
         c("muscle", 0, 0, 270, 345, (150, 100), (190, 112), inset=fat),
         c("muscle", 0, 0, 345, 910, (190, 112), (178, 120), inset=fat),
-        c("bone", 0, 0, 330, 580, (168, 100), (172, 104), inset=fat, period_mm=26.0, duty=0.38),
-        c("muscle", 0, 0, 330, 580, (158, 90), (162, 94), inset=fat),
-        e("bone", 0, -90, 420, 15, 8, 80),
-        e("bone", -110, 80, 380, 55, 8, 70),
-        e("bone", 110, 80, 380, 55, 8, 70),
     ]
     if anatomy["breast"]:
         shapes += [
             e("fat", -75, -100, 430, 60, 40, 55, k=sxy),
             e("fat", 75, -100, 430, 60, 40, 55, k=sxy),
         ]
+    shapes += [
+        c("bone", 0, 0, 330, 580, (168, 100), (172, 104), inset=fat, period_mm=26.0, duty=0.38),
+        c("muscle", 0, 0, 330, 580, (158, 90), (162, 94), inset=fat),
+        e("bone", 0, -90, 420, 15, 8, 80),
+        e("bone", -110, 80, 380, 55, 8, 70),
+        e("bone", 110, 80, 380, 55, 8, 70),
+    ]
     # arms (down, beside the trunk) and legs
     for side in (-1, 1):
         shapes += [
@@ -232,21 +236,12 @@ def build_anatomy(settings: Mapping[str, Any], anatomy: Mapping[str, Any]) -> li
             c("fat", side * 95, 5, 880, 1200, (88, 92), (68, 74)),
             c("muscle", side * 95, 5, 880, 1200, (88, 92), (68, 74), inset=fat * 0.8),
             c("bone", side * 100, 5, 900, 1200, (14, 14), (13, 13)),
-            e("bone", side * 95, 5, 895, 24, 24, 24),
-        ]
-    # spine: vertebral bodies (cortex + marrow) with spinous processes
-    for d in np.arange(200.0, 830.0, 27.0):
-        y = float(np.interp(d, [200, 350, 600, 830], [20, 75, 70, 55]))
-        shapes += [
-            e("bone", 0, y, d, 20, 18, 12),
-            e("marrow", 0, y, d, 16, 14, 9),
-            e("bone", 0, y + 32, d, 6, 14, 9),
+            e("bone", side * 95, 5, 895, 24, 24, 24, site="femur"),
         ]
     # thorax
     shapes += [
         e("lung", -80, 5, 430, 62, 78, 125),
         e("lung", 80, 5, 430, 62, 78, 125),
-        c("blood", 10, 40, 420, 800, (13, 13), (12, 12)),
     ]
     heart = anatomy["heart_size"]
     shapes += [
@@ -268,11 +263,21 @@ def build_anatomy(settings: Mapping[str, Any], anatomy: Mapping[str, Any]) -> li
     shapes += [e("bowel", x, y, d, r, r * 0.8, r * 1.2) for x, y, d, r in anatomy["bowel_loops"]]
     # pelvis
     shapes += [
-        e("bone", -100, 45, 790, 55, 18, 60),
-        e("bone", 100, 45, 790, 55, 18, 60),
-        e("bone", 0, 75, 810, 40, 18, 50),
+        e("bone", -100, 45, 790, 55, 18, 60, site="pelvis"),
+        e("bone", 100, 45, 790, 55, 18, 60, site="pelvis"),
+        e("bone", 0, 75, 810, 40, 18, 50, site="pelvis"),
         e("bladder", 0, -40, 865, 45, 38, 38),
     ]
+    # last, so that nothing cuts into them: aorta, then the spine (vertebral bodies with cortex
+    # and marrow, spinous processes)
+    shapes.append(c("blood", 10, 40, 420, 800, (13, 13), (12, 12)))
+    for d in np.arange(200.0, 830.0, 27.0):
+        y = float(np.interp(d, [200, 350, 600, 830], [20, 75, 70, 55]))
+        shapes += [
+            e("bone", 0, y, d, 20, 18, 12),
+            e("marrow", 0, y, d, 16, 14, 9, site="spine"),
+            e("bone", 0, y + 32, d, 6, 14, 9),
+        ]
     return shapes
 
 
@@ -410,7 +415,7 @@ def _region_centre(
         return np.asarray(shape.center) + u * np.asarray(shape.semi)
 
     if region == "neck":
-        return ref(side * rng.uniform(30, 55), rng.uniform(-20, 15), rng.uniform(215, 290))
+        return ref(side * rng.uniform(25, 45), rng.uniform(-20, 15), rng.uniform(215, 290))
     if region == "axilla":
         return ref(side * rng.uniform(130, 160), rng.uniform(-10, 40), rng.uniform(310, 370))
     if region == "mediastinum":
@@ -425,9 +430,7 @@ def _region_centre(
         organs = organ_shapes(shapes, region)
         return within(organs[rng.integers(len(organs))], 0.75)
     if region == "bone":
-        bones = [s for s in organ_shapes(shapes, "marrow")] + [
-            s for s in organ_shapes(shapes, "bone") if min(s.semi) > 12 and s.semi[2] < 70
-        ]
+        bones = [s for s in shapes if isinstance(s, Ellipsoid) and s.site]
         return within(bones[rng.integers(len(bones))], 0.5)
     # organ_contact: on the surface of a high-uptake organ, pushed out so the lesion touches it
     candidates = [
