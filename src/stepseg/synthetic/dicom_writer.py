@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from stepseg.synthetic.phantom import Grid
-from stepseg.synthetic.plan import F18_HALF_LIFE_S, StudyPlan
+from stepseg.synthetic.plan import F18_HALF_LIFE_S, StudyPlan, hhmmss, seconds_of_day
 
 MANUFACTURER = "stepseg synthetic"
 MODEL = "Analytic PET/CT phantom"
@@ -62,15 +62,6 @@ def _ds(value: float) -> str:
     return text
 
 
-def _seconds(hhmmss: str) -> int:
-    return int(hhmmss[:2]) * 3600 + int(hhmmss[2:4]) * 60 + int(hhmmss[4:6])
-
-
-def _hhmmss(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600:02d}{s // 60 % 60:02d}{s % 60:02d}"
-
-
 def series_folder(number: int, description: str, series_uid: str) -> str:
     """TCIA-style series folder name, reduced to characters safe in paths and shells."""
     safe = re.sub(r"[^A-Za-z0-9.]+", "_", description).strip("_")
@@ -91,7 +82,7 @@ def series_folders(uids: StudyUIDs) -> dict[str, str]:
 
 def suv_factor(dose_bq: str, weight_kg: str, injection: str, series: str) -> float:
     """Bq/ml per SUV unit for activity decay-corrected to the series time (body-weight SUV)."""
-    elapsed = _seconds(series) - _seconds(injection)
+    elapsed = seconds_of_day(series) - seconds_of_day(injection)
     decayed_dose = float(dose_bq) * 2.0 ** (-elapsed / F18_HALF_LIFE_S)
     return decayed_dose / (float(weight_kg) * 1000.0)
 
@@ -108,7 +99,7 @@ def _patient_study(plan: StudyPlan, uids: StudyUIDs) -> Dataset:
     ds.PatientSize = _ds(plan.height_m)
     ds.StudyInstanceUID = uids.uid("study")
     ds.StudyDate = plan.study_date
-    ds.StudyTime = _hhmmss(_seconds(plan.series_time) - 360)
+    ds.StudyTime = hhmmss(seconds_of_day(plan.series_time) - 360)
     ds.StudyID = plan.study_id
     ds.AccessionNumber = f"{plan.patient_index:05d}{plan.visit:02d}"
     ds.ReferringPhysicianName = ""
@@ -171,7 +162,7 @@ def _slice(template: Dataset, sop_uid: str, grid: Grid, k: int, instance: int) -
 
 def write_ct(out_dir: Path, plan: StudyPlan, uids: StudyUIDs, grid: Grid, hu: np.ndarray) -> str:
     """CT Image Storage, one file per slice, int16 stored = HU + 1024 (intercept -1024)."""
-    series_time = _hhmmss(_seconds(plan.series_time) - 240)
+    series_time = hhmmss(seconds_of_day(plan.series_time) - 240)
     template = _series_template(plan, uids, grid, CTImageStorage, CT_SERIES, "CT", series_time)
     template.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
     template.AcquisitionTime = template.ContentTime = series_time
@@ -230,7 +221,7 @@ def write_pet(
     (out_dir / folder).mkdir()
     nz = grid.shape[0]
     top_z = grid.origin[2] + (nz - 1) * grid.spacing[0]
-    series_s = _seconds(plan.series_time)
+    series_s = seconds_of_day(plan.series_time)
     encoded = np.empty(suv.shape, dtype=np.float32)
     datasets = []
     for instance, k in enumerate(range(nz - 1, -1, -1), start=1):
@@ -239,8 +230,8 @@ def write_pet(
         depth = top_z - (grid.origin[2] + k * grid.spacing[0])
         bed = int(depth // (BED_LENGTH_MM * (1 - BED_OVERLAP)))
         acquisition_s = series_s + plan.acquisition_delay_s + bed * BED_DURATION_S
-        ds.AcquisitionTime = _hhmmss(acquisition_s)
-        ds.ContentTime = _hhmmss(acquisition_s + BED_DURATION_S)
+        ds.AcquisitionTime = hhmmss(acquisition_s)
+        ds.ContentTime = hhmmss(acquisition_s + BED_DURATION_S)
         ds.DecayFactor = _ds(2.0 ** ((acquisition_s - series_s) / F18_HALF_LIFE_S))
         ds.FrameReferenceTime = _ds((acquisition_s - series_s) * 1000.0)
         ds.ImageIndex = instance
@@ -287,7 +278,7 @@ def _make_reproducible(seg: Dataset, plan: StudyPlan, uids: StudyUIDs) -> None:
     The SEG is dated one hour after the PET series (annotation time), and its dimension
     organisation gets a UID derived from the study like every other UID.
     """
-    created = _hhmmss(_seconds(plan.series_time) + 3600)
+    created = hhmmss(seconds_of_day(plan.series_time) + 3600)
     seg.SeriesDate = seg.ContentDate = plan.study_date
     seg.SeriesTime = seg.ContentTime = created
     if "InstanceCreationDate" in seg:

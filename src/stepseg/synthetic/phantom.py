@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from stepseg.synthetic.plan import Lesion
-
 # label: (name, HU). Uptake per label is drawn per study in `draw_uptake`.
 LABELS = (
     ("air", -1000.0),
@@ -59,6 +57,25 @@ LESION_REGIONS = (
     "organ_contact",
 )
 REGION_WEIGHTS = np.array([1.2, 1.0, 1.4, 1.0, 0.9, 1.2, 0.8, 0.8, 0.8, 1.2])
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """An analytic lesion in patient LPS millimetres.
+
+    The surface is an ellipsoid (semi-axes `radii_mm` in the frame `rotation`) whose radius is
+    modulated by a cubic polynomial of the direction (`lobulation`), so lesions are not perfect
+    spheres; `volume_ml` is the exact volume of that solid (computed by quadrature).
+    """
+
+    region: str
+    center_mm: tuple[float, float, float]  # LPS (x, y, z)
+    radii_mm: tuple[float, float, float]
+    rotation: tuple[tuple[float, float, float], ...]  # rows: lesion axes in LPS
+    lobulation: tuple[float, ...]  # 3 linear, 6 quadratic, 1 cubic coefficients
+    volume_ml: float
+    suv_max: float
+    necrotic: bool
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from stepseg.synthetic import phantom
+from stepseg.synthetic.phantom import Lesion
+
 # Keys the config may omit; the shipped config/config.yaml lists them all.
 DEFAULTS: dict[str, Any] = {
     "pet_fwhm_mm": 6.5,
@@ -23,25 +26,6 @@ DEFAULTS: dict[str, Any] = {
     "lesions_per_study": [1, 6],
 }
 F18_HALF_LIFE_S = 6586.2
-
-
-@dataclass(frozen=True)
-class Lesion:
-    """An analytic lesion in patient LPS millimetres.
-
-    The surface is an ellipsoid (semi-axes `radii_mm` in the frame `rotation`) whose radius is
-    modulated by a cubic polynomial of the direction (`lobulation`), so lesions are not perfect
-    spheres; `volume_ml` is the exact volume of that solid (computed by quadrature).
-    """
-
-    region: str
-    center_mm: tuple[float, float, float]  # LPS (x, y, z)
-    radii_mm: tuple[float, float, float]
-    rotation: tuple[tuple[float, float, float], ...]  # rows: lesion axes in LPS
-    lobulation: tuple[float, ...]  # 3 linear, 6 quadratic, 1 cubic coefficients
-    volume_ml: float
-    suv_max: float
-    necrotic: bool
 
 
 @dataclass(frozen=True)
@@ -70,7 +54,7 @@ class StudyPlan:
 
     @property
     def uptake_s(self) -> float:
-        return _seconds(self.series_time) - _seconds(self.injection_time)
+        return seconds_of_day(self.series_time) - seconds_of_day(self.injection_time)
 
 
 def settings_with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,23 +72,19 @@ def rng_for(settings: Mapping[str, Any], *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(settings["seed"]), *keys]))
 
 
-def _seconds(hhmmss: str) -> int:
+def seconds_of_day(hhmmss: str) -> int:
+    """Seconds since midnight of a DICOM TM value (whole seconds)."""
     return int(hhmmss[:2]) * 3600 + int(hhmmss[2:4]) * 60 + int(hhmmss[4:6])
 
 
-def _hhmmss(seconds: int) -> str:
-    return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
-
-
-def pet_field_of_view(settings: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Shape and spacing (z, y, x) of the PET grid as arrays."""
-    return np.asarray(settings["pet_shape"], int), np.asarray(settings["pet_spacing_mm"], float)
+def hhmmss(seconds: float) -> str:
+    """A DICOM TM value (whole seconds) for seconds since midnight (all studies end by 24 h)."""
+    s = round(seconds)
+    return f"{s // 3600:02d}{s // 60 % 60:02d}{s % 60:02d}"
 
 
 def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
     """The whole cohort: patients, their (one or two) studies, lesion status and lesions."""
-    from stepseg.synthetic import phantom  # anatomy is needed to place lesions
-
     settings = settings_with_defaults(settings)
     n_patients = int(settings["n_patients"])
     cohort_rng = rng_for(settings, 0)
@@ -153,8 +133,8 @@ def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
                     weight_kg=visit_weight,
                     dose_bq=round(dose_mbq, 1) * 1e6,
                     study_date=date.strftime("%Y%m%d"),
-                    injection_time=_hhmmss(injection),
-                    series_time=_hhmmss(injection + uptake),
+                    injection_time=hhmmss(injection),
+                    series_time=hhmmss(injection + uptake),
                     acquisition_delay_s=acquisition_delay,
                     anatomy=anatomy,
                     lesions=lesions,
