@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import compress_pickle
 import lmdb
+import nibabel as nib
 import numpy as np
 from compress_pickle.picklers.base import BasePicklerIO
 from compress_pickle.picklers.registry import get_known_picklers, register_pickler
@@ -228,12 +229,10 @@ def pack_split(
 
 
 def _map_size(suv_paths: Sequence[str | Path]) -> int:
-    """Upper bound for the map: compressed NIfTI sizes times a generous factor, plus slack.
-
-    LMDB files grow only as pages are used, so a large map costs no disk space.
-    """
-    nifti_bytes = sum(Path(p).stat().st_size for p in suv_paths if Path(p).exists())
-    return max(64 * nifti_bytes, 1 << 30)
+    """An upper bound of the database size: every tile stored plain (5 bytes a voxel) plus
+    pickle and page overhead. LMDB files grow only as pages are used, so this costs no disk."""
+    voxels = sum(int(np.prod(nib.load(p).shape)) for p in suv_paths if Path(p).is_file())
+    return int(voxels * len(DTYPES) * 2 * 1.25) + (1 << 28)
 
 
 def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:

