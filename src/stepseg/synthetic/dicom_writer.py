@@ -20,6 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -131,6 +132,8 @@ def _series_template(
     ds.SeriesNumber, ds.SeriesDescription = series
     ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = plan.study_date
     ds.SeriesTime = series_time
+    ds.BodyPartExamined = "WHOLEBODY"
+    ds.AcquisitionNumber = 1
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [_ds(grid.spacing[1]), _ds(grid.spacing[2])]
     ds.SliceThickness = _ds(grid.spacing[0])
@@ -213,8 +216,17 @@ def write_pet(
     template.AttenuationCorrectionMethod = "measured,AC CT"
     template.ReconstructionMethod = "OSEM3D 4i8s"
     template.ActualFrameDuration = BED_DURATION_S * 1000
+    # one static frame: the same FrameReferenceTime on every slice (dcm2niix reads differing
+    # values as the frames of a dynamic scan and reorders the slices)
+    template.FrameReferenceTime = "0"
     template.NumberOfSlices = grid.shape[0]
-    template.NumberOfTimeSlices = 1
+    template.CollimatorType = "NONE"
+    del template.PatientPosition  # PET states it as the orientation code sequences below
+    template.PatientOrientationCodeSequence = DicomSequence([_code(codes.SCT.Recumbent)])
+    template.PatientOrientationCodeSequence[
+        0
+    ].PatientOrientationModifierCodeSequence = DicomSequence([_code(codes.SCT.Supine)])
+    template.PatientGantryRelationshipCodeSequence = DicomSequence([_code(codes.SCT.Headfirst)])
     template.RadiopharmaceuticalInformationSequence = _radiopharmaceutical(plan, dose)
     template.RescaleIntercept = "0"
     folder = series_folder(*PET_SERIES, template.SeriesInstanceUID)
@@ -233,7 +245,6 @@ def write_pet(
         ds.AcquisitionTime = hhmmss(acquisition_s)
         ds.ContentTime = hhmmss(acquisition_s + BED_DURATION_S)
         ds.DecayFactor = _ds(2.0 ** ((acquisition_s - series_s) / F18_HALF_LIFE_S))
-        ds.FrameReferenceTime = _ds((acquisition_s - series_s) * 1000.0)
         ds.ImageIndex = instance
         activity = suv[k].astype(np.float64) * factor
         peak = float(activity.max())
@@ -257,19 +268,20 @@ def _radiopharmaceutical(plan: StudyPlan, dose: str) -> DicomSequence:
     item.RadionuclideTotalDose = dose
     item.RadionuclideHalfLife = _ds(F18_HALF_LIFE_S)
     item.RadionuclidePositronFraction = "0.9673"
-    item.RadionuclideCodeSequence = DicomSequence([_code("C-111A1", "SRT", "^18^Fluorine")])
+    # the SNOMED-RT codes of the collection's scanners (deprecated since, still what they write)
+    item.RadionuclideCodeSequence = DicomSequence([_code(Code("C-111A1", "SRT", "^18^Fluorine"))])
     item.RadiopharmaceuticalCodeSequence = DicomSequence(
-        [_code("C-B1031", "SRT", "Fluorodeoxyglucose F^18^")]
+        [_code(Code("C-B1031", "SRT", "Fluorodeoxyglucose F^18^"))]
     )
     return DicomSequence([item])
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    code = Dataset()
-    code.CodeValue = value
-    code.CodingSchemeDesignator = scheme
-    code.CodeMeaning = meaning
-    return code
+def _code(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
 
 
 def _make_reproducible(seg: Dataset, plan: StudyPlan, uids: StudyUIDs) -> None:
