@@ -12,11 +12,12 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from stepseg import distributed, model
+from stepseg import distributed, model, nifti, store, targets, train
 from stepseg.atomic import atomic_file
 from stepseg.losses import StepwiseLoss
 
@@ -134,6 +135,7 @@ def test_single_process_context_without_torchrun(no_torchrun_env):
         assert distributed.shard([3, 1, 2], ctx) == [3, 1, 2]
         assert distributed.mean_over_ranks(2.5, ctx) == 2.5
         distributed.barrier(ctx)  # a no-op, must not need a process group
+    assert not distributed.in_worker()
 
 
 @pytest.mark.slow  # spawns 2 worker processes that import torch and MONAI (~15 s on 2 cores)
@@ -167,3 +169,86 @@ def test_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, no_torchru
     resumed = distributed.launch(2, _train, str(killed_dir))
     _assert_same_model(resumed, reference)
     assert [s for s, _ in _log(killed_dir)] == list(range(STEPS))
+
+
+# --- the real training loop (stepseg.train) with `processes: 2` -------------------------------
+
+TRAIN_SETTINGS = {
+    "recipe": "paper",
+    "channels": [4, 8],
+    "num_res_units": 1,
+    "norm": "instance",
+    "patch_size": [8, 16, 16],
+    "batch_size": 4,
+    "lr": 1e-3,
+    "schedule": "cosine",
+    "epochs": 2,
+    "samples_per_epoch": 8,
+    "val_samples": 4,
+    "val_every": 1,
+    "device": "cpu",
+    "name": "stepwise",
+    "seed": 0,
+    "targets": "stepwise",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_lmdbs(tmp_path_factory):
+    """A packed train split of two studies (one with a lesion) and a val split of one."""
+    root = tmp_path_factory.mktemp("cohort")
+    affine = np.diag([-4.0, -4.0, 4.0, 1.0])
+    out = {}
+    for split, studies in {"train": ["A", "B"], "val": ["C"]}.items():
+        columns = []
+        for i, study in enumerate(studies):
+            rng = np.random.default_rng(i)
+            shape = (12, 20, 20)
+            suv = rng.gamma(2.0, 0.5, shape).astype(np.float32)
+            mask = np.zeros(shape, bool)
+            if study != "B":
+                mask[5:8, 8:13, 8:13] = True
+                suv[mask] += 8.0
+            ct = rng.normal(0, 100, shape).astype(np.float32)
+            arrays = (suv, ct, targets.step_map(mask, targets.PAPER))
+            paths = [root / study / f"{n}.nii.gz" for n in ("SUV", "CTres", "steps")]
+            for path, array in zip(paths, arrays, strict=True):
+                nifti.save(nifti.Volume(array, affine), path)
+            columns.append(paths)
+        out[split] = root / f"{split}.lmdb"
+        store.pack_split(
+            studies,
+            *(list(col) for col in zip(*columns, strict=True)),
+            out[split],
+            {"codec": "gzip", "tile_shape": [8, 16, 16]},
+            {"preset": "paper"},
+        )
+    return out
+
+
+def _train_variant(lmdbs, directory: Path, processes: int) -> tuple[torch.Tensor, list[dict]]:
+    settings = {**TRAIN_SETTINGS, "processes": processes}
+    model_path, log_csv = directory / "model.pt", directory / "train_log.csv"
+    train.train_variant(
+        lmdbs["train"], lmdbs["val"], model_path, log_csv, directory / "state", settings, 2
+    )
+    net, _ = model.load(model_path, torch.device("cpu"))
+    probe = torch.rand((2, 2, 8, 16, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outputs = net.eval()(probe)
+    with open(log_csv, newline="") as f:
+        return outputs, list(csv.DictReader(f))
+
+
+@pytest.mark.slow  # 2 worker processes train the tiny UNet for 2 epochs (~20 s on 2 cores)
+def test_train_variant_with_two_processes_equals_one(tiny_lmdbs, tmp_path, no_torchrun_env):
+    single_out, single_log = _train_variant(tiny_lmdbs, tmp_path / "single", 1)
+    ddp_out, ddp_log = _train_variant(tiny_lmdbs, tmp_path / "ddp", 2)
+    torch.testing.assert_close(ddp_out, single_out, rtol=1e-4, atol=1e-5)
+    assert [r["epoch"] for r in ddp_log] == ["1", "2"]
+    for a, b in zip(single_log, ddp_log, strict=True):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4)
+        assert float(b["lr"]) == pytest.approx(float(a["lr"]))
+        assert float(b["val_dice"]) == pytest.approx(float(a["val_dice"]), abs=1e-6)
+    # rank 0 alone wrote: one model, one log, one state file
+    assert sorted(p.name for p in (tmp_path / "ddp" / "state").iterdir()) == ["state.pt"]

@@ -59,6 +59,11 @@ class DistContext:
         return self.world_size > 1
 
 
+def in_worker() -> bool:
+    """True inside a process started by torchrun or `launch` (it must not launch again)."""
+    return "WORLD_SIZE" in os.environ
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     return int(value) if value else default

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stepseg import data, losses, model, schedule, store, targets
+from stepseg import data, distributed, losses, model, schedule, store, targets
 from stepseg.atomic import atomic_file
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "amp": "auto",
     "num_workers": 0,
+    "processes": 1,
     "dropout": 0.0,
     "targets": "stepwise",
     "seed": 0,
@@ -143,10 +144,32 @@ def train_variant(
     settings: Mapping[str, Any],
     threads: int,
 ) -> None:
-    """Train one variant and write `model.pt` and `train_log.csv` (resuming from `state_dir`)."""
+    """Train one variant and write `model.pt` and `train_log.csv` (resuming from `state_dir`).
+
+    `processes` > 1 trains with DDP on that many GPUs of this node (see `stepseg.distributed`):
+    the same global batches, the same result up to float rounding.
+    """
     cfg = resolve_settings(settings)
-    torch.set_num_threads(max(1, int(threads)))
-    device = model.resolve_device(cfg["device"])
+    args = (train_lmdb, val_lmdb, model_path, log_csv, state_dir, settings, threads)
+    if int(cfg["processes"]) > 1 and not distributed.in_worker():
+        distributed.launch(int(cfg["processes"]), train_variant, *args)
+        return
+    with distributed.process_group(model.resolve_device(cfg["device"])) as ctx:
+        _train_variant(*args[:5], cfg, threads, ctx)
+
+
+def _train_variant(
+    train_lmdb: str | Path,
+    val_lmdb: str | Path,
+    model_path: str | Path,
+    log_csv: str | Path,
+    state_dir: str | Path,
+    cfg: dict[str, Any],
+    threads: int,
+    ctx: distributed.DistContext,
+) -> None:
+    torch.set_num_threads(max(1, int(threads) // ctx.world_size))
+    device = ctx.device
     amp_dtype = model.autocast_dtype(device, str(cfg["amp"]))
     meta = store.TileStore(train_lmdb).meta
     if not meta["studies"]:
@@ -177,6 +200,7 @@ def train_variant(
     state_path = Path(state_dir) / STATE_FILE
     if _restore(state_path, cfg, net, criterion, optimizer, scaler, lr_schedule, rows):
         log.info("resumed from %s after epoch %d", state_path, lr_schedule.epoch)
+    train_net = distributed.wrap(net, ctx, extras=criterion)  # DDP averages the loss weights too
 
     train_set = _dataset(train_lmdb, cfg, seed=int(cfg["seed"]), validation=False)
     if len(train_set) == 0:
@@ -193,8 +217,10 @@ def train_variant(
             group["lr"] = lr_schedule.lr
         train_set.set_epoch(epoch)
         means = _train_epoch(
-            net, criterion, optimizer, scaler, train_set, preset, cfg, device, amp_dtype, epoch
+            train_net, criterion, optimizer, scaler, train_set, preset, cfg, ctx, amp_dtype, epoch
         )
+        # every rank steps the schedule with the global mean loss, so learning rates stay equal
+        means = {name: distributed.mean_over_ranks(value, ctx) for name, value in means.items()}
         row: dict[str, Any] = {"epoch": epoch, "lr": lr_schedule.lr, **means}
         weights = criterion.weighting.weights()
         row.update({f"s_{n}": s for n, s in zip(criterion.term_names, weights, strict=True)})
@@ -206,11 +232,14 @@ def train_variant(
         row["seconds"] = round(time.perf_counter() - started, 3)
         rows.append(row)
         log.info("epoch %d: %s", epoch, _format_row(row))
-        _save_state(state_path, cfg, net, criterion, optimizer, scaler, lr_schedule, rows)
+        if ctx.is_main:
+            _save_state(state_path, cfg, net, criterion, optimizer, scaler, lr_schedule, rows)
+        distributed.barrier(ctx)
 
-    save_model(model_path, net, spec, cfg, preset, meta)
-    _write_log(log_csv, rows)
-    log.info("wrote %s and %s", model_path, log_csv)
+    if ctx.is_main:
+        save_model(model_path, net, spec, cfg, preset, meta)
+        _write_log(log_csv, rows)
+        log.info("wrote %s and %s", model_path, log_csv)
 
 
 def _seed_everything(seed: int) -> None:
@@ -254,6 +283,22 @@ def _loader(dataset: data.PatchDataset, cfg: Mapping[str, Any], device: torch.de
     )
 
 
+def _rank_loader(
+    dataset: data.PatchDataset, cfg: Mapping[str, Any], ctx: distributed.DistContext
+) -> DataLoader:
+    """Training batches of this rank: its share of each global batch of `batch_size`."""
+    if not ctx.distributed:
+        return _loader(dataset, cfg, ctx.device)
+    workers = int(cfg["num_workers"])
+    return DataLoader(
+        dataset,
+        batch_sampler=distributed.rank_batches(len(dataset), int(cfg["batch_size"]), ctx),
+        num_workers=workers,
+        worker_init_fn=data.worker_init_fn if workers else None,
+        pin_memory=ctx.device.type == "cuda",
+    )
+
+
 def _train_epoch(
     net: torch.nn.Module,
     criterion: losses.StepwiseLoss,
@@ -262,14 +307,17 @@ def _train_epoch(
     dataset: Any,
     preset: targets.Preset,
     cfg: Mapping[str, Any],
-    device: torch.device,
+    ctx: distributed.DistContext,
     amp_dtype: torch.dtype | None,
     epoch: int,
 ) -> dict[str, float]:
     net.train()
+    device = ctx.device
     sums: dict[str, float] = {}
     n_batches = 0
-    batches = tqdm(_loader(dataset, cfg, device), desc=f"epoch {epoch}", leave=False)
+    batches = tqdm(
+        _rank_loader(dataset, cfg, ctx), desc=f"epoch {epoch}", leave=False, disable=not ctx.is_main
+    )
     for batch in batches:
         image = batch["image"].to(device, non_blocking=True)
         steps = batch["steps"].to(device, non_blocking=True)
