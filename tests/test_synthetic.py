@@ -6,9 +6,12 @@ A tiny geometry keeps each generated study well under a second.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -39,6 +42,14 @@ SERIES = re.compile(r"\d+\.000000-[A-Za-z0-9._]+-\d{5}")
 
 def _seconds(text: str) -> float:
     return int(text[:2]) * 3600 + int(text[2:4]) * 60 + float(text[4:])
+
+
+def _bqml_per_suv(pet: pydicom.Dataset) -> float:
+    """Body-weight SUV from the tags alone: dose decayed from injection to SeriesTime per gram."""
+    drug = pet.RadiopharmaceuticalInformationSequence[0]
+    elapsed = _seconds(pet.SeriesTime) - _seconds(drug.RadiopharmaceuticalStartTime)
+    dose = float(drug.RadionuclideTotalDose) * 2 ** (-elapsed / float(drug.RadionuclideHalfLife))
+    return dose / (float(pet.PatientWeight) * 1000.0)
 
 
 def _fetch(tmp_path_factory: pytest.TempPathFactory, row: dict, name: str) -> Path:
@@ -226,10 +237,7 @@ def test_dicom_tags(lesion_row: dict, lesion_study: Path) -> None:
 def test_truth_suv_matches_pet_pixels(lesion_row: dict, lesion_study: Path) -> None:
     """SUV = Bq/ml / (dose decayed from injection to SeriesTime / body weight in g)."""
     pet = _by_z(_read_series(lesion_study, lesion_row["pet_series"]))
-    drug = pet[0].RadiopharmaceuticalInformationSequence[0]
-    elapsed = _seconds(pet[0].SeriesTime) - _seconds(drug.RadiopharmaceuticalStartTime)
-    dose = float(drug.RadionuclideTotalDose) * 2 ** (-elapsed / float(drug.RadionuclideHalfLife))
-    factor = dose / (float(pet[0].PatientWeight) * 1000.0)
+    factor = _bqml_per_suv(pet[0])
     bqml = np.stack(
         [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in pet]
     )
@@ -301,6 +309,53 @@ def test_ct_and_pet_grids_differ_but_agree_in_space(lesion_row: dict, lesion_stu
     assert written < min(shifted)
     assert written < 30.0  # CT noise (12 HU) and nearest-neighbour error at tissue borders
     assert set(np.unique(truth.array)) <= set(phantom.HU.tolist())
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy not installed")
+def test_dciodvfy_finds_no_errors(
+    lesion_row: dict, lesion_study: Path, empty_row: dict, empty_study: Path
+) -> None:
+    """David Clunie's IOD verifier: every CT, PET and SEG object is complete and consistent."""
+    files = [
+        next((lesion_study / lesion_row["ct_series"]).glob("*.dcm")),
+        next((lesion_study / lesion_row["pet_series"]).glob("*.dcm")),
+        next((lesion_study / lesion_row["seg_series"]).glob("*.dcm")),
+        next((empty_study / empty_row["seg_series"]).glob("*.dcm")),
+    ]
+    for path in files:
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+        assert errors == [], (path, errors)
+
+
+@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
+def test_dcm2niix_reads_the_pet_as_the_truth(
+    tmp_path: Path, lesion_row: dict, lesion_study: Path
+) -> None:
+    """An independent converter gets the same Bq/ml volume, in the same place, as the truth."""
+    subprocess.run(
+        [
+            "dcm2niix",
+            "-z",
+            "n",
+            "-o",
+            str(tmp_path),
+            "-f",
+            "pet",
+            str(lesion_study / lesion_row["pet_series"]),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    converted = nib.as_closest_canonical(nib.load(tmp_path / "pet.nii"))
+    truth = nib.as_closest_canonical(nib.load(lesion_study / "truth" / "SUV.nii.gz"))
+    np.testing.assert_allclose(converted.affine, truth.affine, atol=0.01)
+    factor = _bqml_per_suv(
+        pydicom.dcmread(next((lesion_study / lesion_row["pet_series"]).glob("*.dcm")))
+    )
+    np.testing.assert_allclose(
+        converted.get_fdata() / factor, truth.get_fdata(), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_bad_rows_name_the_study(tmp_path: Path, lesion_row: dict) -> None:
