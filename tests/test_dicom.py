@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 import yaml
+from pydicom.fileset import FileSet
 
 from stepseg import dicom
 from stepseg.errors import StudyError
@@ -87,6 +88,10 @@ def test_series_are_grouped_by_tags_in_any_layout(study_copy, tmp_path):
         shutil.copy(path, flat / f"{(i * 7919) % 1000:04d}_{i}")  # names say nothing
     shutil.copytree(study_copy / "truth", flat / "truth")
     (flat / "README.txt").write_text("not DICOM")
+    fileset = FileSet()
+    fileset.add(sorted(study_copy.rglob("*.dcm"))[0])
+    fileset.write(tmp_path / "fileset")  # writes DICOMDIR beside a copy of the instance
+    shutil.copy(tmp_path / "fileset/DICOMDIR", flat / "DICOMDIR")
 
     found = dicom.find_series(STUDY, flat)
 

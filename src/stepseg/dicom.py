@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import MediaStorageDirectoryStorage
 from pydicom.valuerep import DA, DT, TM
 
 from stepseg.errors import StudyError
@@ -71,8 +72,9 @@ class Stack:
 def find_series(study: str, raw_dir: str | Path) -> list[Series]:
     """Group every DICOM file under `raw_dir` by SeriesInstanceUID, whatever the folder layout.
 
-    Files without the DICOM preamble (e.g. the synthetic cohort's truth NIfTI files) are ignored;
-    a file that has the preamble but cannot be parsed is an error, never skipped.
+    Files without the DICOM preamble (e.g. the synthetic cohort's truth NIfTI files) and DICOMDIR
+    indexes are ignored; a file that has the preamble but cannot be parsed is an error, never
+    skipped.
     """
     groups: dict[str, list[Dataset]] = defaultdict(list)
     ignored = 0
@@ -84,6 +86,9 @@ def find_series(study: str, raw_dir: str | Path) -> list[Series]:
             continue
         except Exception as exc:  # pydicom raises many types for damaged files
             raise StudyError(study, f"corrupt DICOM file ({exc})", path) from exc
+        if header.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+            ignored += 1  # a DICOMDIR index (CDs, PACS exports) holds no image
+            continue
         uid, modality = header.get("SeriesInstanceUID"), header.get("Modality")
         if not uid or not modality:
             raise StudyError(
