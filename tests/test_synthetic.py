@@ -165,6 +165,23 @@ def test_lesion_volume_is_exact_on_a_fine_grid() -> None:
         assert not inside[[0, -1]].any()  # the bounding reach contains the whole lesion
 
 
+def test_every_lesion_study_has_lesion_voxels_inside_the_body() -> None:
+    """Rendered on the PET grid, a study has lesion voxels exactly when the plan says so, and
+    lesions never reach into the air around the body."""
+    settings = settings_with_defaults(TINY)
+    for plan in plan_cohort(settings):
+        geometry, shapes, uptake = source.scene(settings, plan)
+        labels, suv, mask = phantom.render(
+            geometry.pet, geometry.table_offset, shapes, plan.lesions, uptake
+        )
+        assert mask.any() == plan.has_lesions, plan.study_id
+        assert np.all(labels[mask] == phantom.LABEL["lesion"])
+        body, _, _ = phantom.render(geometry.pet, geometry.table_offset, shapes, (), None)
+        assert not (mask & (body == phantom.LABEL["air"])).any()
+        if plan.has_lesions:
+            assert suv[mask].max() <= max(lesion.suv_max for lesion in plan.lesions) + 1e-5
+
+
 # ---------------------------------------------------------------- generated studies
 
 

@@ -633,7 +633,7 @@ def render(
                 nearest = tuple(
                     int(np.argmin(np.abs(c - lesion.center_mm[i]))) for i, c in enumerate(coords)
                 )
-                inside[nearest[::-1]] = True
+                inside[nearest[::-1]] = labels[window][nearest[::-1]] != LABEL["air"]
             labels[window][inside] = LABEL["lesion"]
             lesion_mask[window] |= inside
             lesion_suv[window] = np.where(

@@ -57,6 +57,17 @@ def _find(settings: Mapping[str, Any], study_id: str) -> StudyPlan:
     raise StudyError(study_id, "not in the synthetic cohort of these settings")
 
 
+def scene(
+    settings: Mapping[str, Any], plan: StudyPlan
+) -> tuple[phantom.ScanGeometry, list[phantom.Shape], np.ndarray]:
+    """The study's scan geometry, anatomy shapes and organ uptake (what `phantom.render` needs)."""
+    keys = (plan.patient_index, plan.visit)
+    geometry = phantom.scan_geometry(rng_for(settings, _GEOMETRY, *keys), settings)
+    shapes = phantom.build_anatomy(settings, plan.anatomy)
+    uptake = phantom.draw_uptake(rng_for(settings, _UPTAKE, *keys))
+    return geometry, shapes, uptake
+
+
 def fetch_study(settings: Mapping[str, Any], row: dict, out_dir: Path) -> None:
     """Generate one study's DICOM series and `truth/{SUV,SEG,CTres}.nii.gz` into `out_dir`."""
     started = time.perf_counter()
@@ -73,10 +84,7 @@ def fetch_study(settings: Mapping[str, Any], row: dict, out_dir: Path) -> None:
                 "the manifest was written with other download.synthetic settings",
             )
     keys = (plan.patient_index, plan.visit)
-    geometry = phantom.scan_geometry(rng_for(settings, _GEOMETRY, *keys), settings)
-    shapes = phantom.build_anatomy(settings, plan.anatomy)
-    uptake = phantom.draw_uptake(rng_for(settings, _UPTAKE, *keys))
-
+    geometry, shapes, uptake = scene(settings, plan)
     labels, suv_true, mask = phantom.render(
         geometry.pet, geometry.table_offset, shapes, plan.lesions, uptake
     )
