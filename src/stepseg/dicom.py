@@ -95,7 +95,7 @@ def find_series(study: str, raw_dir: str | Path) -> list[Series]:
                 study, "corrupt DICOM file (truncated?): no SeriesInstanceUID or Modality", path
             )
         groups[str(uid)].append(header)
-    log.info("study %s: %d series, %d non-DICOM files ignored", study, len(groups), ignored)
+    log.info("study %s: %d series, %d other files ignored", study, len(groups), ignored)
     return [Series(uid, str(h[0].Modality), tuple(h)) for uid, h in groups.items()]
 
 
