@@ -23,7 +23,7 @@ from pydicom.uid import (
 
 from stepseg import nifti
 from stepseg.errors import StudyError
-from stepseg.synthetic import phantom, source
+from stepseg.synthetic import phantom, scanner, source
 from stepseg.synthetic.plan import plan_cohort, settings_with_defaults
 
 TINY = {
@@ -180,6 +180,25 @@ def test_every_lesion_study_has_lesion_voxels_inside_the_body() -> None:
         assert not (mask & (body == phantom.LABEL["air"])).any()
         if plan.has_lesions:
             assert suv[mask].max() <= max(lesion.suv_max for lesion in plan.lesions) + 1e-5
+
+
+@pytest.mark.parametrize("spacing", [(4.5, 4.5, 4.5), (3.0, 2.04, 2.04)])
+def test_pet_noise_level_and_resolution(spacing: tuple[float, float, float]) -> None:
+    """`pet_noise` is the CoV at SUV 2.5 after the blur (scaled by counts), at any voxel size;
+    the blur spreads a point source with the configured FWHM."""
+    plan = plan_cohort(TINY)[0]
+    uniform = np.full((48, 48, 48), 2.5, np.float32)
+    noisy = scanner.pet_suv(uniform, spacing, 6.5, 0.12, plan, np.random.default_rng(0))
+    core = noisy[8:-8, 8:-8, 8:-8]
+    expected = 0.12 / np.sqrt(scanner.counts_factor(plan))
+    assert core.std() / core.mean() == pytest.approx(expected, rel=0.05)
+    assert core.mean() == pytest.approx(2.5, rel=0.01)
+    point = np.zeros((41, 41, 41), np.float32)
+    point[20, 20, 20] = 1.0
+    blurred = scanner.pet_suv(point, spacing, 6.5, 0.0, plan, np.random.default_rng(0))
+    profile = blurred[20, 20, :] / blurred[20, 20, 20]
+    sigma_mm = np.sqrt(np.sum(profile * (np.arange(41) - 20) ** 2) / profile.sum()) * spacing[2]
+    assert sigma_mm * 2 * np.sqrt(2 * np.log(2)) == pytest.approx(6.5, rel=0.05)
 
 
 # ---------------------------------------------------------------- generated studies

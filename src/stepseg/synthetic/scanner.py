@@ -1,9 +1,10 @@
 """What the scanner adds to the phantom: PET resolution and noise, CT noise.
 
-PET: the point-sampled SUV map is blurred with a gaussian point-spread function (FWHM in mm,
-sigma per axis from the voxel spacing), then gets signal-dependent (Poisson-like) noise whose
-level follows the injected activity per kg and the decay during uptake, spatially correlated over
-about a voxel as after iterative reconstruction with a post-filter.
+PET: the point-sampled SUV map gets signal-dependent (Poisson-like) noise whose level follows the
+injected activity per kg and the decay during uptake, and then the gaussian point-spread function
+(FWHM in mm, sigma per axis from the voxel spacing) blurs signal and noise together, so the noise
+is correlated over the resolution as after iterative reconstruction with a post-filter. `pet_noise`
+is the coefficient of variation after the blur, whatever the voxel size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from stepseg.synthetic.plan import F18_HALF_LIFE_S, StudyPlan
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 REFERENCE_SUV = 2.5  # `pet_noise` is the coefficient of variation at this SUV (liver)
-NOISE_CORRELATION_VOXELS = 0.6
 CT_NOISE_HU = 12.0
 
 
@@ -34,21 +34,23 @@ def pet_suv(
     plan: StudyPlan,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """The SUV a reconstruction would show: blurred, noisy, non-negative, float32."""
+    """The SUV a reconstruction would show: noisy, blurred, non-negative, float32."""
     sigma = fwhm_mm * FWHM_TO_SIGMA / np.asarray(spacing_zyx, float)
-    blurred = ndimage.gaussian_filter(suv_true.astype(np.float32), sigma, mode="constant")
-    white = rng.standard_normal(suv_true.shape, dtype=np.float32)
-    correlated = ndimage.gaussian_filter(white, NOISE_CORRELATION_VOXELS, mode="constant")
-    correlated /= _filtered_noise_std(NOISE_CORRELATION_VOXELS)
-    scale = noise_cov * np.sqrt(REFERENCE_SUV / counts_factor(plan))
-    noisy = blurred + scale * np.sqrt(np.maximum(blurred, 0.0)) * correlated
-    return np.maximum(noisy, 0.0).astype(np.float32)
+    # white noise loses the kernel's norm in the blur: scale it up so the blurred CoV is as asked
+    scale = noise_cov * np.sqrt(REFERENCE_SUV / counts_factor(plan)) / _kernel_norm(sigma)
+    noisy = rng.standard_normal(suv_true.shape, dtype=np.float32)
+    noisy *= np.sqrt(np.maximum(suv_true, 0.0, dtype=np.float32))
+    noisy *= np.float32(scale)
+    noisy += suv_true
+    blurred = ndimage.gaussian_filter(noisy, sigma, mode="constant", output=np.float32)
+    return np.maximum(blurred, 0.0, out=blurred)
 
 
-def _filtered_noise_std(sigma: float) -> float:
-    """Std of unit white noise after the 3-D gaussian filter: the norm of its kernel."""
-    impulse = np.zeros((15, 15, 15), np.float64)
-    impulse[7, 7, 7] = 1.0
+def _kernel_norm(sigma: np.ndarray) -> float:
+    """Std of unit white noise after the gaussian filter: the L2 norm of its kernel."""
+    half = int(np.ceil(4 * max(float(sigma.max()), 0.5)))
+    impulse = np.zeros((2 * half + 1,) * 3, np.float64)
+    impulse[half, half, half] = 1.0
     return float(np.linalg.norm(ndimage.gaussian_filter(impulse, sigma, mode="constant")))
 
 
@@ -56,6 +58,8 @@ def ct_hu(labels: np.ndarray, hu_table: np.ndarray, rng: np.random.Generator) ->
     """CT numbers (int16 HU) with quantum noise, computed slice by slice to bound memory."""
     result = np.empty(labels.shape, dtype=np.int16)
     for k in range(labels.shape[0]):
-        noise = rng.normal(0.0, CT_NOISE_HU, labels.shape[1:]).astype(np.float32)
-        result[k] = np.clip(np.rint(hu_table[labels[k]] + noise), -1024, 3071)
+        slice_hu = rng.standard_normal(labels.shape[1:], dtype=np.float32)
+        slice_hu *= np.float32(CT_NOISE_HU)
+        slice_hu += hu_table[labels[k]]
+        result[k] = np.clip(np.rint(slice_hu), -1024, 3071)
     return result
