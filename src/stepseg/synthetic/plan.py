@@ -2,8 +2,9 @@
 
 The plan is a pure, fast function of the settings (no images), so the manifest can be written
 without generating anything, and every study can later be generated on its own (in parallel jobs)
-from the same plan. Every random draw comes from a generator seeded by (seed, patient index,
-purpose), so a patient's draws do not depend on how many other patients there are.
+from the same plan. Which patients return and which studies have lesions is drawn for the cohort
+as a whole, so that both fractions are exact; every other draw comes from a generator seeded by
+(seed, purpose, patient, visit), so it does not depend on how many other patients there are.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def settings_with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rng_for(settings: Mapping[str, Any], *keys: int) -> np.random.Generator:
-    """A generator that depends only on the cohort seed and `keys` (patient, visit, purpose)."""
+    """A generator that depends only on the cohort seed and `keys` (purpose, patient, visit)."""
     return np.random.default_rng(np.random.SeedSequence([int(settings["seed"]), *keys]))
 
 
