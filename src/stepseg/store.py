@@ -181,7 +181,7 @@ def pack_split(
         raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
     codec = pack_settings.get("codec", "gzip")
     level = pack_settings.get("level")
-    max_ratio = float(pack_settings.get("max_compressed_ratio", 0.35))
+    max_ratio = float(pack_settings.get("max_compressed_ratio", 0.05))
     tile_shape = tuple(int(t) for t in pack_settings.get("tile_shape", (16, 64, 64)))
     index_max = int(pack_settings.get("lesion_index_max", 4096))
     with atomic_dir(out_dir) as tmp:
