@@ -116,7 +116,7 @@ def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
             dose_mbq = float(np.clip(vrng.normal(3.5, 0.6) * visit_weight, 150.0, 400.0))
             injection = int(vrng.integers(7 * 3600 + 1800, 14 * 3600))
             uptake = int(vrng.integers(50 * 60, 80 * 60 + 1))
-            acquisition_delay = int(vrng.integers(15, 90))
+            acquisition_delay = int(vrng.integers(5, 40))
             patient_id = f"SYN{patient:04d}"
             lesions: tuple[Lesion, ...] = ()
             if (patient, visit) in positive:
