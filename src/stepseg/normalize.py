@@ -39,9 +39,9 @@ def normalize_ct(hu: Array, out: torch.Tensor | None = None) -> Array:
 
 def normalize_pet(suv: Array, out: torch.Tensor | None = None) -> Array:
     """`z(log2(SUV + 1)) / 2 + 1` with the patch's own statistics, as float32 (into `out`)."""
-    tensor = _as_tensor(suv)
-    foreground = (tensor > PET_FOREGROUND_SUV).reshape(-1).to(torch.float32)
-    out = _float_copy(tensor, out).add_(1.0).log2_()
+    out = _float_copy(_as_tensor(suv), out)
+    foreground = torch.gt(out, PET_FOREGROUND_SUV, out=torch.empty_like(out)).reshape(-1)
+    out.add_(1.0).log2_()
     count = float(foreground.sum())
     if count:
         flat = out.reshape(-1)
