@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
+DONE = re.compile(r"^(\d+) of (\d+) steps \(100%\) done", re.MULTILINE)
+LOCAL = re.compile(r"^local(?:rule|checkpoint) \w+:$", re.MULTILINE)
 NIFTI_NAMES = ["CT", "PET", "SUV", "CTres", "SEG"]
 
 
@@ -86,7 +88,12 @@ def run_on_slurm(workdir: Path, profile: Path, *targets: str) -> list[str]:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
     assert "Using workflow specific profile" in output and str(profile) in output
-    return SUBMITTED.findall(output)
+    job_ids = SUBMITTED.findall(output)
+    # every job ran as a SLURM job, except rules without an action (rule all), run in place
+    *_, (done, total) = DONE.findall(output)
+    assert done == total
+    assert len(job_ids) == int(total) - len(LOCAL.findall(output)), output[-8000:]
+    return job_ids
 
 
 @pytest.fixture(scope="module")
