@@ -107,3 +107,13 @@ def test_bad_channel_losses_are_refused():
         StepwiseLoss(["dicefocal", "l1"], {})
     with pytest.raises(ValueError, match=r"logits \(2, 2, 4, 8, 8\) and target"):
         StepwiseLoss(["dicefocal"], {})(*_batch(channels=2)[:1], _batch(channels=1)[1])
+
+
+def test_dice_batch_pools_the_dice_over_the_batch():
+    logits, target = _batch(channels=1)
+    target[1] = 0  # a lesion-free patch
+    pooled = StepwiseLoss(["dicefocal"], {"dice_batch": True})(logits, target)[1]
+    expected = DiceFocalLoss(sigmoid=True, batch=True)(logits, target)
+    assert pooled["ch0_dicefocal"].item() == pytest.approx(expected.item(), rel=1e-6)
+    per_patch = StepwiseLoss(["dicefocal"], {})(logits, target)[1]
+    assert per_patch["ch0_dicefocal"].item() != pytest.approx(expected.item(), rel=1e-3)

@@ -46,7 +46,9 @@ class StepwiseLoss(nn.Module):
     `channel_losses[c]` is `dicefocal`, `mse` or `none` for output channel c (channel 0 must be
     `dicefocal`: it is the lesion mask that inference thresholds). Options (from the recipe):
     `lambda_dice`, `lambda_focal`, `mask_loss_scale` (factor on channel 0's term before weighting),
-    `small_lesion_dice_weight` (0 = off), `masked_mse` (second MSE inside each channel's mask).
+    `small_lesion_dice_weight` (0 = off), `masked_mse` (second MSE inside each channel's mask),
+    `dice_batch` (Dice over the whole batch instead of per patch: a lesion-free patch then no
+    longer scores Dice loss 1 whatever the network does).
     """
 
     def __init__(self, channel_losses: Sequence[str], options: Mapping[str, Any]) -> None:
@@ -64,6 +66,7 @@ class StepwiseLoss(nn.Module):
             sigmoid=True,
             lambda_dice=float(options.get("lambda_dice", 1.0)),
             lambda_focal=float(options.get("lambda_focal", 1.0)),
+            batch=bool(options.get("dice_batch", False)),
         )
         self.small_dice = MaskedDiceLoss(sigmoid=True)
         self.term_names = self._term_names()
