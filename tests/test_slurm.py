@@ -39,7 +39,8 @@ def slurm_unreachable() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo got no answer from a SLURM controller within 20 s: run `make slurm-up`"
     if result.returncode != 0:
-        return f"sinfo cannot reach a SLURM controller ({result.stderr.strip()}): `make slurm-up`"
+        last_error = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"sinfo cannot reach a SLURM controller ({last_error}): run `make slurm-up`"
     if not result.stdout.strip():
         return "the SLURM controller has no node: run `make slurm-up`"
     return None
