@@ -40,3 +40,17 @@ def test_patch_size_not_divisible_is_refused_with_the_rule():
 def test_single_level_network_is_refused():
     with pytest.raises(ValueError, match="at least 2 levels"):
         model.network_spec({**SMALL, "channels": [4]}, 1, 2)
+
+
+@pytest.mark.parametrize("res_units", [0, 1])
+def test_mask_prior_starts_channel_0_near_the_prior(res_units):
+    spec = model.network_spec({**SMALL, "num_res_units": res_units, "norm": "instance"}, 8, 2)
+    torch.manual_seed(0)
+    net = model.build(spec)
+    model.init_mask_prior(net, 0.01)
+    with torch.no_grad():
+        prob = torch.sigmoid(net(torch.randn(2, 2, 8, 16, 16)))
+    assert float(prob[:, 0].mean()) < 0.05
+    assert 0.2 < float(prob[:, 1].mean()) < 0.8  # the auxiliary channels are left alone
+    with pytest.raises(ValueError, match=r"mask prior must be in \(0, 1\)"):
+        model.init_mask_prior(net, 1.0)

@@ -59,6 +59,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lambda_dice": 1.0,
         "lambda_focal": 1.0,
         "dice_batch": False,
+        "mask_prior": 0.0,
         "mask_loss_scale": 1.0,
         "small_lesion_dice_weight": 0.0,
         "small_lesion_max_voxels": 100,
@@ -79,6 +80,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lambda_dice": 1.0,
         "lambda_focal": 2.0,
         "dice_batch": False,
+        "mask_prior": 0.0,
         "mask_loss_scale": 3.0,
         "small_lesion_dice_weight": 0.05,
         "small_lesion_max_voxels": 100,
@@ -188,7 +190,10 @@ def _train_variant(
     )  # fmt: skip
 
     _seed_everything(int(cfg["seed"]))
-    net = model.build(spec).to(device)
+    net = model.build(spec)
+    if float(cfg["mask_prior"]) > 0:
+        model.init_mask_prior(net, float(cfg["mask_prior"]))
+    net = net.to(device)
     criterion = losses.StepwiseLoss(channel_losses, cfg).to(device)
     optimizer = torch.optim.Adam(
         [*net.parameters(), *criterion.parameters()],
