@@ -11,6 +11,7 @@ rule infer:
         "results/benchmarks/infer/{trained}/{study}.tsv"
     conda:
         "../../envs/torch.yaml"
+    threads: 2
     resources:
         gpu=1,
     params:

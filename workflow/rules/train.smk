@@ -11,9 +11,10 @@ rule train:
         "results/benchmarks/train/{trained}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: workflow.cores
+    # capped at --cores on a workstation; profiles/slurm sets what a cluster job asks for
+    threads: 8
     resources:
-        gpu=1,
+        gpu=lambda wc: variant_settings(wc).get("processes", 1),
     params:
         settings=variant_settings,
         state_dir=lambda wc: f"results/train_state/{wc.trained}",
