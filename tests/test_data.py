@@ -111,6 +111,91 @@ def test_lesion_oversampling_and_centring(split):
             assert (dataset[index]["steps"] == 0).any()  # centred on a lesion voxel
 
 
+@pytest.fixture(scope="module")
+def organ_split(tmp_path_factory):
+    """Cold body (SUV < 2) with a 2x2x2 hot organ (SUV 12) in both studies, a lesion in one:
+    crops centred on the organ or the lesion have origins a random crop almost never has."""
+    tmp_path = tmp_path_factory.mktemp("organ")
+    rng = np.random.default_rng(11)
+    shape = (24, 64, 64)
+    names = ["PETCT_lesion", "PETCT_organ"]
+    for k, study in enumerate(names):
+        suv = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        suv[10:12, 20:22, 40:42] = 12.0
+        seg = np.zeros(shape, bool)
+        if k == 0:
+            seg[14, 44:46, 20] = True
+            suv[seg] = 8.0
+        ct = rng.integers(-1024, 1400, shape).astype(np.int16)
+        steps = targets.step_map(seg, targets.PAPER)
+        for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
+            nifti.save(nifti.Volume(array, AFFINE), tmp_path / study / f"{name}.nii.gz")
+    path = tmp_path / "train.lmdb"
+    folders = [tmp_path / s for s in names]
+    store.pack_split(
+        names,
+        [f / "SUV.nii.gz" for f in folders],
+        [f / "CTres.nii.gz" for f in folders],
+        [f / "steps.nii.gz" for f in folders],
+        path,
+        {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32], "hot_suv_min": 3.0},
+        {"preset": "paper"},
+    )
+    return path
+
+
+def centring(dataset, index):
+    """ "lesion", "hot" or None: which stored voxel sample `index` is centred on."""
+    study, origin, _ = dataset.sample(index)
+    centre = tuple(o + p // 2 for o, p in zip(origin, PATCH, strict=True))
+    for kind, voxels in (("lesion", dataset.lesion_voxels), ("hot", dataset.hot_voxels)):
+        if any(tuple(int(c) for c in v) == centre for v in voxels[study]):
+            return kind
+    return None
+
+
+def test_hot_centring_share_and_lesion_crops_unchanged(organ_split):
+    n = 1000
+    hard = data.PatchDataset(organ_split, PATCH, n, 1.0, 0.5, seed=2, hot_centre_fraction=0.3)
+    assert [len(v) for v in hard.hot_voxels] == [8, 8]  # the organ; the lesion is not a negative
+    kinds = [centring(hard, i) for i in range(n)]
+    studies = [hard.studies[hard.sample(i)[0]] for i in range(n)]
+    for study, lesion_share in (("PETCT_lesion", 0.5), ("PETCT_organ", 0.0)):
+        own = [k for k, s in zip(kinds, studies, strict=True) if s == study]
+        assert len(own) > 400
+        assert abs(np.mean([k == "hot" for k in own]) - 0.3) < 0.07
+        assert abs(np.mean([k == "lesion" for k in own]) - lesion_share) < 0.07
+    index = kinds.index("hot")
+    centre = tuple(p // 2 for p in PATCH)
+    sample = hard[index]
+    assert sample["steps"][(0, *centre)] != 0  # a hot voxel, not a lesion
+    flipped_centre = tuple(
+        p - 1 - c if f else c for p, c, f in zip(PATCH, centre, hard.sample(index)[2], strict=True)
+    )
+    assert sample["image"][(0, *flipped_centre)] > sample["image"][0].median()
+    # without hard negatives: the same lesion crops (same draws), never an organ-centred one
+    plain = data.PatchDataset(organ_split, PATCH, n, 1.0, 0.5, seed=2)
+    plain_kinds = [centring(plain, i) for i in range(n)]
+    assert "hot" not in plain_kinds
+    for i in range(n):
+        if kinds[i] == "lesion":
+            assert plain.sample(i) == hard.sample(i)
+
+
+def test_hot_centring_is_deterministic_and_validated(organ_split):
+    first, second = (
+        data.PatchDataset(organ_split, PATCH, 64, 1.0, 0.4, seed=9, hot_centre_fraction=0.6)
+        for _ in range(2)
+    )
+    draws = [first.sample(i) for i in range(64)]
+    assert draws == [second.sample(i) for i in range(64)]
+    assert sum(centring(first, i) == "hot" for i in range(64)) > 20
+    first.set_epoch(3)
+    assert [first.sample(i) for i in range(64)] != draws
+    with pytest.raises(ValueError, match="hot_centre_fraction"):
+        data.PatchDataset(organ_split, PATCH, 4, 1.0, 0.5, seed=0, hot_centre_fraction=0.6)
+
+
 def test_deterministic_across_workers_and_epochs(split):
     path, _ = split
     dataset = data.PatchDataset(path, PATCH, 8, 2.0, 0.5, seed=5)

@@ -110,6 +110,29 @@ def test_metadata(packed):
     assert not b["has_lesions"] and len(b["lesion_voxels"]) == 0
 
 
+def test_hot_voxel_index_holds_high_uptake_outside_lesions(packed, tmp_path):
+    path, data = packed
+    reader = store.TileStore(path)
+    assert reader.meta["hot_suv_min"] == 3.0  # the default
+    for study, (suv, _, steps) in data.items():
+        meta = reader.study_meta(study)
+        hot = (suv >= 3.0) & (steps != 0)
+        assert meta["hot_voxel_count"] == int(hot.sum()) > 0
+        index = meta["hot_voxels"]
+        assert index.dtype == np.uint16 and len(index) == len(np.unique(index, axis=0))
+        assert all(hot[tuple(v)] for v in index)
+        assert len(index) == min(int(hot.sum()), 4096)
+    # the lesion (SUV 12) is hot but never a hard negative; a cap keeps a random subset
+    folder = tmp_path / "PETCT_a"
+    suv, _, steps = make_study(folder, (21, 37, 45), 0)
+    capped = store.TileStore(pack(tmp_path, [folder], settings={**PACK, "hot_index_max": 10}))
+    meta = capped.study_meta("PETCT_a")
+    assert len(meta["hot_voxels"]) == 10 and meta["hot_voxel_count"] > 10
+    assert all(steps[tuple(v)] != 0 and suv[tuple(v)] >= 3.0 for v in meta["hot_voxels"])
+    raised = store.TileStore(pack(tmp_path, [folder], "high.lmdb", {**PACK, "hot_suv_min": 5.0}))
+    assert raised.study_meta("PETCT_a")["hot_voxel_count"] == int(((suv >= 5) & (steps != 0)).sum())
+
+
 def test_tiles_are_constant_plain_or_compressed_and_small(packed):
     path, data = packed
     env = store.TileStore(path).open()  # the process's shared read-only handle

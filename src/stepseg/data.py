@@ -4,6 +4,11 @@ Every sample is a pure function of (seed, epoch, index): its random generator is
 those three numbers, so batches are identical whatever the number of workers or their order.
 Studies with lesions are drawn `lesion_oversampling` times as often as lesion-free ones, and a
 share `lesion_centre_fraction` of their crops is centred on a voxel of the stored lesion index.
+A share `hot_centre_fraction` of all crops (of studies that have any) is centred on a voxel of
+the stored hot index (high SUV outside lesions: brain, bladder, heart, kidneys): hard negatives,
+without which the network rarely sees hot organs apart from lesions and segments them too.
+Both shares come from one uniform draw (lesion from the bottom, hot from the top), so they
+never overlap; with `hot_centre_fraction` 0 the draws are those of a sampler without it.
 
 Studies smaller than the patch along an axis are padded (the volume placed at a random offset
 inside the patch) with air: SUV 0, CT -1024 HU (normalised 0) and, in the step map, the study's
@@ -47,13 +52,20 @@ class PatchDataset(Dataset):
         lesion_centre_fraction: float,
         seed: int,
         flips: bool = True,
+        hot_centre_fraction: float = 0.0,
     ) -> None:
         if lesion_oversampling <= 0 or not 0 <= lesion_centre_fraction <= 1:
             raise ValueError("lesion_oversampling must be > 0 and lesion_centre_fraction in [0, 1]")
+        if not 0 <= hot_centre_fraction <= 1 - lesion_centre_fraction:
+            raise ValueError(
+                "hot_centre_fraction must be in [0, 1 - lesion_centre_fraction]: "
+                f"{hot_centre_fraction} with lesion_centre_fraction {lesion_centre_fraction}"
+            )
         self.store = TileStore(lmdb_path)
         self.patch_size = tuple(int(n) for n in patch_size)
         self.samples_per_epoch = int(samples_per_epoch)
         self.lesion_centre_fraction = float(lesion_centre_fraction)
+        self.hot_centre_fraction = float(hot_centre_fraction)
         self.seed = int(seed)
         self.flips = flips
         self.epoch = 0
@@ -62,6 +74,7 @@ class PatchDataset(Dataset):
         metas = [self.store.study_meta(study) for study in self.studies]
         self.shapes = [m["shape"] for m in metas]
         self.lesion_voxels = [m["lesion_voxels"] for m in metas]
+        self.hot_voxels = [m["hot_voxels"] for m in metas]
         self.background_steps = [self.preset.background_step(m["has_lesions"]) for m in metas]
         weights = np.array([lesion_oversampling if m["has_lesions"] else 1.0 for m in metas])
         self.study_probabilities = weights / weights.sum()
@@ -80,9 +93,14 @@ class PatchDataset(Dataset):
         study = int(rng.choice(len(self.studies), p=self.study_probabilities))
         shape = self.shapes[study]
         lesions = self.lesion_voxels[study]
+        hot = self.hot_voxels[study] if self.hot_centre_fraction else ()
         centre = None
-        if len(lesions) and rng.random() < self.lesion_centre_fraction:
-            centre = lesions[rng.integers(len(lesions))]
+        if len(lesions) or len(hot):
+            draw = rng.random()
+            if len(lesions) and draw < self.lesion_centre_fraction:
+                centre = lesions[rng.integers(len(lesions))]
+            elif len(hot) and draw >= 1 - self.hot_centre_fraction:
+                centre = hot[rng.integers(len(hot))]
         origin = []
         for axis, (n, p) in enumerate(zip(shape, self.patch_size, strict=True)):
             if n <= p:

@@ -1,10 +1,11 @@
 """One split's studies in an LMDB of compressed 3-D tiles, read patch by patch.
 
-Layout (format version 1): every volume (SUV as float16, CT as int16 HU, step map as uint8) is
+Layout (format version 2): every volume (SUV as float16, CT as int16 HU, step map as uint8) is
 cut into tiles of `tile_shape` (z, y, x); each tile is one LMDB value, a compressed pickle of a
 numpy array (compress-pickle, codec configurable), under the key `{study}/{name}/{tz}/{ty}/{tx}`.
 Reading a 32x160x160 patch therefore decompresses only the tiles it touches, never whole slices.
-`{study}/meta` holds the study's shape, spacing, affine and a lesion voxel index (for sampling),
+`{study}/meta` holds the study's shape, spacing, affine, a lesion voxel index and a hot voxel index
+(SUV >= `hot_suv_min` outside lesions: the physiological uptake that crops learn to reject),
 `__meta__` the format version, codec, tile shape, dtypes, normalisation and target settings; both
 metadata records are uncompressed pickles, so they are readable before the codec is known.
 
@@ -41,7 +42,7 @@ from stepseg.errors import StudyError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: study metadata gained the hot voxel index
 META_KEY = b"__meta__"
 DTYPES = {"suv": np.float16, "ct": np.int16, "steps": np.uint8}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -184,13 +185,17 @@ def pack_split(
     max_ratio = float(pack_settings.get("max_compressed_ratio", 0.05))
     tile_shape = tuple(int(t) for t in pack_settings.get("tile_shape", (16, 64, 64)))
     index_max = int(pack_settings.get("lesion_index_max", 4096))
+    hot_suv_min = float(pack_settings.get("hot_suv_min", 3.0))
+    hot_index_max = int(pack_settings.get("hot_index_max", 4096))
     with atomic_dir(out_dir) as tmp:
         env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
         try:
             for study, suv_path, ct_path, steps_path in zip(
                 studies, suv_paths, ctres_paths, steps_paths, strict=True
             ):
-                volumes, meta = _load_study(study, suv_path, ct_path, steps_path, index_max)
+                volumes, meta = _load_study(
+                    study, suv_path, ct_path, steps_path, index_max, hot_suv_min, hot_index_max
+                )
                 with env.begin(write=True) as txn:
                     for name, array in volumes.items():
                         for index, box in iter_tiles(array.shape, tile_shape):
@@ -201,10 +206,11 @@ def pack_split(
                             )
                     txn.put(study_meta_key(study), encode(meta, None))
                 log.info(
-                    "packed %s: shape %s, %d lesion voxels",
+                    "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
                     study,
                     meta["shape"],
                     meta["lesion_voxel_count"],
+                    meta["hot_voxel_count"],
                 )
             store_meta = {
                 "format_version": FORMAT_VERSION,
@@ -217,6 +223,7 @@ def pack_split(
                     "pet": "z(log2(SUV + 1)) / 2 + 1, z over SUV > 0.14, std >= 0.01",
                 },
                 "targets": dict(target_settings),
+                "hot_suv_min": hot_suv_min,
                 "studies": list(studies),
             }
             with env.begin(write=True) as txn:
@@ -248,7 +255,13 @@ def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:
 
 
 def _load_study(
-    study: str, suv_path: str | Path, ct_path: str | Path, steps_path: str | Path, index_max: int
+    study: str,
+    suv_path: str | Path,
+    ct_path: str | Path,
+    steps_path: str | Path,
+    index_max: int,
+    hot_suv_min: float,
+    hot_index_max: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     suv = nifti.load(suv_path, study, dtype=np.float32)
     ct = nifti.load(ct_path, study)
@@ -266,21 +279,33 @@ def _load_study(
         raise StudyError(study, "step map is not uint8", steps_path)
     suv16 = _to_float16(study, suv.array, suv_path)
     ct16 = _to_int16(study, ct.array, ct_path)
-    lesion = np.argwhere(steps.array == 0)
+    lesion_mask = steps.array == 0
+    hot_mask = (suv.array >= hot_suv_min) & ~lesion_mask
     rng = np.random.default_rng(zlib.crc32(study.encode()))
-    if len(lesion) > index_max:
-        lesion = lesion[np.sort(rng.choice(len(lesion), index_max, replace=False))]
+    lesion = _voxel_index(lesion_mask, index_max, rng)
+    hot = _voxel_index(hot_mask, hot_index_max, rng)
     meta = {
         "shape": tuple(int(n) for n in suv.array.shape),
         "spacing_zyx": suv.spacing_zyx,
         "affine": suv.affine,
         "has_lesions": bool(len(lesion)),
-        "lesion_voxel_count": int((steps.array == 0).sum()),
-        "lesion_voxels": lesion.astype(np.uint16),
+        "lesion_voxel_count": int(lesion_mask.sum()),
+        "lesion_voxels": lesion,
+        "hot_voxel_count": int(hot_mask.sum()),
+        "hot_voxels": hot,
         "suv_max": float(suv.array.max()),
     }
     volumes = {"suv": suv16, "ct": ct16, "steps": steps.array.astype(np.uint8)}
     return volumes, meta
+
+
+def _voxel_index(mask: np.ndarray, index_max: int, rng: np.random.Generator) -> np.ndarray:
+    """(z, y, x) of the voxels of `mask` as uint16, a uniform random subset of at most
+    `index_max` in scan order: enough crop centres without storing whole organs."""
+    voxels = np.argwhere(mask)
+    if len(voxels) > index_max:
+        voxels = voxels[np.sort(rng.choice(len(voxels), index_max, replace=False))]
+    return voxels.astype(np.uint16)
 
 
 def _to_float16(study: str, suv: np.ndarray, path: str | Path) -> np.ndarray:

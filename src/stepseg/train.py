@@ -93,6 +93,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "samples_per_epoch": 0,
     "lesion_oversampling": 2.0,
     "lesion_centre_fraction": 0.5,
+    "hot_centre_fraction": 0.0,
     "flips": True,
     "val_every": 5,
     "val_samples": 32,
@@ -270,6 +271,7 @@ def _dataset(
         lesion_centre_fraction=float(cfg["lesion_centre_fraction"]),
         seed=seed,
         flips=bool(cfg["flips"]) and not validation,
+        hot_centre_fraction=float(cfg["hot_centre_fraction"]),
     )
     if validation:
         dataset.set_epoch(0)
