@@ -62,7 +62,7 @@ def node_profile(workdir: Path) -> Path:
 
     The node has 2 CPUs, ~20 GB and no GPU: GPU rules run on the CPU (gpu=0), and no job asks
     for more CPUs or memory than the node has, or sbatch would refuse it. Status checks start
-    after 2 s instead of 20 s (still far below the node's MinJobAge of 600 s).
+    after 2 s instead of 20 s (still far below the node's MinJobAge of 7200 s).
     """
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     for rule in ("train", "infer"):
