@@ -10,13 +10,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp_sibling(path: Path, directory: bool) -> Path:
+    """A private temporary beside `path`, given the permissions a plain open()/mkdir() would give.
+
+    mkstemp/mkdtemp create 0600/0700 entries; left so, outputs renamed into place would be
+    unreadable to the rest of a group sharing results/ on a cluster.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())
+        return tmp
     fd, name = tempfile.mkstemp(prefix=prefix, suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd)
+    Path(name).chmod(0o666 & ~_umask())
     return Path(name)
 
 
