@@ -11,34 +11,20 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the library's own convention)
-import yaml
 
 from stepseg import nifti
 from stepseg.convert import OUTPUT_NAMES, convert_study
 from stepseg.errors import StudyError
 from stepseg.synthetic import source
 
-ROOT = Path(__file__).resolve().parents[1]
 F18_HALF_LIFE_S = 6586.2
 # the generator's truth SUV is decayed to SeriesTime (the exact reference of DecayCorrection START)
 TRUTH_SETTINGS = {"suv_reference_time": "series", "ctres_interpolation": "linear"}
 
 
-def tiny_settings() -> dict:
-    settings = yaml.safe_load((ROOT / "config/config.yaml").read_text())["download"]["synthetic"]
-    return {
-        **settings,
-        "n_patients": 4,
-        "pet_shape": [48, 40, 40],
-        "pet_spacing_mm": [12.0, 13.0, 13.0],
-        "ct_shape": [60, 64, 64],
-        "ct_spacing_mm": [9.6, 8.0, 8.0],
-    }
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[str, Path]:
-    settings = tiny_settings()
+def study(tmp_path_factory, tiny_synthetic_settings) -> tuple[str, Path]:
+    settings = tiny_synthetic_settings
     row = next(r for r in source.list_studies(settings) if r["has_lesions"])
     raw = tmp_path_factory.mktemp("raw") / row["study_id"]
     raw.mkdir()
@@ -184,8 +170,8 @@ def test_geometry_agrees_with_dcm2niix(study, converted, tmp_path, name, modalit
     np.testing.assert_allclose(ours.get_fdata(), theirs.get_fdata(), rtol=1e-4, atol=1e-3)
 
 
-def test_lesion_free_study_gives_an_empty_seg(tmp_path):
-    settings = tiny_settings()
+def test_lesion_free_study_gives_an_empty_seg(tmp_path, tiny_synthetic_settings):
+    settings = tiny_synthetic_settings
     row = next(r for r in source.list_studies(settings) if not r["has_lesions"])
     raw = tmp_path / row["study_id"]
     raw.mkdir()

@@ -9,33 +9,19 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the library's own convention)
-import yaml
 from pydicom.fileset import FileSet
 
 from stepseg import dicom
 from stepseg.errors import StudyError
 from stepseg.synthetic import source
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDY = "SYNTEST"
 F18_HALF_LIFE_S = 6586.2
 
 
-def tiny_settings() -> dict:
-    settings = yaml.safe_load((ROOT / "config/config.yaml").read_text())["download"]["synthetic"]
-    return {
-        **settings,
-        "n_patients": 4,
-        "pet_shape": [48, 40, 40],
-        "pet_spacing_mm": [12.0, 13.0, 13.0],
-        "ct_shape": [60, 64, 64],
-        "ct_spacing_mm": [9.6, 8.0, 8.0],
-    }
-
-
 @pytest.fixture(scope="module")
-def study_dir(tmp_path_factory) -> Path:
-    settings = tiny_settings()
+def study_dir(tmp_path_factory, tiny_synthetic_settings) -> Path:
+    settings = tiny_synthetic_settings
     row = next(r for r in source.list_studies(settings) if r["has_lesions"])
     out = tmp_path_factory.mktemp("raw") / row["study_id"]
     out.mkdir()

@@ -1,0 +1,22 @@
+"""Shared fixtures."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_settings() -> dict:
+    """The default synthetic-cohort settings on a coarse, small grid: a study in about a second."""
+    settings = yaml.safe_load((ROOT / "config/config.yaml").read_text())["download"]["synthetic"]
+    return {
+        **settings,
+        "n_patients": 4,
+        "pet_shape": [48, 40, 40],
+        "pet_spacing_mm": [12.0, 13.0, 13.0],
+        "ct_shape": [60, 64, 64],
+        "ct_spacing_mm": [9.6, 8.0, 8.0],
+    }
