@@ -20,3 +20,18 @@ def tiny_synthetic_settings() -> dict:
         "ct_shape": [60, 64, 64],
         "ct_spacing_mm": [9.6, 8.0, 8.0],
     }
+
+
+@pytest.fixture(scope="session")
+def micro_synthetic_settings() -> dict:
+    """A three-patient synthetic cohort on a very coarse grid, for tests of sources and servers."""
+    return {
+        "seed": 1,
+        "n_patients": 3,
+        "repeat_fraction": 0.5,
+        "lesion_fraction": 0.5,
+        "pet_shape": [24, 20, 20],
+        "pet_spacing_mm": [12.0, 13.0, 13.0],
+        "ct_shape": [30, 32, 32],
+        "ct_spacing_mm": [9.6, 8.0, 8.0],
+    }

@@ -173,20 +173,13 @@ def test_nifti_dir_refuses_non_binary_seg(tmp_path):
         local.nifti_dir.fetch_study({}, row, tmp_path / "raw")
 
 
-def test_dicom_dir_of_the_synthetic_cohort_lists_like_the_synthetic_source(tmp_path):
+def test_dicom_dir_of_the_synthetic_cohort_lists_like_the_synthetic_source(
+    tmp_path, micro_synthetic_settings
+):
     """Ids, patients, series folders and lesion status (from real DICOM SEG pixels) agree."""
     from stepseg.synthetic import source as synthetic
 
-    settings = {
-        "seed": 1,
-        "n_patients": 3,
-        "repeat_fraction": 0.5,
-        "lesion_fraction": 0.5,
-        "pet_shape": [24, 20, 20],
-        "pet_spacing_mm": [12.0, 13.0, 13.0],
-        "ct_shape": [30, 32, 32],
-        "ct_spacing_mm": [9.6, 8.0, 8.0],
-    }
+    settings = micro_synthetic_settings
     expected = synthetic.list_studies(settings)
     for row in expected:
         (tmp_path / row["study_id"]).mkdir()

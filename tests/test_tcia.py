@@ -276,27 +276,17 @@ def test_killed_download_resumes_from_bytes_on_disk(server, cohort, tmp_path):
     assert [r[2] for r in server.requests if r[1] == uid] == [0, half]
 
 
-SYNTHETIC = {
-    "seed": 1,
-    "n_patients": 3,
-    "repeat_fraction": 0.5,
-    "lesion_fraction": 0.5,
-    "pet_shape": [24, 20, 20],
-    "pet_spacing_mm": [12.0, 13.0, 13.0],
-    "ct_shape": [30, 32, 32],
-    "ct_spacing_mm": [9.6, 8.0, 8.0],
-}
-
-
-def test_synthetic_cohort_served_over_nbia_lists_and_fetches_identically(tmp_path):
+def test_synthetic_cohort_served_over_nbia_lists_and_fetches_identically(
+    tmp_path, micro_synthetic_settings
+):
     """Same study ids, patients, lesion status, series folders and files as the synthetic source."""
     from stepseg.synthetic import source as synthetic
 
-    expected = synthetic.list_studies(SYNTHETIC)
+    expected = synthetic.list_studies(micro_synthetic_settings)
     raw = tmp_path / "raw"
     for row in expected:
         (raw / row["study_id"]).mkdir(parents=True)
-        synthetic.fetch_study(SYNTHETIC, row, raw / row["study_id"])
+        synthetic.fetch_study(micro_synthetic_settings, row, raw / row["study_id"])
     with NbiaTestServer.from_dicom_tree(raw) as srv:
         clinical = tmp_path / "clinical.csv"
         srv.write_clinical_file(clinical, [r["study_id"] for r in expected if r["has_lesions"]])
