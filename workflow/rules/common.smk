@@ -1,3 +1,4 @@
+import functools
 import os
 from pathlib import Path
 
@@ -30,18 +31,31 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9_]+(-seed[0-9]+)?",
 
 
-def manifest_table():
-    """The manifest, read after the manifest checkpoint has run."""
+def studies(split=None):
+    """Sorted study ids (of one split), once the manifest checkpoint has run.
+
+    Asks the checkpoint on every call (that is what makes the calling job wait for the manifest),
+    but parses the table once per version of the file: the input functions of the pack, evaluate
+    and report jobs ask dozens of times while the DAG is built.
+    """
+    path = checkpoints.manifest.get().output[0]
+    version = os.stat(path)
+    by_split = _studies_by_split(
+        path, version.st_ino, version.st_mtime_ns, version.st_size
+    )
+    return list(by_split[split])
+
+
+@functools.lru_cache(maxsize=1)
+def _studies_by_split(path, inode, mtime_ns, size):
+    """{split or None: sorted study ids}; the file version is part of the cache key only."""
     import stepseg.manifest
 
-    return stepseg.manifest.read(checkpoints.manifest.get().output[0])
-
-
-def studies(split=None):
-    table = manifest_table()
-    if split is not None:
-        table = table[table["split"] == split]
-    return sorted(table["study_id"])
+    table = stepseg.manifest.read(path)
+    by_split = {None: tuple(sorted(table["study_id"]))}
+    for split in SPLITS:
+        by_split[split] = tuple(sorted(table.loc[table["split"] == split, "study_id"]))
+    return by_split
 
 
 def trained_variants():
