@@ -1,14 +1,14 @@
-"""PatchDataset: crops equal the NIfTI data, padding, flips, sampling and determinism."""
+"""PatchDataset: crops equal the NIfTI data, padding, flips, sampling, determinism, batches."""
 
 import numpy as np
 import pytest
 import torch
 
 from stepseg import data, nifti, store, targets
-from stepseg.normalize import normalize_ct, normalize_pet
 
 AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
 PATCH = (8, 24, 24)
+COMPACT = {"suv": torch.float16, "ct": torch.int16, "steps": torch.uint8}  # as stored
 
 
 def make_split(tmp_path, preset, shapes):
@@ -47,7 +47,7 @@ def split(tmp_path_factory):
 
 
 def expected_patch(arrays, origin, flips, background):
-    """Reference crop: pad, cut, flip, normalise, straight from the arrays."""
+    """Reference crop (SUV, HU, steps): pad, cut, flip, straight from the stored arrays."""
     suv, ct, steps = arrays
     pads = [
         (max(-o, 0), max(o + p - n, 0)) for o, p, n in zip(origin, PATCH, suv.shape, strict=True)
@@ -59,8 +59,7 @@ def expected_patch(arrays, origin, flips, background):
         padded = np.pad(array, pads, constant_values=fill)[box]
         axes = tuple(a for a, f in enumerate(flips) if f)
         out.append(np.flip(padded, axes) if axes else padded)
-    image = np.stack([normalize_pet(np.ascontiguousarray(out[0])), normalize_ct(out[1])])
-    return image, out[2]
+    return out
 
 
 def test_samples_equal_reference_crops_with_padding_and_flips(split):
@@ -72,12 +71,11 @@ def test_samples_equal_reference_crops_with_padding_and_flips(split):
         name = dataset.studies[study]
         sample = dataset[index]
         assert sample["study"] == name
-        assert sample["image"].shape == (2, *PATCH) and sample["image"].dtype == torch.float32
-        assert sample["steps"].shape == (1, *PATCH) and sample["steps"].dtype == torch.uint8
         background = dataset.background_steps[study]
-        image, steps = expected_patch(arrays[name], origin, flips, background)
-        np.testing.assert_allclose(sample["image"].numpy(), image, atol=1e-5)
-        np.testing.assert_array_equal(sample["steps"][0].numpy(), steps)
+        expected = expected_patch(arrays[name], origin, flips, background)
+        for key, dtype, crop in zip(COMPACT, COMPACT.values(), expected, strict=True):
+            assert sample[key].shape == (1, *PATCH) and sample[key].dtype == dtype
+            np.testing.assert_array_equal(sample[key][0].numpy(), crop)
         seen_pad |= min(origin) < 0
         seen_flip |= any(flips)
     assert seen_pad and seen_flip
@@ -93,11 +91,12 @@ def test_padding_values_and_background_step(split):
     _, origin, _ = dataset.sample(index)
     sample = dataset[index]
     before = -origin[0]
-    if before:
-        assert (sample["image"][1, :before] == 0).all()  # CT -1024 HU -> 0
-        assert (sample["steps"][0, :before] == 7).all()
     after = before + 5
-    assert (sample["image"][1, after:] == 0).all() and (sample["steps"][0, after:] == 7).all()
+    for part in (slice(0, before), slice(after, None)):
+        assert (sample["suv"][0, part] == 0).all() and (sample["ct"][0, part] == -1024).all()
+        assert (sample["steps"][0, part] == 7).all()
+    image, _ = data.device_batch({k: sample[k][None] for k in COMPACT}, torch.device("cpu"))
+    assert (image[0, 1, after:] == 0).all()  # padding is -1024 HU: normalised CT 0
 
 
 def test_lesion_oversampling_and_centring(split):
@@ -172,7 +171,7 @@ def test_hot_centring_share_and_lesion_crops_unchanged(organ_split):
     flipped_centre = tuple(
         p - 1 - c if f else c for p, c, f in zip(PATCH, centre, hard.sample(index)[2], strict=True)
     )
-    assert sample["image"][(0, *flipped_centre)] > sample["image"][0].median()
+    assert sample["suv"][(0, *flipped_centre)] > sample["suv"][0].float().median()
     # without hard negatives: the same lesion crops (same draws), never an organ-centred one
     plain = data.PatchDataset(organ_split, PATCH, n, 1.0, 0.5, seed=2)
     plain_kinds = [centring(plain, i) for i in range(n)]
@@ -203,8 +202,8 @@ def test_deterministic_across_workers_and_epochs(split):
     parallel = list(data.make_loader(dataset, batch_size=4, num_workers=2))
     for a, b in zip(serial, parallel, strict=True):
         assert a["study"] == b["study"]
-        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
-        assert torch.equal(a["steps"], b["steps"])
+        for key in COMPACT:
+            assert torch.equal(a[key], b[key])
     first = [dataset.sample(i) for i in range(8)]
     dataset.set_epoch(1)
     assert [dataset.sample(i) for i in range(8)] != first
@@ -217,10 +216,33 @@ def test_released_code_preset_and_expansion_of_a_batch(tmp_path):
     dataset = data.PatchDataset(path, PATCH, 4, 1.0, 1.0, seed=0)
     assert dataset.preset == targets.RELEASED_CODE
     batch = next(iter(data.make_loader(dataset, batch_size=4, num_workers=0)))
-    out = targets.expand(batch["steps"], batch["image"], dataset.preset)
+    image, steps = data.device_batch(batch, torch.device("cpu"))
+    out = targets.expand(steps, image, dataset.preset)
     assert out.shape == (4, 8, *PATCH)
-    torch.testing.assert_close(out[:, 0], (batch["steps"][:, 0] == 0).float())
-    assert (batch["steps"] <= 4).all()  # lesion study: every voxel reached by the whole step
+    torch.testing.assert_close(out[:, 0], (steps[:, 0] == 0).float())
+    assert (steps <= 4).all()  # lesion study: every voxel reached by the whole step
+
+
+def test_loader_batches_are_compact_and_become_normalised_inputs(split):
+    """Workers ship the stored dtypes (5 bytes a voxel); `device_batch` makes the inputs."""
+    path, _ = split
+    dataset = data.PatchDataset(path, PATCH, 6, 1.0, 0.5, seed=4)
+    batch = next(iter(data.make_loader(dataset, batch_size=3, num_workers=2)))
+    assert set(batch) == {*COMPACT, "study"} and len(batch["study"]) == 3
+    for key, dtype in COMPACT.items():
+        assert batch[key].shape == (3, 1, *PATCH) and batch[key].dtype == dtype
+    assert sum(batch[k].element_size() for k in COMPACT) == 5
+    image, steps = data.device_batch(batch, torch.device("cpu"))
+    assert image.shape == (3, 2, *PATCH) and image.dtype == torch.float32
+    assert steps.dtype == torch.uint8 and torch.equal(steps, batch["steps"])
+    for k in range(3):  # each patch with its own statistics, as the released code did
+        suv = batch["suv"][k, 0].numpy().astype(np.float64)
+        log_suv = np.log2(suv + 1)
+        foreground = log_suv[suv > 0.14]
+        pet = (log_suv - foreground.mean()) / max(foreground.std(), 0.01) / 2 + 1
+        ct = (np.clip(batch["ct"][k, 0].numpy(), -1000, 1000) + 1000) / 500
+        np.testing.assert_allclose(image[k, 0].numpy(), pet, atol=2e-5)
+        np.testing.assert_allclose(image[k, 1].numpy(), ct, atol=1e-6)
 
 
 def test_bad_arguments_and_missing_database(tmp_path, split):

@@ -29,12 +29,9 @@ def _volumes(shape, seed=0):
 
 
 def _manual_probability(net, suv, ct, flips=((),)):
-    x = torch.stack(
-        [
-            normalize.normalize_pet(torch.from_numpy(suv)),
-            normalize.normalize_ct(torch.from_numpy(ct)),
-        ]
-    )[None]
+    x = normalize.normalize_batch(
+        torch.from_numpy(suv)[None, None], torch.from_numpy(ct)[None, None]
+    )
     total = 0
     with torch.no_grad():
         for dims in flips:

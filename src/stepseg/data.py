@@ -1,4 +1,4 @@
-"""Training patches from a packed split: random crops, lesion oversampling, flips, normalisation.
+"""Training patches from a packed split: random crops, lesion oversampling, flips.
 
 Every sample is a pure function of (seed, epoch, index): its random generator is seeded with
 those three numbers, so batches are identical whatever the number of workers or their order.
@@ -16,12 +16,20 @@ inside the patch) with air: SUV 0, CT -1024 HU (normalised 0) and, in the step m
 otherwise 255 (never). Padding is more of the same air around the body, and for a lesion study
 the whole-image channel covers all air, so this keeps the outermost target consistent with what
 the network sees; padding with 255 would instead teach it to switch that channel off in air.
+
+A sample is the crop exactly as stored: `{"suv": float16, "ct": int16 HU, "steps": uint8, each
+(1, D, H, W), "study": str}`, 5 bytes a voxel. Normalisation and the 8 target channels are
+computed from these where the network runs (`device_batch`, then `targets.expand`): on a GPU
+they cost the host nothing, and the batch crossing from the workers to the main process and on
+to the device is 5 bytes a voxel rather than the 9 of a normalised float32 image. On 2 cores the
+worker-to-main transfer alone caps a loader near the patch rate needed, so the size counts.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from stepseg.normalize import normalize_ct, normalize_pet
+from stepseg.normalize import normalize_batch
 from stepseg.store import DTYPES, TileStore
 from stepseg.targets import Preset, preset_from_settings
 
@@ -118,10 +126,12 @@ class PatchDataset(Dataset):
         suv = self._crop(name, "suv", origin, flips, PAD_SUV)
         hu = self._crop(name, "ct", origin, flips, PAD_HU)
         steps = self._crop(name, "steps", origin, flips, self.background_steps[study])
-        image = torch.empty((2, *self.patch_size), dtype=torch.float32)
-        normalize_pet(torch.from_numpy(suv), out=image[0])
-        normalize_ct(torch.from_numpy(hu), out=image[1])
-        return {"image": image, "steps": torch.from_numpy(steps).unsqueeze(0), "study": name}
+        return {
+            "suv": torch.from_numpy(suv).unsqueeze(0),
+            "ct": torch.from_numpy(hu).unsqueeze(0),
+            "steps": torch.from_numpy(steps).unsqueeze(0),
+            "study": name,
+        }
 
     def _crop(
         self,
@@ -144,6 +154,20 @@ class PatchDataset(Dataset):
         region = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin, strict=True))
         self.store.read(study, name, inside, out=flipped[region])
         return out
+
+
+def device_batch(
+    batch: Mapping[str, Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network inputs of a loader batch: the normalised image (B, 2, D, H, W) float32 [PET, CT]
+    and the step maps (B, 1, D, H, W) uint8, both on `device`.
+
+    The compact stored values travel to the device and are converted and normalised there.
+    """
+    suv = batch["suv"].to(device, non_blocking=True)
+    hu = batch["ct"].to(device, non_blocking=True)
+    steps = batch["steps"].to(device, non_blocking=True)
+    return normalize_batch(suv, hu), steps
 
 
 def worker_init_fn(worker_id: int) -> None:

@@ -1,7 +1,8 @@
 """Whole-body inference: MONAI sliding windows over SUV and CTres, normalised window by window.
 
-Training normalised every patch with its own statistics (`stepseg.normalize`), so inference does
-the same for every sliding window (ROI = the training patch size) before the network sees it;
+Training normalises every patch with its own statistics (`stepseg.normalize.normalize_batch`), so
+inference does the same, with the same function, for every sliding window (ROI = the training
+patch size; the windows of a sliding-window batch are such a batch) before the network sees it;
 windows are blended with gaussian weights on the sigmoid of channel 0 and thresholded at 0.5.
 A volume smaller than the patch is padded with air (SUV 0, -1024 HU, as in training) and
 cropped back.
@@ -77,13 +78,9 @@ def predict_probability(
     flips = [()] + ([(2,), (3,), (4,)] if settings["flip_tta"] else [])
 
     def window_probability(windows: torch.Tensor) -> torch.Tensor:
-        inputs = torch.stack(
-            [
-                torch.stack([normalize.normalize_pet(w[0]), normalize.normalize_ct(w[1])])
-                for w in windows
-            ]
-        )
-        inputs = model.network_inputs(inputs, zero_channel).to(device)
+        # MONAI hands the windows over on sw_device: normalised there, each on its own
+        inputs = normalize.normalize_batch(windows[:, :1], windows[:, 1:])
+        inputs = model.network_inputs(inputs, zero_channel)
         total = torch.zeros_like(inputs[:, :1], dtype=torch.float32)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             for dims in flips:

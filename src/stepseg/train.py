@@ -328,8 +328,7 @@ def _train_epoch(
         _rank_loader(dataset, cfg, ctx), desc=f"epoch {epoch}", leave=False, disable=not ctx.is_main
     )
     for batch in batches:
-        image = batch["image"].to(device, non_blocking=True)
-        steps = batch["steps"].to(device, non_blocking=True)
+        image, steps = data.device_batch(batch, device)
         target, regions = _targets(steps, image, preset, cfg)
         small = (
             small_lesion_mask(steps, int(cfg["small_lesion_max_voxels"]))
@@ -397,8 +396,8 @@ def _validate(
     net.eval()
     tp = fp = fn = 0.0
     for batch in _loader(dataset, cfg, device):
-        image = batch["image"].to(device)
-        truth = batch["steps"].to(device) == 0
+        image, steps = data.device_batch(batch, device)
+        truth = steps == 0
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             logits = net(model.network_inputs(image, bool(cfg["zero_input_channel"])))
         pred = logits[:, :1].float() > 0  # sigmoid(x) > 0.5
