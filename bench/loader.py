@@ -8,30 +8,36 @@ inside the body (CT about 15 HU; PET multiplicative noise smoothed like a recons
 spherical lesions in half of the studies. Pure noise would not compress at all and an empty
 phantom would compress trivially; real scans sit in between, like these.
 
-Measures, in one run: patches per second of `stepseg.data.PatchDataset` (2 workers), of a naive
-loader (nibabel loads the .nii.gz files and crops, same DataLoader) and of MONAI
-`LoadImaged + RandSpatialCropd`, and as a ceiling the same DataLoader moving ready-made tensors
-of the patch size (collation and inter-process transfer alone, no reading); the CPU cost of the
-8-channel expansion per patch; bytes on disk of our LMDB, of the NIfTI files and of what the
-original stored (float32, 8 targets + 2 inputs).
+Measures, in one run: patches per second of `stepseg.data.PatchDataset` (2 workers; it ships
+the crops as stored, SUV float16 + HU int16 + steps uint8), of a naive loader (nibabel loads the
+.nii.gz files, crops and normalises, same DataLoader) and of MONAI `LoadImaged +
+RandSpatialCropd`, and as a ceiling the same DataLoader moving ready-made tensors of our payload
+(collation and inter-process transfer alone, no reading); the bytes per voxel each moves from
+its workers to the main process; the CPU cost per patch of the work done where the network runs
+(`data.device_batch` normalisation + 8-channel `targets.expand`; on a GPU it costs the host
+nothing); bytes on disk of our LMDB, of the NIfTI files and of what the original stored
+(float32, 8 targets + 2 inputs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
+import psutil
 import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from stepseg import data, nifti, store, targets
-from stepseg.normalize import normalize_ct, normalize_pet
+from stepseg.normalize import normalize_batch
 
 SPACING = (3.0, 2.04, 2.04)
 
@@ -120,15 +126,13 @@ class NaiveDataset(Dataset):
             for n, p in zip(arrays[0].shape, self.patch, strict=True)
         ]
         box = tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))
-        suv, ct, steps = (np.ascontiguousarray(a[box]) for a in arrays)
-        image = torch.stack(
-            [normalize_pet(torch.from_numpy(suv)), normalize_ct(torch.from_numpy(ct))]
-        )
-        return {"image": image, "steps": torch.from_numpy(steps)[None]}
+        suv, ct, steps = (torch.from_numpy(np.ascontiguousarray(a[box]))[None] for a in arrays)
+        image = normalize_batch(suv[None], ct[None])[0]
+        return {"image": image, "steps": steps}
 
 
 class TransferOnly(Dataset):
-    """Ready-made samples of our size: what the DataLoader's collation and IPC alone allow."""
+    """Ready-made samples of our payload: what the DataLoader's collation and IPC alone allow."""
 
     def __init__(self, patch: tuple[int, int, int], n: int) -> None:
         self.patch, self.n = patch, n
@@ -138,8 +142,8 @@ class TransferOnly(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {
-            "image": torch.zeros((2, *self.patch)),
-            "steps": torch.zeros((1, *self.patch), dtype=torch.uint8),
+            name: torch.zeros((1, *self.patch), dtype=getattr(torch, np.dtype(dtype).name))
+            for name, dtype in store.DTYPES.items()
         }
 
 
@@ -166,17 +170,36 @@ def monai_loader(folders: list[Path], patch, n: int, workers: int, batch: int) -
     return DataLoader(dataset, batch_size=batch, num_workers=workers)
 
 
-def rate(loader, batches: int, warmup: int) -> tuple[float, int]:
-    """Patches per second after `warmup` batches (worker start-up excluded)."""
+class Rate(NamedTuple):
+    patches_per_s: float
+    patches: int
+    bytes_per_voxel: float  # of the batches: what crosses from the workers to the main process
+    cpu_ms: float  # CPU time of the main process and its workers per patch
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in processes)  # user + system
+
+
+def rate(loader, batches: int, warmup: int) -> Rate:
+    """Throughput after `warmup` batches (worker start-up excluded). The CPU time per patch
+    does not depend on what else runs on the machine, unlike patches per second."""
     iterator = iter(loader)
     count = 0
     for _ in range(warmup):
         next(iterator)
+    processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    cpu = cpu_seconds(processes)
     start = time.perf_counter()
     for _ in range(batches):
         batch = next(iterator)
-        count += len(batch["image"] if "image" in batch else batch["suv"])
-    return count / (time.perf_counter() - start), count
+        count += len(batch["steps"])
+    seconds = time.perf_counter() - start
+    cpu = cpu_seconds(processes) - cpu
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    voxels = batch["steps"][0].numel() * len(batch["steps"])
+    per_voxel = sum(t.element_size() * t.numel() for t in tensors) / voxels
+    return Rate(count / seconds, count, per_voxel, cpu * 1000 / count)
 
 
 def directory_bytes(path: Path) -> int:
@@ -254,26 +277,33 @@ def main() -> None:
 
         n_ours = args.batches * args.batch + 4 * args.batch
         dataset = data.PatchDataset(lmdb_path, patch, n_ours, 2.0, 0.5, seed=0)
-        ours, n = rate(data.make_loader(dataset, args.batch, args.workers), args.batches, 4)
+        ours = rate(data.make_loader(dataset, args.batch, args.workers), args.batches, 4)
         ceiling_loader = DataLoader(
             TransferOnly(patch, n_ours), batch_size=args.batch, num_workers=args.workers
         )
-        ceiling, _ = rate(ceiling_loader, args.batches, 4)
+        ceiling = rate(ceiling_loader, args.batches, 4)
         n_slow = (args.slow_batches + 1) * args.batch
         naive_loader = DataLoader(
             NaiveDataset(folders, patch, n_slow), batch_size=args.batch, num_workers=args.workers
         )
-        naive, _ = rate(naive_loader, args.slow_batches, 1)
-        monai, _ = rate(
+        naive = rate(naive_loader, args.slow_batches, 1)
+        monai = rate(
             monai_loader(folders, patch, n_slow, args.workers, args.batch), args.slow_batches, 1
         )
 
         batch = next(iter(data.make_loader(dataset, 4, 0)))
-        expand_ms = []
+        cpu = torch.device("cpu")
+        normalize_ms, expand_ms = [], []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the cost in one core's time, unblurred by other jobs' load
         for _ in range(5):
             t = time.perf_counter()
-            targets.expand(batch["steps"], batch["image"], dataset.preset)
+            image, steps = data.device_batch(batch, cpu)
+            normalize_ms.append((time.perf_counter() - t) * 1000 / 4)
+            t = time.perf_counter()
+            targets.expand(steps, image, dataset.preset)
             expand_ms.append((time.perf_counter() - t) * 1000 / 4)
+        torch.set_num_threads(threads)
 
         lmdb_bytes = directory_bytes(lmdb_path)
         nifti_bytes = sum(
@@ -288,16 +318,41 @@ def main() -> None:
             f"tiles {tuple(args.tile)}, codec {args.codec} level {args.level}; "
             f"pack {pack_seconds:.0f} s"
         )
-        print(f"{'loader':<36}{'patches/s':>10}{'vs naive':>10}")
+        print(
+            f"{'loader':<36}{'patches/s':>10}{'vs naive':>10}{'bytes/voxel':>13}"
+            f"{'CPU ms/patch':>14}"
+        )
         for name, value in (
             ("stepseg PatchDataset (LMDB)", ours),
             ("DataLoader transfer only (ceiling)", ceiling),
-            ("naive nibabel + crop", naive),
+            ("naive nibabel + crop + normalise", naive),
             ("MONAI LoadImaged+RandSpatialCropd", monai),
         ):
-            print(f"{name:<36}{value:>10.1f}{value / naive:>9.1f}x")
-        print(f"(ours timed over {n} patches)")
-        print(f"\n8-channel expansion on CPU: {np.median(expand_ms):.1f} ms per patch")
+            print(
+                f"{name:<36}{value.patches_per_s:>10.1f}"
+                f"{value.patches_per_s / naive.patches_per_s:>9.1f}x"
+                f"{value.bytes_per_voxel:>13.0f}{value.cpu_ms:>14.1f}"
+            )
+        cores = len(os.sched_getaffinity(0))
+        print(
+            f"ours timed over {ours.patches} patches: "
+            f"{ours.patches_per_s / ceiling.patches_per_s:.0%} of the ceiling's patches/s, "
+            f"needing {ours.cpu_ms / ceiling.cpu_ms:.1f}x its CPU time; {cores} cores kept busy "
+            f"would give {1000 * cores / ours.cpu_ms:.0f}/s.\n"
+            "CPU ms/patch: of the main process and its workers while timed; other jobs' load "
+            "slows patches/s much more than this.\n"
+            "bytes/voxel: what crosses from the workers to the main process. Ours and the "
+            "ceiling: the stored SUV float16 + HU int16\n"
+            "+ steps uint8, normalised where the network runs. Naive: the normalised float32 "
+            "[PET, CT] image + uint8 steps,\n"
+            "as a user's first loader would return them. MONAI: LoadImaged's float32 SUV, CT "
+            "and steps, not normalised."
+        )
+        print(
+            f"\nwhere the network runs, on one core of this CPU (on a GPU the host pays nothing): "
+            f"normalisation {np.median(normalize_ms):.1f} ms + 8-channel expansion "
+            f"{np.median(expand_ms):.1f} ms per patch"
+        )
         print(f"\n{'storage':<34}{'MB':>12}{'vs raw':>10}")
         for name, value in (
             ("stepseg LMDB", lmdb_bytes),
