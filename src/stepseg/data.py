@@ -21,8 +21,9 @@ A sample is the crop exactly as stored: `{"suv": float16, "ct": int16 HU, "steps
 (1, D, H, W), "study": str}`, 5 bytes a voxel. Normalisation and the 8 target channels are
 computed from these where the network runs (`device_batch`, then `targets.expand`): on a GPU
 they cost the host nothing, and the batch crossing from the workers to the main process and on
-to the device is 5 bytes a voxel rather than the 9 of a normalised float32 image. On 2 cores the
-worker-to-main transfer alone caps a loader near the patch rate needed, so the size counts.
+to the device is 5 bytes a voxel rather than the 9 of a normalised float32 image: on 2 cores
+the DataLoader's inter-process transfer alone costs about as much CPU as reading the patch
+(bench/loader.py), so the size counts.
 """
 
 from __future__ import annotations
