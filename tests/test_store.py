@@ -72,31 +72,41 @@ def test_round_trip_equals_the_nifti_data(packed):
     path, data = packed
     reader = store.TileStore(path)
     for study, (suv, ct, steps) in data.items():
-        np.testing.assert_array_equal(
-            reader.read(study, "suv", full_box(suv.shape)), suv.astype(np.float16)
-        )
-        rel = np.abs(reader.read(study, "suv", full_box(suv.shape)) - suv) / np.maximum(suv, 1e-3)
+        volumes = reader.read_patch(study, full_box(suv.shape))
+        assert {name: v.dtype for name, v in volumes.items()} == store.DTYPES
+        np.testing.assert_array_equal(volumes["suv"], suv.astype(np.float16))
+        rel = np.abs(volumes["suv"] - suv) / np.maximum(suv, 1e-3)
         assert rel.max() <= 2**-11  # float16 precision
-        np.testing.assert_array_equal(reader.read(study, "ct", full_box(ct.shape)), ct)
-        np.testing.assert_array_equal(reader.read(study, "steps", full_box(steps.shape)), steps)
+        np.testing.assert_array_equal(volumes["ct"], ct)
+        np.testing.assert_array_equal(volumes["steps"], steps)
     rng = np.random.default_rng(0)
-    suv, ct, _ = data["PETCT_a"]
+    suv, ct, steps = data["PETCT_a"]
     for _ in range(20):
         start = [int(rng.integers(0, n)) for n in ct.shape]
         box = tuple(
             slice(s, int(rng.integers(s + 1, n + 1))) for s, n in zip(start, ct.shape, strict=True)
         )
-        np.testing.assert_array_equal(reader.read("PETCT_a", "ct", box), ct[box])
+        volumes = reader.read_patch("PETCT_a", box)
+        np.testing.assert_array_equal(volumes["suv"], suv.astype(np.float16)[box])
+        np.testing.assert_array_equal(volumes["ct"], ct[box])
+        np.testing.assert_array_equal(volumes["steps"], steps[box])
+    # any views as outputs, any subset of the volumes: flipped along z and x, CT only
     flipped = np.empty((5, 6, 7), np.int16)
-    reader.read("PETCT_a", "ct", (slice(2, 7), slice(3, 9), slice(4, 11)), out=flipped[::-1])
-    np.testing.assert_array_equal(flipped[::-1], ct[2:7, 3:9, 4:11])
+    box = (slice(2, 7), slice(3, 9), slice(4, 11))
+    back = reader.read_patch("PETCT_a", box, {"ct": flipped[::-1, :, ::-1]})
+    assert list(back) == ["ct"] and back["ct"].base is flipped
+    np.testing.assert_array_equal(flipped[::-1, :, ::-1], ct[box])
+    with pytest.raises(ValueError, match=r"ct out has \(5, 6, 7\) float32"):
+        reader.read_patch("PETCT_a", box, {"ct": np.empty((5, 6, 7), np.float32)})
+    with pytest.raises(KeyError, match="unknown volume 'pet'"):
+        reader.read_patch("PETCT_a", box, {"pet": flipped})
 
 
 def test_metadata(packed):
     path, data = packed
     reader = store.TileStore(path)
     meta = reader.meta
-    assert meta["format_version"] == store.FORMAT_VERSION
+    assert meta["format_version"] == store.FORMAT_VERSION == 3
     assert meta["studies"] == ["PETCT_a", "PETCT_b"]
     assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
     assert meta["targets"] == TARGETS and "log2" in meta["normalisation"]["pet"]
@@ -133,19 +143,33 @@ def test_hot_voxel_index_holds_high_uptake_outside_lesions(packed, tmp_path):
     assert raised.study_meta("PETCT_a")["hot_voxel_count"] == int(((suv >= 5) & (steps != 0)).sum())
 
 
-def test_tiles_are_constant_plain_or_compressed_and_small(packed):
+def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(packed):
     path, data = packed
     env = store.TileStore(path).open()  # the process's shared read-only handle
     kinds = {"constant": 0, "plain": 0, "gzip": 0}
+    positions = set()
     with env.begin() as txn:
         for key, value in txn.cursor():
-            if b"/suv/" in key or b"/ct/" in key or b"/steps/" in key:
-                obj = store.decode(value)
-                if isinstance(obj, dict):
-                    kinds["constant"] += 1
-                else:
+            if key == store.META_KEY or key.endswith(b"/meta"):
+                continue
+            study, *index = key.decode().split("/")
+            positions.add((study, *map(int, index)))
+            record = store.decode(value)
+            assert list(record) == list(store.DTYPES)
+            for tile in record.values():
+                if isinstance(tile, np.ndarray):
                     kinds["gzip" if value[:2] == b"\x1f\x8b" else "plain"] += 1
+                else:
+                    kinds["constant"] += 1
     assert all(kinds.values()), kinds
+    grids = {study: store.tile_grid(arrays[0].shape, (8, 16, 16)) for study, arrays in data.items()}
+    assert positions == {
+        (study, z, y, x)
+        for study, (nz, ny, nx) in grids.items()
+        for z in range(nz)
+        for y in range(ny)
+        for x in range(nx)
+    }
     stored = sum(f.stat().st_size for f in path.iterdir())
     voxels = sum(suv.size for suv, _, _ in data.values())
     assert stored < voxels * 10 * 4 / 4  # far below raw float32 (tiny volumes: LMDB pages)
@@ -156,7 +180,7 @@ def test_float16_overflow_is_clipped_with_a_log(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         path = pack(tmp_path, [tmp_path / "PETCT_hot"])
     assert "PETCT_hot" in caplog.text and "clipped" in caplog.text
-    value = store.TileStore(path).read("PETCT_hot", "suv", (slice(0, 1),) * 3)
+    value = store.TileStore(path).read_patch("PETCT_hot", (slice(0, 1),) * 3)["suv"]
     assert float(value[0, 0, 0]) == 65504.0
 
 
@@ -190,10 +214,10 @@ def test_malicious_pickle_is_refused(packed, tmp_path):
     (path / "data.mdb").write_bytes((source / "data.mdb").read_bytes())
     env = lmdb.open(str(path), subdir=True)
     with env.begin(write=True) as txn:
-        txn.put(b"PETCT_a/ct/0/0/0", payload)
+        txn.put(b"PETCT_a/0/0/0", payload)
     env.close()
     with pytest.raises(StudyError, match=r"study PETCT_a.*refusing to unpickle global"):
-        store.TileStore(path).read("PETCT_a", "ct", (slice(0, 2),) * 3)
+        store.TileStore(path).read_patch("PETCT_a", (slice(0, 2),) * 3)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -203,15 +227,44 @@ def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
     (path / "data.mdb").write_bytes((packed[0] / "data.mdb").read_bytes())
     env = lmdb.open(str(path), subdir=True)
     with env.begin(write=True) as txn:
-        txn.delete(b"PETCT_b/suv/0/1/0")
+        txn.delete(b"PETCT_b/0/1/0")
+        # a record of the wrong shape (e.g. another study's) and one without the step tile
+        record = store.decode(txn.get(b"PETCT_a/0/0/0"))
+        txn.put(b"PETCT_b/0/0/1", store.encode(record, None))
+        txn.put(b"PETCT_b/0/0/0", store.encode({"suv": 0.0, "ct": -1000}, None))
     env.close()
     reader = store.TileStore(path)
-    with pytest.raises(StudyError, match=r"study PETCT_b.*missing tile PETCT_b/suv/0/1/0"):
-        reader.read("PETCT_b", "suv", (slice(0, 9), slice(0, 20), slice(0, 18)))
+    with pytest.raises(StudyError, match=r"study PETCT_b.*missing tile PETCT_b/0/1/0"):
+        reader.read_patch("PETCT_b", (slice(0, 9), slice(16, 20), slice(0, 18)))
+    with pytest.raises(
+        StudyError, match=r"study PETCT_b.*tile PETCT_b/0/0/1: suv is \(8, 16, 16\)"
+    ):
+        reader.read_patch("PETCT_b", (slice(0, 9), slice(0, 1), slice(16, 18)))
+    with pytest.raises(StudyError, match=r"study PETCT_b.*tile PETCT_b/0/0/0: steps is None"):
+        reader.read_patch("PETCT_b", (slice(0, 1),) * 3)
+    np.testing.assert_array_equal(
+        reader.read_patch("PETCT_b", (slice(0, 1),) * 3, {"ct": np.empty((1, 1, 1), np.int16)})[
+            "ct"
+        ],
+        -1000,
+    )
     with pytest.raises(StudyError, match=r"study PETCT_zz.*not in this LMDB"):
-        reader.read("PETCT_zz", "suv", (slice(0, 1),) * 3)
+        reader.read_patch("PETCT_zz", (slice(0, 1),) * 3)
     with pytest.raises(StudyError, match="outside volume"):
-        reader.read("PETCT_b", "suv", (slice(0, 10), slice(0, 1), slice(0, 1)))
+        reader.read_patch("PETCT_b", (slice(0, 10), slice(0, 1), slice(0, 1)))
+
+
+def test_other_format_version_asks_for_a_repack(packed, tmp_path):
+    path = tmp_path / "old.lmdb"
+    path.mkdir()
+    (path / "data.mdb").write_bytes((packed[0] / "data.mdb").read_bytes())
+    env = lmdb.open(str(path), subdir=True)
+    with env.begin(write=True) as txn:
+        meta = store.decode(txn.get(store.META_KEY))
+        txn.put(store.META_KEY, store.encode({**meta, "format_version": 2}, None))
+    env.close()
+    with pytest.raises(store.StoreError, match=r"old.lmdb: format version 2, expected 3.*re-pack"):
+        _ = store.TileStore(path).meta
 
 
 def test_empty_missing_and_corrupt_databases(tmp_path):
@@ -228,16 +281,31 @@ def test_empty_missing_and_corrupt_databases(tmp_path):
         _ = store.TileStore(corrupt).meta
 
 
-def test_encode_tile_choices():
-    constant = np.full((4, 4, 4), -1000, np.int16)
-    assert store.decode(store.encode_tile(constant, "gzip", 1, 0.35)) == {
-        "shape": (4, 4, 4),
-        "fill": -1000,
+def test_encode_record_choices():
+    air = {
+        "suv": np.zeros((4, 16, 16), np.float16),
+        "ct": np.full((4, 16, 16), -1000, np.int16),
+        "steps": np.full((4, 16, 16), 7, np.uint8),
     }
-    noise = np.random.default_rng(0).integers(-1000, 1000, (4, 16, 16)).astype(np.int16)
-    plain = store.encode_tile(noise, "gzip", 1, 0.35)
-    assert plain[:1] == b"\x80"
-    np.testing.assert_array_equal(store.decode(plain), noise)
-    assert store.encode_tile(noise, "gzip", 1, 1.0)[:2] == b"\x1f\x8b"
+    constant = store.encode_record(air, "gzip", 1, 0.35)
+    assert constant[:1] == b"\x80"  # nothing to compress
+    assert store.decode(constant) == {"suv": 0.0, "ct": -1000, "steps": 7}
+    rng = np.random.default_rng(0)
+    noise = rng.integers(-1000, 1000, (4, 16, 16)).astype(np.int16)
+    body = {"suv": noise.astype(np.float16), "ct": noise, "steps": np.zeros_like(noise, np.uint8)}
+    body["steps"][0, 0, 0] = 1
+    plain = store.encode_record(body, "gzip", 1, 0.35)
+    assert plain[:1] == b"\x80"  # noise compresses poorly: all three plain, steps included
+    decoded = store.decode(plain)
+    for name, tile in body.items():
+        np.testing.assert_array_equal(decoded[name], tile)
+        assert decoded[name].dtype == tile.dtype
+    assert store.encode_record(body, "gzip", 1, 1.0)[:2] == b"\x1f\x8b"
+    edge = {**air, "suv": air["suv"].copy()}
+    edge["suv"][1, 2, 3] = 2.5
+    packed = store.encode_record(edge, "gzip", 1, 0.35)
+    assert packed[:2] == b"\x1f\x8b"
+    assert store.decode(packed)["ct"] == -1000
+    np.testing.assert_array_equal(store.decode(packed)["suv"], edge["suv"])
     with pytest.raises(ValueError, match="unsupported codec"):
         store.encode(noise, "lz5")

@@ -123,38 +123,32 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         study, origin, flips = self.sample(index)
-        name = self.studies[study]
-        suv = self._crop(name, "suv", origin, flips, PAD_SUV)
-        hu = self._crop(name, "ct", origin, flips, PAD_HU)
-        steps = self._crop(name, "steps", origin, flips, self.background_steps[study])
-        return {
-            "suv": torch.from_numpy(suv).unsqueeze(0),
-            "ct": torch.from_numpy(hu).unsqueeze(0),
-            "steps": torch.from_numpy(steps).unsqueeze(0),
-            "study": name,
-        }
+        crops = self._crop(study, origin, flips)
+        sample: dict[str, Any] = {n: torch.from_numpy(c).unsqueeze(0) for n, c in crops.items()}
+        sample["study"] = self.studies[study]
+        return sample
 
     def _crop(
-        self,
-        study: str,
-        name: str,
-        origin: tuple[int, int, int],
-        flips: tuple[bool, bool, bool],
-        pad: float,
-    ) -> np.ndarray:
-        """The patch of one volume, flipped and padded, read straight into its final buffer."""
-        shape = self.store.study_meta(study)["shape"]
+        self, study: int, origin: tuple[int, int, int], flips: tuple[bool, bool, bool]
+    ) -> dict[str, np.ndarray]:
+        """The patch of every volume, flipped and padded, read straight into its final buffer
+        (one pass over the tiles for all three volumes)."""
         inside = tuple(
             slice(max(o, 0), min(o + p, n))
-            for o, p, n in zip(origin, self.patch_size, shape, strict=True)
+            for o, p, n in zip(origin, self.patch_size, self.shapes[study], strict=True)
         )
-        out = np.empty(self.patch_size, dtype=DTYPES[name])
-        if any(s.stop - s.start != p for s, p in zip(inside, self.patch_size, strict=True)):
-            out.fill(pad)
-        flipped = out[tuple(slice(None, None, -1 if f else 1) for f in flips)]
+        padded = any(s.stop - s.start != p for s, p in zip(inside, self.patch_size, strict=True))
+        flip = tuple(slice(None, None, -1 if f else 1) for f in flips)
         region = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin, strict=True))
-        self.store.read(study, name, inside, out=flipped[region])
-        return out
+        fills = {"suv": PAD_SUV, "ct": PAD_HU, "steps": self.background_steps[study]}
+        crops, views = {}, {}
+        for name, fill in fills.items():
+            crops[name] = np.empty(self.patch_size, dtype=DTYPES[name])
+            if padded:
+                crops[name].fill(fill)
+            views[name] = crops[name][flip][region]
+        self.store.read_patch(self.studies[study], inside, views)
+        return crops
 
 
 def device_batch(

@@ -1,9 +1,12 @@
 """One split's studies in an LMDB of compressed 3-D tiles, read patch by patch.
 
-Layout (format version 2): every volume (SUV as float16, CT as int16 HU, step map as uint8) is
-cut into tiles of `tile_shape` (z, y, x); each tile is one LMDB value, a compressed pickle of a
-numpy array (compress-pickle, codec configurable), under the key `{study}/{name}/{tz}/{ty}/{tx}`.
-Reading a 32x160x160 patch therefore decompresses only the tiles it touches, never whole slices.
+Layout (format version 3): the volumes of a study (SUV as float16, CT as int16 HU, step map as
+uint8) are cut into tiles of `tile_shape` (z, y, x); the three tiles at one position form one
+LMDB value under the key `{study}/{tz}/{ty}/{tx}`: a compressed pickle (compress-pickle, codec
+configurable) of `{"suv": ..., "ct": ..., "steps": ...}`, each a 3-D array or, for a constant
+tile (air), its value. Reading a 32x160x160 patch therefore decompresses only the tiles it
+touches, never whole slices, and costs one look-up and one unpickle per position for all three
+volumes: per-volume values (version 2) took three, and that was most of the loader's CPU time.
 `{study}/meta` holds the study's shape, spacing, affine, a lesion voxel index and a hot voxel index
 (SUV >= `hot_suv_min` outside lesions: the physiological uptake that crops learn to reject),
 `__meta__` the format version, codec, tile shape, dtypes, normalisation and target settings; both
@@ -25,7 +28,7 @@ import lzma
 import os
 import pickle
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,7 +45,7 @@ from stepseg.errors import StudyError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: study metadata gained the hot voxel index
+FORMAT_VERSION = 3  # 2: study metadata gained the hot voxel index; 3: one value per tile position
 META_KEY = b"__meta__"
 DTYPES = {"suv": np.float16, "ct": np.int16, "steps": np.uint8}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -114,20 +117,26 @@ def encode(obj: Any, codec: str | None, level: int | None = None) -> bytes:
     return compress_pickle.dumps(obj, compression=codec, pickler_method=PICKLER, **kwargs)
 
 
-def encode_tile(tile: np.ndarray, codec: str | None, level: int | None, max_ratio: float) -> bytes:
-    """One tile's value: constant tiles as `{"shape", "fill"}`, tiles that compress to more than
-    `max_ratio` of their size as plain pickles, others compressed with `codec`.
+def encode_record(
+    tiles: Mapping[str, np.ndarray], codec: str | None, level: int | None, max_ratio: float
+) -> bytes:
+    """The value of one tile position: `{name: tile}` with constant tiles replaced by their value
+    (a Python number), compressed with `codec` if that takes it to at most `max_ratio` of the
+    plain pickle, else a plain pickle.
 
-    Inflating a tile that holds body noise takes about 50 times as long as copying it and saves
-    at most half of its bytes; near-constant tiles (air) shrink 20-100x and inflate quickly.
+    Inflating a position that holds body noise takes about 50 times as long as copying it and
+    saves at most half of its bytes; near-constant positions (air) shrink 20-100x and inflate
+    quickly. The choice is made for the position as a whole: a step tile inside the body is then
+    stored plain (it would compress well), which costs some disk but less time than inflating it.
     """
-    flat = tile.reshape(-1)
-    if flat.size and (flat == flat[0]).all():
-        return encode({"shape": tile.shape, "fill": flat[0].item()}, None)
-    plain = encode(tile, None)
-    if codec is None:
+    record: dict[str, Any] = {}
+    for name, tile in tiles.items():
+        flat = tile.reshape(-1)
+        record[name] = flat[0].item() if flat.size and (flat == flat[0]).all() else tile
+    plain = encode(record, None)
+    if codec is None or all(not isinstance(v, np.ndarray) for v in record.values()):
         return plain
-    packed = encode(tile, codec, level)
+    packed = encode(record, codec, level)
     return packed if len(packed) <= max_ratio * len(plain) else plain
 
 
@@ -160,8 +169,8 @@ def tile_grid(shape: Sequence[int], tile_shape: Sequence[int]) -> tuple[int, int
     return (z, y, x)
 
 
-def tile_key(study: str, name: str, index: Sequence[int]) -> bytes:
-    return f"{study}/{name}/{index[0]}/{index[1]}/{index[2]}".encode()
+def tile_key(study: str, index: Sequence[int]) -> bytes:
+    return b"%s/%d/%d/%d" % (study.encode(), index[0], index[1], index[2])
 
 
 def study_meta_key(study: str) -> bytes:
@@ -197,13 +206,11 @@ def pack_split(
                     study, suv_path, ct_path, steps_path, index_max, hot_suv_min, hot_index_max
                 )
                 with env.begin(write=True) as txn:
-                    for name, array in volumes.items():
-                        for index, box in iter_tiles(array.shape, tile_shape):
-                            tile = np.ascontiguousarray(array[box])
-                            txn.put(
-                                tile_key(study, name, index),
-                                encode_tile(tile, codec, level, max_ratio),
-                            )
+                    for index, box in iter_tiles(meta["shape"], tile_shape):
+                        tiles = {n: np.ascontiguousarray(a[box]) for n, a in volumes.items()}
+                        txn.put(
+                            tile_key(study, index), encode_record(tiles, codec, level, max_ratio)
+                        )
                     txn.put(study_meta_key(study), encode(meta, None))
                 log.info(
                     "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
@@ -335,7 +342,7 @@ _ENVIRONMENTS: dict[tuple[str, int], lmdb.Environment] = {}
 
 
 class TileStore:
-    """Read-only access to a packed split: `meta`, `study_meta(study)`, `read(study, name, box)`.
+    """Read-only access to a packed split: `meta`, `study_meta(study)`, `read_patch(study, box)`.
 
     The LMDB environment is opened lazily, read-only and without a lock file, once per process:
     a store created in the parent and used in a forked DataLoader worker opens its own handle.
@@ -343,6 +350,7 @@ class TileStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._realpath = os.path.realpath(self.path)
         self._meta: dict[str, Any] | None = None
         self._study_meta: dict[str, dict[str, Any]] = {}
 
@@ -352,7 +360,7 @@ class TileStore:
         One handle per (directory, process) is shared by all stores: LMDB refuses to open the
         same environment twice in one process.
         """
-        key = (os.path.realpath(self.path), os.getpid())
+        key = (self._realpath, os.getpid())
         env = _ENVIRONMENTS.get(key)
         if env is None:
             for inherited in [k for k in _ENVIRONMENTS if k[0] == key[0]]:
@@ -377,7 +385,7 @@ class TileStore:
 
     def close(self) -> None:
         """Close this process's handle (e.g. before forking workers); reopened on next use."""
-        env = _ENVIRONMENTS.pop((os.path.realpath(self.path), os.getpid()), None)
+        env = _ENVIRONMENTS.pop((self._realpath, os.getpid()), None)
         if env is not None:
             env.close()
 
@@ -398,7 +406,11 @@ class TileStore:
             meta = self._decode_or_fail(data, "__meta__ record")
             if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
                 version = meta.get("format_version") if isinstance(meta, dict) else None
-                raise StoreError(self.path, f"format version {version}, expected {FORMAT_VERSION}")
+                raise StoreError(
+                    self.path,
+                    f"format version {version}, expected {FORMAT_VERSION}: written by another "
+                    "stepseg version; delete it and re-pack (the pack rule rebuilds it)",
+                )
             self._meta = meta
         return self._meta
 
@@ -426,51 +438,86 @@ class TileStore:
             self._study_meta[study] = self._decode_or_fail(data, "metadata record", study)
         return self._study_meta[study]
 
-    def read(self, study: str, name: str, box: Box, out: np.ndarray | None = None) -> np.ndarray:
-        """The voxels of `box` (three slices inside the volume) of volume `name` of `study`.
+    def read_patch(
+        self, study: str, box: Box, outs: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The voxels of `box` (three slices inside the volume) of the volumes of `study`.
 
-        `out` (optional) receives them; it may be any view, e.g. a flipped one, so a loader
-        gets flips and padding without another copy.
+        `outs` maps volume names to the arrays that receive them (all three are read when it is
+        None); each may be any view, e.g. a flipped one, so a loader gets flips and padding
+        without another copy. Every tile position is looked up and unpickled once for all the
+        volumes, and its source and destination slices are computed once.
         """
-        if name not in DTYPES:
-            raise KeyError(f"unknown volume {name!r}; stored: {sorted(DTYPES)}")
         shape = self.study_meta(study)["shape"]
-        starts = [s.start for s in box]
-        stops = [s.stop for s in box]
-        if any(a < 0 or b > n or a >= b for a, b, n in zip(starts, stops, shape, strict=True)):
+        extent = tuple(s.stop - s.start for s in box)
+        if any(
+            s.start < 0 or s.stop > n or s.start >= s.stop for s, n in zip(box, shape, strict=True)
+        ):
             raise StudyError(study, f"box {box} outside volume {shape}", self.path)
-        tile_shape = self.meta["tile_shape"]
-        extent = tuple(b - a for a, b in zip(starts, stops, strict=True))
-        if out is None:
-            out = np.empty(extent, dtype=DTYPES[name])
-        elif out.shape != extent or out.dtype != DTYPES[name]:
-            raise ValueError(f"out has {out.shape} {out.dtype}, need {extent} {DTYPES[name]}")
-        first = [a // t for a, t in zip(starts, tile_shape, strict=True)]
-        last = [(b - 1) // t for b, t in zip(stops, tile_shape, strict=True)]
+        if outs is None:
+            outs = {name: np.empty(extent, dtype) for name, dtype in DTYPES.items()}
+        for name, out in outs.items():
+            if name not in DTYPES:
+                raise KeyError(f"unknown volume {name!r}; stored: {sorted(DTYPES)}")
+            if out.shape != extent or out.dtype != DTYPES[name]:
+                raise ValueError(
+                    f"{name} out has {out.shape} {out.dtype}, need {extent} {DTYPES[name]}"
+                )
+        targets = [(name, out, np.dtype(DTYPES[name])) for name, out in outs.items()]
+        zs, ys, xs = (
+            _axis_tiles(s.start, s.stop, t, n)
+            for s, t, n in zip(box, self.meta["tile_shape"], shape, strict=True)
+        )
+        prefix = study.encode()
         try:
-            with self.open().begin(buffers=True) as txn:
-                for index in itertools.product(
-                    *(range(f, e + 1) for f, e in zip(first, last, strict=True))
-                ):
-                    key = tile_key(study, name, index)
+            with self.open().begin(buffers=False) as txn:
+                for (iz, *z), (iy, *y), (ix, *x) in itertools.product(zs, ys, xs):
+                    key = b"%s/%d/%d/%d" % (prefix, iz, iy, ix)
                     data = txn.get(key)
                     if data is None:
                         raise StudyError(study, f"missing tile {key.decode()}", self.path)
-                    tile = self._decode_or_fail(data, f"tile {key.decode()}", study)
-                    constant = isinstance(tile, dict)
-                    if not constant and not (isinstance(tile, np.ndarray) and tile.ndim == 3):
-                        self._fail(study, f"tile {key.decode()} is not a 3-D tile")
-                    tile_extent = tile["shape"] if constant else tile.shape
-                    origin = [i * t for i, t in zip(index, tile_shape, strict=True)]
-                    src = tuple(
-                        slice(max(a - o, 0), min(b - o, t))
-                        for a, b, o, t in zip(starts, stops, origin, tile_extent, strict=True)
-                    )
-                    dst = tuple(
-                        slice(s.start + o - a, s.stop + o - a)
-                        for s, o, a in zip(src, origin, starts, strict=True)
-                    )
-                    out[dst] = tile["fill"] if constant else tile[src]
+                    record = self._decode_or_fail(data, f"tile {key.decode()}", study)
+                    self._fill(study, key, record, tuple(zip(z, y, x, strict=True)), targets)
         except lmdb.Error as exc:
             raise StudyError(study, f"cannot read tiles ({exc})", self.path) from exc
-        return out
+        return dict(outs)
+
+    def _fill(
+        self,
+        study: str,
+        key: bytes,
+        record: Any,
+        geometry: tuple[tuple[slice, ...], tuple[slice, ...], tuple[int, ...]],
+        targets: list[tuple[str, np.ndarray, np.dtype]],
+    ) -> None:
+        """Copy one tile position into the outputs; `geometry` is (source slices in the tile,
+        destination slices in the output, the tile's shape)."""
+        src, dst, size = geometry
+        tiles = record if type(record) is dict else {}
+        for name, out, dtype in targets:
+            tile = tiles.get(name)
+            if type(tile) is np.ndarray and tile.shape == size and tile.dtype == dtype:
+                out[dst] = tile[src]
+            elif isinstance(tile, int | float):
+                out[dst] = tile
+            else:
+                what = f"{tile.shape} {tile.dtype}" if type(tile) is np.ndarray else repr(tile)
+                self._fail(study, f"tile {key.decode()}: {name} is {what}, not {size} {dtype}")
+
+
+def _axis_tiles(start: int, stop: int, tile: int, n: int) -> list[tuple[int, slice, slice, int]]:
+    """Along one axis, for every tile that [start, stop) touches: its index, the slice of it that
+    is read, where that goes in the output, and the tile's length (shorter at the volume end)."""
+    tiles = []
+    for index in range(start // tile, (stop - 1) // tile + 1):
+        origin = index * tile
+        src = slice(max(start - origin, 0), min(stop - origin, tile))
+        tiles.append(
+            (
+                index,
+                src,
+                slice(origin + src.start - start, origin + src.stop - start),
+                min(tile, n - origin),
+            )
+        )
+    return tiles
