@@ -469,15 +469,20 @@ class TileStore:
             for s, t, n in zip(box, self.meta["tile_shape"], shape, strict=True)
         )
         prefix = study.encode()
+        positions = [  # (key, source slices in the tile, destination slices, tile shape)
+            (b"%s/%d/%d/%d" % (prefix, z[0], y[0], x[0]), *zip(z[1:], y[1:], x[1:], strict=True))
+            for z in zs
+            for y in ys
+            for x in xs
+        ]
         try:
             with self.open().begin(buffers=False) as txn:
-                for (iz, *z), (iy, *y), (ix, *x) in itertools.product(zs, ys, xs):
-                    key = b"%s/%d/%d/%d" % (prefix, iz, iy, ix)
+                for key, src, dst, size in positions:
                     data = txn.get(key)
                     if data is None:
                         raise StudyError(study, f"missing tile {key.decode()}", self.path)
                     record = self._decode_or_fail(data, f"tile {key.decode()}", study)
-                    self._fill(study, key, record, tuple(zip(z, y, x, strict=True)), targets)
+                    self._fill(study, key, record, (src, dst, size), targets)
         except lmdb.Error as exc:
             raise StudyError(study, f"cannot read tiles ({exc})", self.path) from exc
         return dict(outs)
