@@ -1,3 +1,8 @@
 """stepseg: step-by-step whole-body FDG-PET/CT lesion segmentation (autoPET 2022)."""
 
 __version__ = "0.1.0"
+
+# The LMDB layout written by `stepseg.store` (2: study metadata gained the hot voxel index; 3: one
+# value per tile position). Here, not in the store module, so that the workflow can hand it to the
+# pack rule as a parameter without importing numpy and lmdb: a new layout re-packs by itself.
+LMDB_FORMAT_VERSION = 3

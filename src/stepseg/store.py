@@ -40,13 +40,13 @@ import numpy as np
 from compress_pickle.picklers.base import BasePicklerIO
 from compress_pickle.picklers.registry import get_known_picklers, register_pickler
 
-from stepseg import nifti
+from stepseg import LMDB_FORMAT_VERSION, nifti
 from stepseg.atomic import atomic_dir
 from stepseg.errors import StudyError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 2: study metadata gained the hot voxel index; 3: one value per tile position
+FORMAT_VERSION = LMDB_FORMAT_VERSION
 META_KEY = b"__meta__"
 DTYPES = {"suv": np.float16, "ct": np.int16, "steps": np.uint8}
 FLOAT16_MAX = float(np.finfo(np.float16).max)

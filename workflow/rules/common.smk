@@ -1,5 +1,6 @@
 import functools
 import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -17,6 +18,11 @@ os.environ.update(
         [str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
 )
+
+# The workflow itself reads the manifest and the LMDB format with the same package, also when
+# Snakemake runs from an environment without stepseg installed (e.g. conda's snakemake).
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+import stepseg  # noqa: E402  (the bare package: no numpy, no torch)
 
 SPLITS = ["train", "val", "test"]
 EVAL_SPLITS = ["val", "test"]

@@ -21,5 +21,7 @@ rule pack:
         studies=lambda wc: studies(wc.split),
         pack=config["pack"],
         targets=config["targets"],
+        # a new LMDB layout in the code re-packs (the code trigger sees only the entry script)
+        store_format=stepseg.LMDB_FORMAT_VERSION,
     script:
         "../scripts/pack.py"
