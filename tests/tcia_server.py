@@ -368,13 +368,18 @@ def _handler_for(server: NbiaTestServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if fault is not None and fault.kind in ("cut", "stall"):
                 end = min(end, start + fault.at)
+            # Counted before sending: a client that got every byte may check the count before
+            # this thread runs again; a short send (client gone) takes the rest back afterwards.
+            with server._lock:
+                server.bytes_sent[uid] += end - start
             with open(path, "rb") as handle:
                 try:
                     sent = self.connection.sendfile(handle, start, end - start)
                 except (BrokenPipeError, ConnectionResetError):
                     sent = 0
-            with server._lock:
-                server.bytes_sent[uid] += sent
+            if sent != end - start:
+                with server._lock:
+                    server.bytes_sent[uid] -= end - start - sent
             if fault is not None and fault.kind == "stall":
                 if fault.seconds is None:
                     server._released.wait()
