@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from stepseg import data, nifti, store, targets
+from stepseg.distributed import DistContext
 
 AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
 PATCH = (8, 24, 24)
+CPU = torch.device("cpu")
 COMPACT = {"suv": torch.float16, "ct": torch.int16, "steps": torch.uint8}  # as stored
 
 
@@ -209,6 +211,33 @@ def test_deterministic_across_workers_and_epochs(split):
     assert [dataset.sample(i) for i in range(8)] != first
     dataset.set_epoch(0)
     assert [dataset.sample(i) for i in range(8)] == first
+
+
+def test_worker_batches_are_read_in_shared_memory_and_split_over_ranks(split):
+    """A worker reads a whole batch into shared tensors (no collation copy); each DDP rank's
+    loader gives its contiguous share of every global batch, the same samples as one process."""
+    path, _ = split
+    dataset = data.PatchDataset(path, PATCH, 10, 2.0, 0.5, seed=6)
+    batches = list(data.make_loader(dataset, batch_size=4, num_workers=2))
+    assert [len(b["study"]) for b in batches] == [4, 4, 2]
+    assert all(b[key].is_shared() for b in batches for key in COMPACT)
+    for start, batch in zip(range(0, 10, 4), batches, strict=True):
+        for k, index in enumerate(range(start, min(start + 4, 10))):
+            sample = dataset[index]
+            assert batch["study"][k] == sample["study"]
+            for key in COMPACT:
+                assert torch.equal(batch[key][k], sample[key])
+    shares = [
+        list(data.make_loader(dataset, 4, num_workers=1, ctx=DistContext(rank, 2, rank, CPU)))
+        for rank in range(2)
+    ]
+    for rank, share in enumerate(shares):
+        for batch, whole in zip(share, batches, strict=True):
+            half = len(whole["study"]) // 2
+            mine = slice(rank * half, (rank + 1) * half)
+            assert batch["study"] == whole["study"][mine]
+            for key in COMPACT:
+                assert torch.equal(batch[key], whole[key][mine])
 
 
 def test_released_code_preset_and_expansion_of_a_batch(tmp_path):

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from stepseg.distributed import DistContext, rank_batches
 from stepseg.normalize import normalize_batch
 from stepseg.store import DTYPES, TileStore
 from stepseg.targets import Preset, preset_from_settings
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 PAD_SUV = 0.0
 PAD_HU = -1024
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+TORCH_DTYPES = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, dtype in DTYPES.items()}
+SINGLE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 class PatchDataset(Dataset):
@@ -122,17 +126,36 @@ class PatchDataset(Dataset):
         return study, (origin[0], origin[1], origin[2]), flips
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        study, origin, flips = self.sample(index)
-        crops = self._crop(study, origin, flips)
-        sample: dict[str, Any] = {n: torch.from_numpy(c).unsqueeze(0) for n, c in crops.items()}
-        sample["study"] = self.studies[study]
-        return sample
+        """One sample: `{"suv", "ct", "steps": (1, D, H, W), "study": str}`."""
+        batch = self.__getitems__([index])
+        return {**{name: batch[name][0] for name in DTYPES}, "study": batch["study"][0]}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The samples `indices` as one batch, each patch read straight into its slice.
+
+        The DataLoader calls this with a whole batch of indices. In a worker the batch tensors
+        are allocated once in shared memory, so they cross to the main process without another
+        copy: the default per-sample buffers and their collation copy cost more CPU than
+        reading the tiles (bench/loader.py).
+        """
+        shape = (len(indices), 1, *self.patch_size)
+        batch = {name: _batch_tensor(shape, dtype) for name, dtype in TORCH_DTYPES.items()}
+        studies = []
+        for k, index in enumerate(indices):
+            study, origin, flips = self.sample(index)
+            self._crop(study, origin, flips, {n: t[k, 0].numpy() for n, t in batch.items()})
+            studies.append(self.studies[study])
+        return {**batch, "study": studies}
 
     def _crop(
-        self, study: int, origin: tuple[int, int, int], flips: tuple[bool, bool, bool]
-    ) -> dict[str, np.ndarray]:
-        """The patch of every volume, flipped and padded, read straight into its final buffer
-        (one pass over the tiles for all three volumes)."""
+        self,
+        study: int,
+        origin: tuple[int, int, int],
+        flips: tuple[bool, bool, bool],
+        outs: Mapping[str, np.ndarray],
+    ) -> None:
+        """Write the patch of every volume, flipped and padded, into `outs` (one pass over the
+        tiles for all three volumes)."""
         inside = tuple(
             slice(max(o, 0), min(o + p, n))
             for o, p, n in zip(origin, self.patch_size, self.shapes[study], strict=True)
@@ -141,14 +164,29 @@ class PatchDataset(Dataset):
         flip = tuple(slice(None, None, -1 if f else 1) for f in flips)
         region = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin, strict=True))
         fills = {"suv": PAD_SUV, "ct": PAD_HU, "steps": self.background_steps[study]}
-        crops, views = {}, {}
+        views = {}
         for name, fill in fills.items():
-            crops[name] = np.empty(self.patch_size, dtype=DTYPES[name])
             if padded:
-                crops[name].fill(fill)
-            views[name] = crops[name][flip][region]
+                outs[name].fill(fill)
+            views[name] = outs[name][flip][region]
         self.store.read_patch(self.studies[study], inside, views)
-        return crops
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker, in shared memory.
+
+    Allocated in shared memory directly, as torch's own collation does: `share_memory_()` on a
+    fresh tensor would copy it there, touching twice the pages.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """Collation of a batch `PatchDataset.__getitems__` already assembled: none."""
+    return batch
 
 
 def device_batch(
@@ -190,16 +228,23 @@ def keep_freed_memory() -> None:
 
 
 def make_loader(
-    dataset: PatchDataset, batch_size: int, num_workers: int, pin_memory: bool = False
+    dataset: PatchDataset,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    ctx: DistContext | None = None,
 ) -> DataLoader:
-    """A DataLoader over `dataset` in index order (each index is already a random draw).
+    """Batches of `batch_size` consecutive indices of `dataset` (each index is already a random
+    draw); with the `ctx` of a DDP rank, that rank's share of each of them (`rank_batches`).
 
-    Workers are not persistent, so each epoch's workers see the epoch set by `set_epoch`.
+    Each batch is read whole by one worker (`PatchDataset.__getitems__`). Workers are not
+    persistent, so each epoch's workers see the epoch set by `set_epoch`.
     """
+    batches = rank_batches(len(dataset), batch_size, ctx or SINGLE_PROCESS)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=batches,
+        collate_fn=_as_is,
         num_workers=num_workers,
         worker_init_fn=worker_init_fn if num_workers else None,
         pin_memory=pin_memory,

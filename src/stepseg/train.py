@@ -296,15 +296,12 @@ def _rank_loader(
     dataset: data.PatchDataset, cfg: Mapping[str, Any], ctx: distributed.DistContext
 ) -> DataLoader:
     """Training batches of this rank: its share of each global batch of `batch_size`."""
-    if not ctx.distributed:
-        return _loader(dataset, cfg, ctx.device)
-    workers = int(cfg["num_workers"])
-    return DataLoader(
+    return data.make_loader(
         dataset,
-        batch_sampler=distributed.rank_batches(len(dataset), int(cfg["batch_size"]), ctx),
-        num_workers=workers,
-        worker_init_fn=data.worker_init_fn if workers else None,
+        int(cfg["batch_size"]),
+        int(cfg["num_workers"]),
         pin_memory=ctx.device.type == "cuda",
+        ctx=ctx,
     )
 
 
