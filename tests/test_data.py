@@ -1,5 +1,8 @@
 """PatchDataset: crops equal the NIfTI data, padding, flips, sampling, determinism, batches."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -238,6 +241,33 @@ def test_worker_batches_are_read_in_shared_memory_and_split_over_ranks(split):
             assert batch["study"] == whole["study"][mine]
             for key in COMPACT:
                 assert torch.equal(batch[key], whole[key][mine])
+
+
+def shm_path(tensor: torch.Tensor) -> str:
+    """The shared-memory file behind a tensor received from a worker."""
+    fd, _ = tensor.untyped_storage()._share_fd_cpu_()
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_worker_storages_are_reused_only_after_the_main_process_let_go(split):
+    """Batches the consumer drops come back in the same shared memory; batches it keeps are
+    never overwritten, however many follow."""
+    path, _ = split
+    dataset = data.PatchDataset(path, PATCH, 40, 2.0, 0.5, seed=8)
+    expected = [dataset.__getitems__([i, i + 1]) for i in range(0, 40, 2)]
+    paths = []
+    for batch, reference in zip(data.make_loader(dataset, 2, 1), expected, strict=True):
+        paths.append(shm_path(batch["suv"]))
+        for key in COMPACT:
+            assert torch.equal(batch[key], reference[key])
+    assert len(set(paths)) <= data.PREFETCH_FACTOR + 3 < len(paths)
+    kept = list(data.make_loader(dataset, 2, 1))
+    assert len({shm_path(batch["suv"]) for batch in kept}) == len(kept)
+    for batch, reference in zip(kept, expected, strict=True):
+        assert batch["study"] == reference["study"]
+        for key in COMPACT:
+            assert torch.equal(batch[key], reference[key])
 
 
 def test_released_code_preset_and_expansion_of_a_batch(tmp_path):

@@ -31,7 +31,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ PAD_SUV = 0.0
 PAD_HU = -1024
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 TORCH_DTYPES = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, dtype in DTYPES.items()}
+PREFETCH_FACTOR = 4  # batches in flight per worker
 SINGLE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
@@ -82,6 +85,7 @@ class PatchDataset(Dataset):
         self.seed = int(seed)
         self.flips = flips
         self.epoch = 0
+        self.buffers: BatchBuffers | None = None  # set in workers by `worker_init_fn`
         self.preset: Preset = preset_from_settings(self.store.meta["targets"])
         self.studies = self.store.studies
         metas = [self.store.study_meta(study) for study in self.studies]
@@ -133,13 +137,19 @@ class PatchDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
         """The samples `indices` as one batch, each patch read straight into its slice.
 
-        The DataLoader calls this with a whole batch of indices. In a worker the batch tensors
-        are allocated once in shared memory, so they cross to the main process without another
-        copy: the default per-sample buffers and their collation copy cost more CPU than
-        reading the tiles (bench/loader.py).
+        The DataLoader calls this with a whole batch of indices. The three volumes share one
+        storage; in a worker of `make_loader` it is a reused shared-memory storage
+        (`BatchBuffers`), so the batch crosses to the main process without a copy and without
+        fresh pages: per-sample buffers, their collation copy and fresh shared memory cost
+        more CPU than reading the tiles (bench/loader.py).
         """
         shape = (len(indices), 1, *self.patch_size)
-        batch = {name: _batch_tensor(shape, dtype) for name, dtype in TORCH_DTYPES.items()}
+        nbytes = math.prod(shape) * sum(dtype.itemsize for dtype in TORCH_DTYPES.values())
+        storage = self.buffers.storage(nbytes) if self.buffers else torch.UntypedStorage(nbytes)
+        batch, offset = {}, 0
+        for name, dtype in TORCH_DTYPES.items():  # one storage, the volumes one after another
+            batch[name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+            offset += math.prod(shape) * dtype.itemsize
         studies = []
         for k, index in enumerate(indices):
             study, origin, flips = self.sample(index)
@@ -172,16 +182,54 @@ class PatchDataset(Dataset):
         self.store.read_patch(self.studies[study], inside, views)
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker, in shared memory.
+class BatchBuffers:
+    """A DataLoader worker's batch storages in shared memory, reused once the main process has
+    let go of them.
 
-    Allocated in shared memory directly, as torch's own collation does: `share_memory_()` on a
-    fresh tensor would copy it there, touching twice the pages.
+    Fresh shared memory costs as much CPU as reading the patches into it (the kernel allocates
+    and zeroes every page, about 1 ms per MB), and tensors in shared memory cross to the main
+    process without a copy. A storage is reused only when (1) the main process has surely
+    received it: a worker's task is sent only after the main process has handed out every batch
+    `prefetch_factor` of that worker's tasks older (the DataLoader deals tasks round-robin and
+    keeps `prefetch_factor` per worker in flight), and (2) the main process no longer maps it
+    (/proc/<pid>/maps): nothing there holds any tensor of that batch, whatever the consumer does.
     """
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+    def __init__(self, main_pid: int, min_age: int) -> None:
+        self.maps = Path(f"/proc/{main_pid}/maps")
+        self.min_age = min_age
+        self.task = 0
+        self.buffers: list[tuple[int, str, torch.UntypedStorage]] = []  # (last task, path, -)
+
+    @staticmethod
+    def supported(main_pid: int) -> bool:
+        """Storages shared by file descriptor, and the main process's mappings readable."""
+        strategy = torch.multiprocessing.get_sharing_strategy()
+        return strategy == "file_descriptor" and os.access(f"/proc/{main_pid}/maps", os.R_OK)
+
+    def storage(self, nbytes: int) -> torch.UntypedStorage:
+        """A shared storage of `nbytes` for the worker's next task."""
+        self.task += 1
+        free = [
+            k
+            for k, (task, _, storage) in enumerate(self.buffers)
+            if self.task - task >= self.min_age and storage.nbytes() == nbytes
+        ]
+        if free:
+            mapped = self._mapped_by_main()
+            for k in free:
+                _, path, storage = self.buffers[k]
+                if path not in mapped:
+                    self.buffers[k] = (self.task, path, storage)
+                    return storage
+        storage = torch.UntypedStorage._new_shared(nbytes)  # as torch's collation: no copy
+        fd, _ = storage._share_fd_cpu_()
+        self.buffers.append((self.task, os.readlink(f"/proc/self/fd/{fd}"), storage))
+        return storage
+
+    def _mapped_by_main(self) -> set[str]:
+        lines = (line.split(maxsplit=5) for line in self.maps.read_text().splitlines())
+        return {fields[5] for fields in lines if len(fields) == 6}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -203,12 +251,16 @@ def device_batch(
     return normalize_batch(suv, hu), steps
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """Per worker: keep freed memory for reuse, open the read-only LMDB handle once."""
+def worker_init_fn(worker_id: int, main_pid: int | None = None) -> None:
+    """Per worker: keep freed memory for reuse, open the read-only LMDB handle once and, when
+    the worker's parent is `main_pid` (the process that built the loader iterates it, workers
+    forked or spawned from it), reuse the batch storages that process let go of."""
     keep_freed_memory()
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, PatchDataset):
         info.dataset.store.open()
+        if main_pid == os.getppid() and BatchBuffers.supported(main_pid):
+            info.dataset.buffers = BatchBuffers(main_pid, min_age=PREFETCH_FACTOR + 1)
 
 
 def keep_freed_memory() -> None:
@@ -246,8 +298,8 @@ def make_loader(
         batch_sampler=batches,
         collate_fn=_as_is,
         num_workers=num_workers,
-        worker_init_fn=worker_init_fn if num_workers else None,
+        worker_init_fn=partial(worker_init_fn, main_pid=os.getpid()) if num_workers else None,
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=PREFETCH_FACTOR if num_workers else None,
     )
