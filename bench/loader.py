@@ -8,11 +8,14 @@ inside the body (CT about 15 HU; PET multiplicative noise smoothed like a recons
 spherical lesions in half of the studies. Pure noise would not compress at all and an empty
 phantom would compress trivially; real scans sit in between, like these.
 
-Measures, in one run: patches per second of `stepseg.data.PatchDataset` (2 workers; it ships
-the crops as stored, SUV float16 + HU int16 + steps uint8), of a naive loader (nibabel loads the
-.nii.gz files, crops and normalises, same DataLoader) and of MONAI `LoadImaged +
-RandSpatialCropd`, and as a ceiling the same DataLoader moving ready-made tensors of our payload
-(collation and inter-process transfer alone, no reading); the bytes per voxel each moves from
+Measures, in one run: patches per second of `stepseg.data.make_loader` exactly as training
+builds it (2 workers; each reads whole batches of crops as stored, SUV float16 + HU int16 +
+steps uint8, into reused shared memory), of a naive loader (nibabel loads the .nii.gz files,
+crops and normalises, default DataLoader) and of MONAI `LoadImaged + RandSpatialCropd`; as a
+ceiling the same loader with the tile reads left out (sampling, batch storages, inter-process
+transfer: everything else it does), and torch's default batching of ready-made tensors of our
+payload (per-sample tensors, collation copy into fresh shared memory, transfer; no reading:
+what our loader used before it read batches itself); the bytes per voxel each moves from
 its workers to the main process; the CPU cost per patch of the work done where the network runs
 (`data.device_batch` normalisation + 8-channel `targets.expand`; on a GPU it costs the host
 nothing); bytes on disk of our LMDB, of the NIfTI files and of what the original stored
@@ -131,8 +134,15 @@ class NaiveDataset(Dataset):
         return {"image": image, "steps": steps}
 
 
-class TransferOnly(Dataset):
-    """Ready-made samples of our payload: what the DataLoader's collation and IPC alone allow."""
+class TransferOnly(data.PatchDataset):
+    """Our loader without the tile reads: what sampling, batch storages and transfer cost."""
+
+    def _crop(self, study, origin, flips, outs) -> None:
+        """Leaves the batch storage as it is."""
+
+
+class DefaultBatching(Dataset):
+    """Ready-made samples of our payload, batched by torch's default collation."""
 
     def __init__(self, patch: tuple[int, int, int], n: int) -> None:
         self.patch, self.n = patch, n
@@ -278,10 +288,12 @@ def main() -> None:
         n_ours = args.batches * args.batch + 4 * args.batch
         dataset = data.PatchDataset(lmdb_path, patch, n_ours, 2.0, 0.5, seed=0)
         ours = rate(data.make_loader(dataset, args.batch, args.workers), args.batches, 4)
-        ceiling_loader = DataLoader(
-            TransferOnly(patch, n_ours), batch_size=args.batch, num_workers=args.workers
+        transfer = TransferOnly(lmdb_path, patch, n_ours, 2.0, 0.5, seed=0)
+        ceiling = rate(data.make_loader(transfer, args.batch, args.workers), args.batches, 4)
+        default_loader = DataLoader(
+            DefaultBatching(patch, n_ours), batch_size=args.batch, num_workers=args.workers
         )
-        ceiling = rate(ceiling_loader, args.batches, 4)
+        default = rate(default_loader, args.batches, 4)
         n_slow = (args.slow_batches + 1) * args.batch
         naive_loader = DataLoader(
             NaiveDataset(folders, patch, n_slow), batch_size=args.batch, num_workers=args.workers
@@ -319,17 +331,18 @@ def main() -> None:
             f"pack {pack_seconds:.0f} s"
         )
         print(
-            f"{'loader':<36}{'patches/s':>10}{'vs naive':>10}{'bytes/voxel':>13}"
+            f"{'loader':<40}{'patches/s':>10}{'vs naive':>10}{'bytes/voxel':>13}"
             f"{'CPU ms/patch':>14}"
         )
         for name, value in (
-            ("stepseg PatchDataset (LMDB)", ours),
-            ("DataLoader transfer only (ceiling)", ceiling),
+            ("stepseg make_loader (LMDB)", ours),
+            ("same without tile reads (ceiling)", ceiling),
+            ("torch default batching, no reading", default),
             ("naive nibabel + crop + normalise", naive),
             ("MONAI LoadImaged+RandSpatialCropd", monai),
         ):
             print(
-                f"{name:<36}{value.patches_per_s:>10.1f}"
+                f"{name:<40}{value.patches_per_s:>10.1f}"
                 f"{value.patches_per_s / naive.patches_per_s:>9.1f}x"
                 f"{value.bytes_per_voxel:>13.0f}{value.cpu_ms:>14.1f}"
             )
@@ -341,8 +354,8 @@ def main() -> None:
             f"would give {1000 * cores / ours.cpu_ms:.0f}/s.\n"
             "CPU ms/patch: of the main process and its workers while timed; other jobs' load "
             "slows patches/s much more than this.\n"
-            "bytes/voxel: what crosses from the workers to the main process. Ours and the "
-            "ceiling: the stored SUV float16 + HU int16\n"
+            "bytes/voxel: what crosses from the workers to the main process. Ours, the "
+            "ceiling and default batching: the stored SUV float16 + HU int16\n"
             "+ steps uint8, normalised where the network runs. Naive: the normalised float32 "
             "[PET, CT] image + uint8 steps,\n"
             "as a user's first loader would return them. MONAI: LoadImaged's float32 SUV, CT "

@@ -18,12 +18,17 @@ the whole-image channel covers all air, so this keeps the outermost target consi
 the network sees; padding with 255 would instead teach it to switch that channel off in air.
 
 A sample is the crop exactly as stored: `{"suv": float16, "ct": int16 HU, "steps": uint8, each
-(1, D, H, W), "study": str}`, 5 bytes a voxel. Normalisation and the 8 target channels are
-computed from these where the network runs (`device_batch`, then `targets.expand`): on a GPU
-they cost the host nothing, and the batch crossing from the workers to the main process and on
-to the device is 5 bytes a voxel rather than the 9 of a normalised float32 image: on 2 cores
-the DataLoader's inter-process transfer alone costs about as much CPU as reading the patch
-(bench/loader.py), so the size counts.
+(1, D, H, W), "study": str}`, 5 bytes a voxel; the loader's batches are the same with (B, 1, D,
+H, W) tensors and a list of study names. Normalisation and the 8 target channels are computed
+from these where the network runs (`device_batch`, then `targets.expand`): on a GPU they cost
+the host nothing, and the batch crossing from the workers to the main process and on to the
+device is 5 bytes a voxel rather than the 9 of a normalised float32 image.
+
+Moving the bytes costs more than reading them: with torch's default per-sample loading and
+collation, allocating, copying and sharing the batch took about twice the CPU time of reading
+its tiles. So a worker reads a whole batch straight into one shared-memory storage and reuses
+that storage once the main process has let go of it (`make_loader`, `BatchBuffers`); measured
+in bench/loader.py.
 """
 
 from __future__ import annotations
@@ -266,9 +271,9 @@ def worker_init_fn(worker_id: int, main_pid: int | None = None) -> None:
 def keep_freed_memory() -> None:
     """Make glibc reuse freed blocks instead of returning them to the OS.
 
-    Every patch allocates tens of MB of fresh buffers; by default glibc maps large blocks
-    anew each time, and touching fresh pages costs about as much as decoding the patch (a
-    third of the loader's time, measured in bench/loader.py). Other C libraries: no change.
+    Decoding a patch's tiles allocates MBs of temporary buffers; by default glibc maps large
+    blocks anew each time and the fresh pages must be touched again (up to a tenth of the
+    reading time, measured in-process). Other C libraries: no change.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
