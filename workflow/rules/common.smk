@@ -23,6 +23,12 @@ os.environ.update(
 # Snakemake runs from an environment without stepseg installed (e.g. conda's snakemake).
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 import stepseg  # noqa: E402  (the bare package: no numpy, no torch)
+import stepseg.devices  # noqa: E402  (standard library only)
+
+# The GPU rules ask for cards only where this machine has some (/dev/nvidia<k>): on a CPU-only
+# workstation the `gpu` limit of profiles/default would otherwise run them one at a time.
+# profiles/slurm sets the GPU rules' resources itself (the submit host may have no card).
+HAS_GPUS = bool(stepseg.devices.installed_gpus())
 
 SPLITS = ["train", "val", "test"]
 EVAL_SPLITS = ["val", "test"]

@@ -11,9 +11,11 @@ rule infer:
         "results/benchmarks/infer/{trained}/{study}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: 2
+    # one thread: a job is mostly start-up (torch, MONAI), so CPU-only machines run several side by
+    # side; profiles/slurm sets a cluster job's CPUs
+    threads: 1
     resources:
-        gpu=1,
+        gpu=1 if HAS_GPUS else 0,
     params:
         settings=config["infer"],
     script:

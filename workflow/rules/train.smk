@@ -14,7 +14,7 @@ rule train:
     # capped at --cores on a workstation; profiles/slurm sets what a cluster job asks for
     threads: 8
     resources:
-        gpu=lambda wc: variant_settings(wc).get("processes", 1),
+        gpu=lambda wc: variant_settings(wc).get("processes", 1) if HAS_GPUS else 0,
     params:
         settings=variant_settings,
         state_dir=lambda wc: f"results/train_state/{wc.trained}",
