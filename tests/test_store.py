@@ -4,6 +4,7 @@ import gzip
 import logging
 import os
 import pickle
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -200,6 +201,13 @@ def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
     assert not any(p.name.startswith(("train.lmdb", ".train.lmdb")) for p in tmp_path.iterdir())
 
 
+def _writable_copy(source: Path, path: Path) -> tuple[Path, lmdb.Environment]:
+    """A copy of the packed LMDB `source` at `path`, opened for writing (to tamper with)."""
+    path.mkdir()
+    (path / "data.mdb").write_bytes((source / "data.mdb").read_bytes())
+    return path, lmdb.open(str(path), subdir=True)
+
+
 def test_malicious_pickle_is_refused(packed, tmp_path):
     class Exploit:
         def __reduce__(self):
@@ -208,11 +216,7 @@ def test_malicious_pickle_is_refused(packed, tmp_path):
     payload = gzip.compress(pickle.dumps(Exploit(), protocol=5))
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global"):
         store.decode(payload)
-    path = tmp_path / "tampered.lmdb"
-    path.mkdir()
-    source = packed[0]
-    (path / "data.mdb").write_bytes((source / "data.mdb").read_bytes())
-    env = lmdb.open(str(path), subdir=True)
+    path, env = _writable_copy(packed[0], tmp_path / "tampered.lmdb")
     with env.begin(write=True) as txn:
         txn.put(b"PETCT_a/0/0/0", payload)
     env.close()
@@ -222,10 +226,7 @@ def test_malicious_pickle_is_refused(packed, tmp_path):
 
 
 def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
-    path = tmp_path / "holey.lmdb"
-    path.mkdir()
-    (path / "data.mdb").write_bytes((packed[0] / "data.mdb").read_bytes())
-    env = lmdb.open(str(path), subdir=True)
+    path, env = _writable_copy(packed[0], tmp_path / "holey.lmdb")
     with env.begin(write=True) as txn:
         txn.delete(b"PETCT_b/0/1/0")
         # a record of the wrong shape (e.g. another study's) and one without the step tile
@@ -255,10 +256,7 @@ def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
 
 
 def test_other_format_version_asks_for_a_repack(packed, tmp_path):
-    path = tmp_path / "old.lmdb"
-    path.mkdir()
-    (path / "data.mdb").write_bytes((packed[0] / "data.mdb").read_bytes())
-    env = lmdb.open(str(path), subdir=True)
+    path, env = _writable_copy(packed[0], tmp_path / "old.lmdb")
     with env.begin(write=True) as txn:
         meta = store.decode(txn.get(store.META_KEY))
         txn.put(store.META_KEY, store.encode({**meta, "format_version": 2}, None))

@@ -286,21 +286,18 @@ def covering_samples(lmdb_path: str | Path, patch_size: Sequence[int]) -> int:
     return math.ceil(voxels / math.prod(patch_size))
 
 
-def _loader(dataset: data.PatchDataset, cfg: Mapping[str, Any], device: torch.device) -> DataLoader:
-    return data.make_loader(
-        dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), pin_memory=device.type == "cuda"
-    )
-
-
-def _rank_loader(
-    dataset: data.PatchDataset, cfg: Mapping[str, Any], ctx: distributed.DistContext
+def _loader(
+    dataset: data.PatchDataset,
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    ctx: distributed.DistContext | None = None,
 ) -> DataLoader:
-    """Training batches of this rank: its share of each global batch of `batch_size`."""
+    """Batches of `batch_size`; with a DDP rank's `ctx`, that rank's share of each."""
     return data.make_loader(
         dataset,
         int(cfg["batch_size"]),
         int(cfg["num_workers"]),
-        pin_memory=ctx.device.type == "cuda",
+        pin_memory=device.type == "cuda",
         ctx=ctx,
     )
 
@@ -322,7 +319,10 @@ def _train_epoch(
     sums: dict[str, float] = {}
     n_batches = 0
     batches = tqdm(
-        _rank_loader(dataset, cfg, ctx), desc=f"epoch {epoch}", leave=False, disable=not ctx.is_main
+        _loader(dataset, cfg, ctx.device, ctx),
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not ctx.is_main,
     )
     for batch in batches:
         image, steps = data.device_batch(batch, device)
