@@ -469,9 +469,8 @@ class TileStore:
             _axis_tiles(s.start, s.stop, t, n)
             for s, t, n in zip(box, self.meta["tile_shape"], shape, strict=True)
         )
-        prefix = study.encode()
         positions = [  # (key, source slices in the tile, destination slices, tile shape)
-            (b"%s/%d/%d/%d" % (prefix, z[0], y[0], x[0]), *zip(z[1:], y[1:], x[1:], strict=True))
+            (tile_key(study, (z[0], y[0], x[0])), *zip(z[1:], y[1:], x[1:], strict=True))
             for z in zs
             for y in ys
             for x in xs
