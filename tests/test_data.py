@@ -198,6 +198,16 @@ def test_hot_centring_is_deterministic_and_validated(organ_split):
     assert [first.sample(i) for i in range(64)] != draws
     with pytest.raises(ValueError, match="hot_centre_fraction"):
         data.PatchDataset(organ_split, PATCH, 4, 1.0, 0.5, seed=0, hot_centre_fraction=0.6)
+    with pytest.raises(ValueError, match="hot_centre_fraction"):
+        data.PatchDataset(organ_split, PATCH, 4, 1.0, 0.5, seed=0, hot_centre_fraction=-0.1)
+    # fractions that sum to 1 exactly in decimal, though not after `1 - lesion` in binary
+    for lesion, hot in ((0.8, 0.2), (0.7, 0.3), (0.9, 0.1)):
+        full = data.PatchDataset(
+            organ_split, PATCH, 64, 1.0, lesion, seed=9, hot_centre_fraction=hot
+        )
+        with_lesions = [i for i in range(64) if len(full.lesion_voxels[full.sample(i)[0]])]
+        assert with_lesions
+        assert all(centring(full, i) is not None for i in with_lesions)
 
 
 def test_deterministic_across_workers_and_epochs(split):

@@ -77,7 +77,8 @@ class PatchDataset(Dataset):
     ) -> None:
         if lesion_oversampling <= 0 or not 0 <= lesion_centre_fraction <= 1:
             raise ValueError("lesion_oversampling must be > 0 and lesion_centre_fraction in [0, 1]")
-        if not 0 <= hot_centre_fraction <= 1 - lesion_centre_fraction:
+        # rounded: 1 - 0.8 < 0.2 in binary floating point, yet 0.8 + 0.2 is a valid split
+        if hot_centre_fraction < 0 or round(lesion_centre_fraction + hot_centre_fraction, 9) > 1:
             raise ValueError(
                 "hot_centre_fraction must be in [0, 1 - lesion_centre_fraction]: "
                 f"{hot_centre_fraction} with lesion_centre_fraction {lesion_centre_fraction}"
