@@ -204,9 +204,17 @@ def _train_variant(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     lr_schedule = schedule.LrSchedule(cfg)
     rows: list[dict[str, Any]] = []
+    # what a resumed run must get back, by its key in the state file
+    resumable = {
+        "model": net,
+        "criterion": criterion,
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "schedule": lr_schedule,
+    }
 
     state_path = Path(state_dir) / STATE_FILE
-    if _restore(state_path, cfg, net, criterion, optimizer, scaler, lr_schedule, rows):
+    if _restore(state_path, cfg, resumable, rows):
         log.info("resumed from %s after epoch %d", state_path, lr_schedule.epoch)
     train_net = distributed.wrap(net, ctx, extras=criterion)  # DDP averages the loss weights too
 
@@ -241,7 +249,7 @@ def _train_variant(
         rows.append(row)
         log.info("epoch %d: %s", epoch, _format_row(row))
         if ctx.is_main:
-            _save_state(state_path, cfg, net, criterion, optimizer, scaler, lr_schedule, rows)
+            _save_state(state_path, cfg, resumable, rows)
         distributed.barrier(ctx)
 
     if ctx.is_main:
@@ -434,23 +442,12 @@ def _plain(value: Any) -> Any:
 
 
 def _save_state(
-    path: Path,
-    cfg: Mapping[str, Any],
-    net: torch.nn.Module,
-    criterion: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    lr_schedule: schedule.LrSchedule,
-    rows: list[dict[str, Any]],
+    path: Path, cfg: Mapping[str, Any], resumable: Mapping[str, Any], rows: list[dict[str, Any]]
 ) -> None:
     state = {
         "format": STATE_FORMAT,
         "settings": dict(cfg),
-        "model": net.state_dict(),
-        "criterion": criterion.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "schedule": lr_schedule.state_dict(),
+        **{key: part.state_dict() for key, part in resumable.items()},
         "rng": _rng_state(),
         "rows": rows,
     }
@@ -459,16 +456,10 @@ def _save_state(
 
 
 def _restore(
-    path: Path,
-    cfg: Mapping[str, Any],
-    net: torch.nn.Module,
-    criterion: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    lr_schedule: schedule.LrSchedule,
-    rows: list[dict[str, Any]],
+    path: Path, cfg: Mapping[str, Any], resumable: Mapping[str, Any], rows: list[dict[str, Any]]
 ) -> bool:
-    """Load a saved state if it was written with the same settings; else start afresh."""
+    """Load a saved state into `resumable` (key -> object with `load_state_dict`) and `rows` if
+    it was written with the same settings; else start afresh."""
     if not path.is_file():
         return False
     try:
@@ -479,11 +470,8 @@ def _restore(
     if state.get("format") != STATE_FORMAT or state.get("settings") != dict(cfg):
         log.warning("training state %s is from other settings; starting afresh", path)
         return False
-    net.load_state_dict(state["model"])
-    criterion.load_state_dict(state["criterion"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    lr_schedule.load_state_dict(state["schedule"])
+    for key, part in resumable.items():
+        part.load_state_dict(state[key])
     rows.extend(state["rows"])
     _set_rng_state(state["rng"])
     return True
