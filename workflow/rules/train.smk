@@ -11,8 +11,7 @@ rule train:
         "results/benchmarks/train/{trained}.tsv"
     conda:
         "../../envs/torch.yaml"
-    # capped at --cores on a workstation; profiles/slurm sets what a cluster job asks for
-    threads: 8
+    threads: training_threads()
     resources:
         gpu=lambda wc: variant_settings(wc).get("processes", 1) if HAS_GPUS else 0,
     params:
