@@ -138,6 +138,18 @@ def test_one_variants_setting_reruns_only_that_variant(run):
     assert "output: results/models/stepwise-seed0/model.pt" not in dry_run
 
 
+@pytest.mark.parametrize(("cores", "threads"), [(2, 1), (8, 4), (64, 8)])
+def test_trainings_share_the_cores(run, cores, threads):
+    """tiny.yaml trains 2 variants: each training job gets cores // 2 threads, 1 to 8."""
+    dry_run = snakemake(run, "--dry-run", "--forcerun", "train", "--cores", str(cores))
+    jobs = dry_run.split("rule train:")[1:]
+    assert len(jobs) == 2
+    for job in jobs:
+        block = job.split("\n[")[0]  # up to the next job's timestamp line
+        shown = re.search(r"^\s+threads: (\d+)$", block, flags=re.MULTILINE)
+        assert (int(shown.group(1)) if shown else 1) == threads  # Snakemake omits 1 thread
+
+
 def test_tcia_source_against_a_local_server_gives_the_same_results(run, tmp_path):
     """The same cohort served as TCIA series ZIPs runs to the report with identical outputs."""
     from tcia_server import NbiaTestServer
