@@ -142,7 +142,9 @@ def grand_challenge_pairs(input_dir: Path, output_dir: Path) -> list[tuple[Path,
 
 
 def _predict(args: argparse.Namespace) -> int:
-    settings: dict[str, Any] = {"overlap": args.overlap, "flip_tta": args.flip_tta}
+    settings: dict[str, Any] = {"flip_tta": args.flip_tta}
+    if args.overlap is not None:
+        settings["overlap"] = args.overlap
     single = [args.suv, args.ctres, args.out]
     if any(single) and not all(single):
         raise SystemExit("stepseg predict: --suv, --ctres and --out go together")
@@ -172,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input-dir", default="/input", help="container input root")
     predict.add_argument("--output-dir", default="/output", help="container output root")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
-    predict.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    predict.add_argument(
+        "--overlap", type=float, help="sliding-window overlap (default: stepseg.infer.DEFAULTS)"
+    )
     predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
     predict.set_defaults(handler=_predict)
     return parser

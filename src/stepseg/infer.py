@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
 DEFAULTS: dict[str, Any] = {
-    "overlap": 0.25,
+    "overlap": 0.5,
     "flip_tta": False,
     "sw_batch_size": 2,
     "threshold": 0.5,
