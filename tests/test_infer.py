@@ -8,6 +8,7 @@ from stepseg import infer, model, nifti, normalize
 PATCH = [8, 16, 16]
 CFG = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
 AFFINE = np.array([[-4.0, 0, 0, 10.0], [0, -4.0, 0, 20.0], [0, 0, 3.0, -30.0], [0, 0, 0, 1]])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _checkpoint(path, zero_channel=False):
@@ -143,3 +144,23 @@ def test_foreign_file_is_refused_by_name(tmp_path):
     path.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"other.pt is not a readable stepseg model file"):
         model.load(path, torch.device("cpu"))
+
+
+@needs_cuda
+def test_cuda_inference_matches_the_cpu(tmp_path):
+    path = tmp_path / "model.pt"
+    _checkpoint(path)
+    suv, ct = _volumes((20, 40, 36))
+    probability = {}
+    for device, amp in [("cpu", "off"), ("cuda", "off"), ("cuda", "auto")]:
+        net, checkpoint = model.load(path, torch.device(device))
+        settings = {**infer.DEFAULTS, "amp": amp}
+        probability[device, amp] = infer.predict_probability(
+            net, checkpoint, suv.array, ct.array, settings, torch.device(device)
+        )
+    reference = probability["cpu", "off"]
+    # float32 on the GPU (TF32 convolutions allowed): the same probabilities to about 1e-3
+    np.testing.assert_allclose(probability["cuda", "off"], reference, atol=2e-3)
+    # autocast (bf16 where supported): a few hundredths at most
+    np.testing.assert_allclose(probability["cuda", "auto"], reference, atol=5e-2)
+    assert probability["cuda", "auto"].dtype == np.float32

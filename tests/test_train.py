@@ -7,6 +7,7 @@ import torch
 from stepseg import losses, model, nifti, store, targets, train
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SETTINGS = {
     "recipe": "paper",
     "channels": [4, 8],
@@ -233,3 +234,19 @@ def test_channel_regions_follow_the_preset():
     assert regions[0, 2, 0, 0].tolist() == [True, True, False, False, False]
     assert regions[0, 4, 0, 0].tolist() == [False, True, True, False, False]
     assert not regions[0, 1].any() and not regions[0, 7].any()
+
+
+@needs_cuda
+@pytest.mark.parametrize(("amp", "tolerance"), [("off", 1e-2), ("bf16", 5e-2), ("fp16", 2e-2)])
+def test_cuda_training_follows_the_cpu_run(lmdbs, tmp_path, amp, tolerance):
+    """Same patches and initial weights on both devices: the losses differ only by precision."""
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    _, cpu_log = _train(lmdbs, tmp_path / "cpu")
+    model_path, cuda_log = _train(lmdbs, tmp_path / "cuda", {"device": "cuda", "amp": amp})
+    cpu_rows, cuda_rows = _rows(cpu_log), _rows(cuda_log)
+    assert [r["epoch"] for r in cuda_rows] == [r["epoch"] for r in cpu_rows]
+    assert float(cuda_rows[0]["loss"]) == pytest.approx(float(cpu_rows[0]["loss"]), rel=tolerance)
+    assert all(np.isfinite(float(r["loss"])) for r in cuda_rows)
+    net, _ = model.load(model_path, torch.device("cpu"))  # CUDA-trained weights load on a CPU
+    assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
