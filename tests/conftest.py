@@ -8,6 +8,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `cuda` run only where torch sees a GPU (torch is imported only for them)."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic_settings() -> dict:
     """The default synthetic-cohort settings on a coarse, small grid: a study in about a second."""

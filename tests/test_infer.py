@@ -8,7 +8,6 @@ from stepseg import infer, model, nifti, normalize
 PATCH = [8, 16, 16]
 CFG = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
 AFFINE = np.array([[-4.0, 0, 0, 10.0], [0, -4.0, 0, 20.0], [0, 0, 3.0, -30.0], [0, 0, 0, 1]])
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _checkpoint(path, zero_channel=False):
@@ -146,7 +145,7 @@ def test_foreign_file_is_refused_by_name(tmp_path):
         model.load(path, torch.device("cpu"))
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_inference_matches_the_cpu(tmp_path):
     path = tmp_path / "model.pt"
     _checkpoint(path)

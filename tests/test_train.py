@@ -7,7 +7,6 @@ import torch
 from stepseg import losses, model, nifti, store, targets, train
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SETTINGS = {
     "recipe": "paper",
     "channels": [4, 8],
@@ -236,15 +235,21 @@ def test_channel_regions_follow_the_preset():
     assert not regions[0, 1].any() and not regions[0, 7].any()
 
 
-@needs_cuda
+@pytest.fixture(scope="module")
+def cpu_rows(lmdbs, tmp_path_factory):
+    """The CPU run every CUDA precision is compared with, trained once."""
+    _, log_csv = _train(lmdbs, tmp_path_factory.mktemp("cpu"))
+    return _rows(log_csv)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize(("amp", "tolerance"), [("off", 1e-2), ("bf16", 5e-2), ("fp16", 2e-2)])
-def test_cuda_training_follows_the_cpu_run(lmdbs, tmp_path, amp, tolerance):
+def test_cuda_training_follows_the_cpu_run(lmdbs, cpu_rows, tmp_path, amp, tolerance):
     """Same patches and initial weights on both devices: the losses differ only by precision."""
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    _, cpu_log = _train(lmdbs, tmp_path / "cpu")
-    model_path, cuda_log = _train(lmdbs, tmp_path / "cuda", {"device": "cuda", "amp": amp})
-    cpu_rows, cuda_rows = _rows(cpu_log), _rows(cuda_log)
+    model_path, cuda_log = _train(lmdbs, tmp_path, {"device": "cuda", "amp": amp})
+    cuda_rows = _rows(cuda_log)
     assert [r["epoch"] for r in cuda_rows] == [r["epoch"] for r in cpu_rows]
     assert float(cuda_rows[0]["loss"]) == pytest.approx(float(cpu_rows[0]["loss"]), rel=tolerance)
     assert all(np.isfinite(float(r["loss"])) for r in cuda_rows)
