@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
 
-.PHONY: run test test-fast lint fmt bench report slurm-up slurm-down clean
+.PHONY: run test test-fast lint fmt bench gpu-check report slurm-up slurm-down clean
 
 run: $(VENV)/.installed
 	$(SNAKEMAKE)
@@ -32,6 +32,10 @@ fmt: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# On a machine with a CUDA GPU: CUDA tests, paper-geometry training step, loader (about 8 min).
+gpu-check: $(VENV)/.installed
+	bash tools/gpu-check.sh
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -11,12 +11,20 @@ from stepseg import data, nifti, store, targets
 from stepseg.distributed import DistContext
 
 AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
+SPACING = (3.0, 2.04, 2.04)  # (z, y, x) of AFFINE
 PATCH = (8, 24, 24)
+# the paper preset's eight channels with radii small enough for PATCH (the presets' own radii
+# would cover a patch this small, which PatchDataset refuses): six steps of one voxel
+SMALL_PAPER = {
+    "preset": "paper",
+    "steps": [{"semi_axes_mm": [3.0, 2.04, 2.04], "iterations": 1}] * 6 + ["whole"],
+}
+SMALL = targets.preset_from_settings(SMALL_PAPER)
 CPU = torch.device("cpu")
 COMPACT = {"suv": torch.float16, "ct": torch.int16, "steps": torch.uint8}  # as stored
 
 
-def make_split(tmp_path, preset, shapes):
+def make_split(tmp_path, target_settings, shapes):
     """Studies with a lesion in every other one; returns the LMDB path and the arrays."""
     rng = np.random.default_rng(7)
     arrays = {}
@@ -27,7 +35,8 @@ def make_split(tmp_path, preset, shapes):
         seg = np.zeros(shape, bool)
         if k % 2 == 0:
             seg[shape[0] // 2, 2:4, shape[2] - 3] = True
-        steps = targets.step_map(seg, targets.PRESETS[preset])
+        preset = targets.preset_from_settings(target_settings)
+        steps = targets.step_map(seg, preset.voxel_steps(SPACING))
         for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
             nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
         arrays[study] = (suv.astype(np.float16), ct, steps)
@@ -40,7 +49,7 @@ def make_split(tmp_path, preset, shapes):
         [f / "steps.nii.gz" for f in folders],
         path,
         {"codec": "gzip", "level": 1, "tile_shape": [4, 16, 16]},
-        {"preset": preset},
+        target_settings,
     )
     return path, arrays
 
@@ -48,11 +57,13 @@ def make_split(tmp_path, preset, shapes):
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     shapes = {"PETCT_big": (20, 40, 44), "PETCT_free": (12, 30, 30), "PETCT_small": (5, 20, 30)}
-    return make_split(tmp_path_factory.mktemp("data"), "paper", shapes)
+    return make_split(tmp_path_factory.mktemp("data"), SMALL_PAPER, shapes)
 
 
-def expected_patch(arrays, origin, flips, background):
-    """Reference crop (SUV, HU, steps): pad, cut, flip, straight from the stored arrays."""
+def expected_patch(arrays, origin, flips, preset=SMALL):
+    """Reference crop (SUV, HU, steps): pad, cut, flip, straight from the stored arrays; the
+    steps are those of the crop's own lesion voxels (step_map is checked against scipy in
+    test_targets)."""
     suv, ct, steps = arrays
     pads = [
         (max(-o, 0), max(o + p - n, 0)) for o, p, n in zip(origin, PATCH, suv.shape, strict=True)
@@ -60,10 +71,11 @@ def expected_patch(arrays, origin, flips, background):
     start = [o + before for o, (before, _) in zip(origin, pads, strict=True)]
     box = tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))
     out = []
-    for array, fill in ((suv, 0), (ct, -1024), (steps, background)):
+    for array, fill in ((suv, 0), (ct, -1024), (steps == 0, False)):
         padded = np.pad(array, pads, constant_values=fill)[box]
         axes = tuple(a for a, f in enumerate(flips) if f)
         out.append(np.flip(padded, axes) if axes else padded)
+    out[2] = targets.step_map(out[2], preset.voxel_steps(SPACING))
     return out
 
 
@@ -76,8 +88,7 @@ def test_samples_equal_reference_crops_with_padding_and_flips(split):
         name = dataset.studies[study]
         sample = dataset[index]
         assert sample["study"] == name
-        background = dataset.background_steps[study]
-        expected = expected_patch(arrays[name], origin, flips, background)
+        expected = expected_patch(arrays[name], origin, flips)
         for key, dtype, crop in zip(COMPACT, COMPACT.values(), expected, strict=True):
             assert sample[key].shape == (1, *PATCH) and sample[key].dtype == dtype
             np.testing.assert_array_equal(sample[key][0].numpy(), crop)
@@ -86,22 +97,25 @@ def test_samples_equal_reference_crops_with_padding_and_flips(split):
     assert seen_pad and seen_flip
 
 
-def test_padding_values_and_background_step(split):
+def test_padding_is_air_and_the_whole_step_covers_it_only_with_a_lesion_in_the_crop(split):
     path, _ = split
     dataset = data.PatchDataset(path, PATCH, 200, 1.0, 0.0, seed=0, flips=False)
-    small = dataset.studies.index("PETCT_small")
-    assert dataset.background_steps[small] == targets.PAPER.whole_step == 7
-    assert dataset.background_steps[dataset.studies.index("PETCT_free")] == 255
-    index = next(i for i in range(200) if dataset.sample(i)[0] == small)
-    _, origin, _ = dataset.sample(index)
-    sample = dataset[index]
-    before = -origin[0]
-    after = before + 5
-    for part in (slice(0, before), slice(after, None)):
-        assert (sample["suv"][0, part] == 0).all() and (sample["ct"][0, part] == -1024).all()
-        assert (sample["steps"][0, part] == 7).all()
-    image, _ = data.device_batch({k: sample[k][None] for k in COMPACT}, torch.device("cpu"))
-    assert (image[0, 1, after:] == 0).all()  # padding is -1024 HU: normalised CT 0
+    small = dataset.studies.index("PETCT_small")  # 5 slices, a lesion on slice 2
+    seen = set()
+    for index in (i for i in range(200) if dataset.sample(i)[0] == small):
+        _, origin, _ = dataset.sample(index)
+        sample = dataset[index]
+        before = -origin[0]
+        after = before + 5
+        has_lesion = bool((sample["steps"] == 0).any())
+        for part in (slice(0, before), slice(after, None)):
+            assert (sample["suv"][0, part] == 0).all() and (sample["ct"][0, part] == -1024).all()
+            # with a lesion in the crop the whole-crop step (7) or a nearer one covers padding
+            assert ((sample["steps"][0, part] != 255) == has_lesion).all()
+        image, _ = data.device_batch({k: sample[k][None] for k in COMPACT}, torch.device("cpu"))
+        assert (image[0, 1, after:] == 0).all()  # padding is -1024 HU: normalised CT 0
+        seen.add(has_lesion)
+    assert seen == {True, False}
 
 
 def test_lesion_oversampling_and_centring(split):
@@ -131,7 +145,7 @@ def organ_split(tmp_path_factory):
             seg[14, 44:46, 20] = True
             suv[seg] = 8.0
         ct = rng.integers(-1024, 1400, shape).astype(np.int16)
-        steps = targets.step_map(seg, targets.PAPER)
+        steps = targets.step_map(seg, SMALL.voxel_steps(SPACING))
         for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
             nifti.save(nifti.Volume(array, AFFINE), tmp_path / study / f"{name}.nii.gz")
     path = tmp_path / "train.lmdb"
@@ -143,7 +157,7 @@ def organ_split(tmp_path_factory):
         [f / "steps.nii.gz" for f in folders],
         path,
         {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32], "hot_suv_min": 3.0},
-        {"preset": "paper"},
+        SMALL_PAPER,
     )
     return path
 
@@ -281,15 +295,20 @@ def test_worker_storages_are_reused_only_after_the_main_process_let_go(split):
 
 
 def test_released_code_preset_and_expansion_of_a_batch(tmp_path):
-    path, _ = make_split(tmp_path, "released_code", {"PETCT_one": (10, 30, 30)})
-    dataset = data.PatchDataset(path, PATCH, 4, 1.0, 1.0, seed=0)
+    path, _ = make_split(tmp_path, {"preset": "released_code"}, {"PETCT_one": (10, 30, 30)})
+    with pytest.raises(ValueError, match="covers a whole patch"):  # reach 9 x 28 x 28 voxels
+        data.PatchDataset(path, PATCH, 4, 1.0, 1.0, seed=0)
+    patch = (16, 32, 32)
+    dataset = data.PatchDataset(path, patch, 4, 1.0, 1.0, seed=0)
     assert dataset.preset == targets.RELEASED_CODE
     batch = next(iter(data.make_loader(dataset, batch_size=4, num_workers=0)))
     image, steps = data.device_batch(batch, torch.device("cpu"))
     out = targets.expand(steps, image, dataset.preset)
-    assert out.shape == (4, 8, *PATCH)
+    assert out.shape == (4, 8, *patch)
     torch.testing.assert_close(out[:, 0], (steps[:, 0] == 0).float())
-    assert (steps <= 4).all()  # lesion study: every voxel reached by the whole step
+    has_lesion = (steps == 0).flatten(1).any(dim=1)
+    assert has_lesion.all()  # lesion-centred crops of a lesion study
+    assert (steps <= 4).all()  # a crop with a lesion: every voxel reached by the whole step
 
 
 def test_loader_batches_are_compact_and_become_normalised_inputs(split):
@@ -307,7 +326,7 @@ def test_loader_batches_are_compact_and_become_normalised_inputs(split):
     for k in range(3):  # each patch with its own statistics, as the released code did
         suv = batch["suv"][k, 0].numpy().astype(np.float64)
         log_suv = np.log2(suv + 1)
-        foreground = log_suv[suv > 0.14]
+        foreground = log_suv[log_suv > 0.14]
         pet = (log_suv - foreground.mean()) / max(foreground.std(), 0.01) / 2 + 1
         ct = (np.clip(batch["ct"][k, 0].numpy(), -1000, 1000) + 1000) / 500
         np.testing.assert_allclose(image[k, 0].numpy(), pet, atol=2e-5)
@@ -319,3 +338,38 @@ def test_bad_arguments_and_missing_database(tmp_path, split):
         data.PatchDataset(split[0], PATCH, 4, 1.0, 1.5, seed=0)
     with pytest.raises(store.StoreError, match=r"no data.mdb"):
         data.PatchDataset(tmp_path / "missing.lmdb", PATCH, 4, 1.0, 0.5, seed=0)
+
+
+def test_lesion_centred_crops_are_jittered_uniformly_up_to_the_fractions(tmp_path):
+    """The released code's ranges: up to 15/16 of the half-patch in z, 2/3 in-plane."""
+    shape, lesion = (40, 96, 96), (20, 48, 48)
+    seg = np.zeros(shape, bool)
+    seg[lesion] = True
+    folder = tmp_path / "PETCT_one"
+    for name, array in (
+        ("SUV", np.ones(shape, np.float32)),
+        ("CTres", np.zeros(shape, np.int16)),
+        ("steps", targets.step_map(seg, SMALL.voxel_steps(SPACING))),
+    ):
+        nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
+    path = tmp_path / "one.lmdb"
+    store.pack_split(
+        ["PETCT_one"], [folder / "SUV.nii.gz"], [folder / "CTres.nii.gz"],
+        [folder / "steps.nii.gz"], path,
+        {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}, SMALL_PAPER,
+    )  # fmt: skip
+    dataset = data.PatchDataset(
+        path, PATCH, 600, 1.0, 1.0, seed=0, crop_jitter=(0.9375, 2 / 3, 2 / 3)
+    )
+    shifts = np.array(
+        [
+            [o + p // 2 - c for o, p, c in zip(dataset.sample(i)[1], PATCH, lesion, strict=True)]
+            for i in range(600)
+        ]
+    )
+    # half-patches 4, 12, 12: round(0.9375 * 4) = 4 slices, round(2/3 * 12) = 8 voxels
+    for axis, reach in enumerate((4, 8, 8)):
+        assert set(shifts[:, axis]) == set(range(-reach, reach + 1))
+        assert abs(shifts[:, axis].mean()) < 0.1 * reach
+    unjittered = data.PatchDataset(path, PATCH, 50, 1.0, 1.0, seed=0)
+    assert all(unjittered.sample(i)[1] == (16, 36, 36) for i in range(50))

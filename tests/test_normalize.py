@@ -8,7 +8,7 @@ from stepseg.normalize import ct_from_normalized, normalize_batch
 def reference_pet(suv: np.ndarray) -> np.ndarray:
     """The released code's per-patch PET formula, restated in float64 numpy."""
     log_suv = np.log2(suv.astype(np.float64) + 1)
-    foreground = log_suv[suv > 0.14]
+    foreground = log_suv[log_suv > 0.14]  # utils_data_proc.z_norm thresholds the log image
     mean, std = (foreground.mean(), max(foreground.std(), 0.01)) if foreground.size else (0, 1)
     return (log_suv - mean) / std / 2 + 1
 
@@ -38,7 +38,7 @@ def test_batch_equals_the_per_sample_formula_for_mixed_samples():
     body[:2] = 0  # air
     hot = body * 3
     hot[3, 4, 5] = 48.0  # a hot lesion
-    air = np.full(shape, 0.1, dtype=np.float32)  # nothing above 0.14: mean 0, std 1
+    air = np.full(shape, 0.1, dtype=np.float32)  # log2(1.1) = 0.1375 <= 0.14: mean 0, std 1
     body16 = rng.gamma(2.0, 0.8, size=shape).astype(np.float16).astype(np.float32)
     suv = [body, hot, air, body16]
     hu = [rng.integers(-3000, 3000, shape).astype(np.int16) for _ in suv]

@@ -52,7 +52,7 @@ def build_results(root: Path) -> dict[str, list[Path]]:
         for variant in VARIANTS:
             preds = []
             for study in studies:
-                path = root / "predictions" / variant / f"{study}.nii.gz"
+                path = root / "predictions" / variant / split / f"{study}.nii.gz"
                 nifti.save(nifti.Volume(prediction(variant, study), AFFINE), path, np.uint8)
                 preds.append(path)
             metrics.evaluate_split(
@@ -92,9 +92,10 @@ def build_results(root: Path) -> dict[str, list[Path]]:
         "train_logs": [root / "models" / v / "train_log.csv" for v in TRAINED],
         "suv": [root / "nifti" / s / "SUV.nii.gz" for s in STUDIES["test"]],
         "seg": [root / "nifti" / s / "SEG.nii.gz" for s in STUDIES["test"]],
-        "pred": [
-            root / "predictions" / v / f"{s}.nii.gz" for v in VARIANTS for s in STUDIES["test"]
-        ],
+        "test_predictions": {
+            v: {s: root / "predictions" / v / "test" / f"{s}.nii.gz" for s in STUDIES["test"]}
+            for v in VARIANTS
+        },
     }
 
 
@@ -105,6 +106,7 @@ def outputs(root: Path, cases=("best", "median", "worst")) -> dict:
         "markdown": out / "results.md",
         "html": out / "results.html",
         "distributions": out / "per_study_metrics.png",
+        "learning_curves": out / "learning_curves.png",
         "curves": [out / "training" / f"{v}.png" for v in TRAINED],
         "cases": [out / "cases" / f"{c}.png" for c in cases],
     }
@@ -122,7 +124,7 @@ def written(tmp_path_factory):
         {"mip_cases": ["best", "median", "worst"], "figure_dpi": 50},
         inputs["suv"],
         inputs["seg"],
-        inputs["pred"],
+        inputs["test_predictions"],
         data_source="synthetic",
     )
     return root, inputs, outs
@@ -187,10 +189,39 @@ def test_html_table_is_standalone(written):
 
 def test_every_figure_is_a_png(written):
     _, _, outs = written
-    figures = [outs["distributions"], *outs["curves"], *outs["cases"]]
+    figures = [outs["distributions"], outs["learning_curves"], *outs["curves"], *outs["cases"]]
     for figure in figures:
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         assert figure.stat().st_size > 2000
+
+
+def test_paired_comparison_by_hand():
+    """Seeds averaged per study, then stepwise - plain: Dice differences 0.1, 0.2, 0.3 on the
+    three lesion studies: mean 0.2, sd 0.1, t(0.975, 2) = 4.302653 -> half-width 0.248414; all
+    three positive: exact two-sided Wilcoxon p = 2 / 2^3 = 0.25."""
+    studies = ["A", "B", "C", "D"]
+    plain = [0.5, 0.4, 0.3, np.nan]  # D: lesion-free, Dice undefined
+    rows = []
+    for variant, dice in [
+        ("stepwise-seed0", [0.5, 0.5, 0.5, np.nan]),
+        ("stepwise-seed1", [0.7, 0.7, 0.7, np.nan]),  # seed mean 0.6
+        ("plain-seed0", plain),
+        ("threshold", [0.0, 0.0, 0.0, np.nan]),
+    ]:
+        for study, value in zip(studies, dice, strict=True):
+            rows.append(
+                {"variant": variant, "split": "test", "study": study, "dice": value,
+                 "fpv_ml": 1.0 if variant.startswith("stepwise") else 2.0, "fnv_ml": value}
+            )  # fmt: skip
+    paired = report.paired_comparison(pd.DataFrame(rows), "stepwise", "plain").set_index("metric")
+    dice = paired.loc["DSC"]
+    assert dice["n_studies"] == 3
+    assert dice["mean_difference"] == pytest.approx(0.2)
+    assert dice["ci_high"] - dice["mean_difference"] == pytest.approx(0.248414, abs=1e-6)
+    assert dice["wilcoxon_p"] == pytest.approx(0.25)
+    fpv = paired.loc["False Positive (ml)"]
+    assert (fpv["n_studies"], fpv["mean_difference"]) == (4, -1.0)
+    assert report.paired_comparison(pd.DataFrame(rows), "stepwise", "nnunet").empty
 
 
 def test_best_variant_and_cases_are_ranked_by_hand():
@@ -319,6 +350,10 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
                 return {TRAINED!r}
             def all_variants():
                 return trained_variants() + ["threshold"]
+            def prediction_paths(variant, split):
+                return [f"results/predictions/{{variant}}/{{split}}/{{s}}.nii.gz"
+                        for s in studies(split)]
+            prediction_inputs = prediction_paths
             include: "{REPO}/workflow/rules/report.smk"
             rule all:
                 input: rules.report.output

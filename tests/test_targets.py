@@ -9,16 +9,21 @@ from stepseg import nifti, targets
 from stepseg.errors import StudyError
 
 SHAPE = (14, 40, 44)
+# the authors' grid: the released code's voxel radii hold here
+AUTHORS_SPACING = (3.0, 2.04, 2.04)
 
-# The channel definitions of the issue, written out again here (not taken from the code).
+# The channel definitions, written out again here in voxels at the authors' grid (not taken
+# from the code): the released code's dilate_3d calls, and the paper preset's mm radii
+# (3, 4, 4) x 2 twice, (3, 8, 8) x 2, (3, 8, 8) x 4, (6, 12, 12) x 3, (6, 12, 12) x 4 rounded
+# by hand (4 / 2.04 = 1.96 -> 2, 8 / 2.04 = 3.92 -> 4, 12 / 2.04 = 5.88 -> 6).
 RELEASED_STEPS = [((1, 2, 2), 2), ((1, 3, 3), 4), ((1, 4, 4), 3)]
 PAPER_STEPS = [
     ((1, 2, 2), 2),
     ((1, 2, 2), 2),
-    ((2, 3, 3), 2),
-    ((2, 3, 3), 4),
-    ((2, 3, 3), 8),
-    ((2, 3, 3), 16),
+    ((1, 4, 4), 2),
+    ((1, 4, 4), 4),
+    ((2, 6, 6), 3),
+    ((2, 6, 6), 4),
 ]
 
 
@@ -46,7 +51,7 @@ def reference_channels(preset_name, mask, pet, ct):
             zero,
             m1 * ct,
             m1 * pet,
-            (m2 & ~gt) * window,
+            (m2 & ~gt) * window * 4.8,  # clip(ct, 1.8, 2.2) * 12 - 21.6
             (m3 & ~gt) * pet,
             (whole & ~gt) * ct,
             zero,
@@ -94,7 +99,7 @@ def image():
 def test_step_map_and_expansion_equal_the_channel_definitions(preset_name, case, image):
     mask = hand_made_masks()[case]
     preset = targets.PRESETS[preset_name]
-    steps = targets.step_map(mask, preset)
+    steps = targets.step_map(mask, preset.voxel_steps(AUTHORS_SPACING))
     assert steps.dtype == np.uint8
     schedule = RELEASED_STEPS if preset_name == "released_code" else PAPER_STEPS
     for k, reference in enumerate(reference_masks(mask, schedule)):
@@ -117,7 +122,7 @@ def test_channels_grow_and_the_last_covers_the_image():
     big = np.zeros((40, 120, 120), bool)
     big[20, 60, 60] = True
     for m in (mask, big):
-        steps = targets.step_map(m, targets.PAPER)
+        steps = targets.step_map(m, targets.PAPER.voxel_steps(AUTHORS_SPACING))
         covered = [int((steps <= k).sum()) for k in range(8)]
         assert covered == sorted(covered) and len(set(covered[:6])) == 6
         assert covered[-1] == m.size
@@ -126,21 +131,72 @@ def test_channels_grow_and_the_last_covers_the_image():
     assert targets.RELEASED_CODE.channel_losses == ["dicefocal"] * 2 + ["mse"] * 5 + ["none"]
 
 
-def test_lesion_free_patch_of_a_lesion_study_keeps_its_outer_channels(image):
+@pytest.mark.parametrize("preset_name", ["paper", "released_code"])
+def test_random_crops_of_random_masks_equal_dilating_the_crop(preset_name, image):
+    """The released code's construction restated: crop first, then dilate the crop's own mask
+    with scipy (outside the crop is background); a crop without lesion gets all-zero channels."""
+    preset = targets.PRESETS[preset_name]
+    schedule = RELEASED_STEPS if preset_name == "released_code" else PAPER_STEPS
+    pet, ct = image
+    rng = np.random.default_rng(7)
+    lesion_free_crops = 0
+    for _ in range(16):
+        seeds = rng.random((20, 60, 60)) < 3e-5
+        seeds[tuple(rng.integers(0, n) for n in (20, 60, 60))] = True  # a lesion study
+        study = ndimage.binary_dilation(seeds, iterations=1)
+        z, y, x = (
+            int(rng.integers(0, n - c + 1)) for n, c in zip((20, 60, 60), SHAPE, strict=True)
+        )
+        crop = study[z : z + SHAPE[0], y : y + SHAPE[1], x : x + SHAPE[2]]
+        lesion_free_crops += not crop.any()
+        steps = targets.step_map(crop, preset.voxel_steps(AUTHORS_SPACING))
+        for k, reference in enumerate(reference_masks(crop, schedule)):
+            np.testing.assert_array_equal(steps <= k, reference, err_msg=f"step {k}")
+        out = targets.expand(
+            torch.from_numpy(steps)[None, None], torch.from_numpy(np.stack([pet, ct]))[None], preset
+        )
+        for c, reference in enumerate(reference_channels(preset_name, crop, pet, ct)):
+            np.testing.assert_allclose(out[0, c].numpy(), reference, atol=1e-5)
+    # the draw includes lesion-free crops of lesion studies and crops with lesions
+    assert 1 <= lesion_free_crops <= 15
+
+
+def test_lesion_free_crop_of_a_lesion_study_has_all_zero_channels(image):
     mask = hand_made_masks()["single voxel"]
-    steps = targets.step_map(mask, targets.RELEASED_CODE)
-    patch = torch.from_numpy(steps[:, :, :6].copy())[None, None]  # far from the lesion
+    crop = mask[:, :, :6]  # far from the lesion
+    steps = targets.step_map(crop, targets.PAPER.voxel_steps(AUTHORS_SPACING))
     pet, ct = image
     img = torch.from_numpy(np.stack([pet[:, :, :6], ct[:, :, :6]]))[None]
-    out = targets.expand(patch, img, targets.RELEASED_CODE)
-    assert not out[0, 0].any()
-    torch.testing.assert_close(out[0, 6], img[0, 1])  # whole-image CT channel
+    out = targets.expand(torch.from_numpy(steps)[None, None], img, targets.PAPER)
+    assert (steps == 255).all() and not out.any()
+
+
+def test_radii_in_mm_follow_the_grid():
+    assert targets.RELEASED_CODE.voxel_steps(AUTHORS_SPACING)[:3] == tuple(
+        targets.VoxelStep(axes, n) for axes, n in RELEASED_STEPS
+    )
+    # 4.5 mm voxels: 3 / 4.5 = 0.67 -> 1, 4.08 / 4.5 = 0.91 -> 1, 8.16 / 4.5 = 1.81 -> 2
+    coarse = targets.RELEASED_CODE.voxel_steps((4.5, 4.5, 4.5))
+    assert [s.semi_axes for s in coarse] == [(1, 1, 1), (1, 1, 1), (1, 2, 2), None]
+
+
+def test_a_schedule_that_covers_the_patch_is_refused():
+    targets.PAPER.check_fits(AUTHORS_SPACING, (32, 160, 160))
+    targets.PAPER.check_fits((4.5, 4.5, 4.5), (32, 48, 48))
+    wide = targets.preset_from_settings(
+        {"preset": "paper", "steps": [{"semi_axes_mm": [30, 30, 30], "iterations": 4}, "whole"],
+         "channels": [{"step": 0, "fill": "one", "loss": "dicefocal"}, {"step": 1}, {"step": 2}]}
+    )  # fmt: skip
+    # 30 / 4.5 = 6.67 -> 7 voxels, 4 iterations: 28 voxels from a lesion voxel
+    wide.check_fits((4.5, 4.5, 4.5), (16, 16, 30))  # x not covered from the patch's edge
+    with pytest.raises(ValueError, match=r"reaches \[28, 28, 28\] voxels .* covers a whole patch"):
+        wide.check_fits((4.5, 4.5, 4.5), (16, 16, 29))
 
 
 def test_custom_schedule_from_settings():
     settings = {
         "preset": "released_code",
-        "steps": [{"semi_axes": [0, 1, 1], "iterations": 1}, "whole"],
+        "steps": [{"semi_axes_mm": [0, 2, 2], "iterations": 1}, "whole"],
         "channels": [
             {"step": 0, "fill": "one", "loss": "dicefocal"},
             {"step": 1, "fill": "pet"},
@@ -148,10 +204,10 @@ def test_custom_schedule_from_settings():
         ],
     }
     preset = targets.preset_from_settings(settings)
-    assert preset.n_channels == 3 and preset.whole_step == 2
+    assert preset.n_channels == 3 and preset.steps[-1].whole
     mask = np.zeros((3, 5, 5), bool)
     mask[1, 2, 2] = True
-    steps = targets.step_map(mask, preset)
+    steps = targets.step_map(mask, preset.voxel_steps((2.0, 2.0, 2.0)))
     assert (steps[1, 1:4, 2] == [1, 0, 1]).all() and steps[0, 2, 2] == 2
     assert targets.Preset.from_dict(preset.to_dict()) == preset
     with pytest.raises(ValueError, match="uses step 9"):
@@ -180,7 +236,9 @@ def test_write_study_targets_writes_steps_and_qc(tmp_path):
     )
     steps = nifti.load(tmp_path / "steps.nii.gz", "s1")
     assert steps.array.dtype == np.uint8
-    np.testing.assert_array_equal(steps.array, targets.step_map(seg > 0, targets.RELEASED_CODE))
+    # the files' grid is the authors' (affine diag 2.04, 2.04, 3): their voxel radii
+    for k, reference in enumerate(reference_masks(seg > 0, RELEASED_STEPS)):
+        np.testing.assert_array_equal(steps.array <= k, reference, err_msg=f"step {k}")
     np.testing.assert_allclose(steps.affine, nifti.load(paths[0], "s1").affine)
     assert (tmp_path / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -7,6 +7,12 @@ import torch
 from stepseg import losses, model, nifti, store, targets, train
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
+# the paper preset's eight channels with one-voxel steps: its own radii would cover patches this
+# small, which training refuses
+TARGETS = {
+    "preset": "paper",
+    "steps": [{"semi_axes_mm": [4, 4, 4], "iterations": 1}] * 6 + ["whole"],
+}
 SETTINGS = {
     "recipe": "paper",
     "channels": [4, 8],
@@ -36,7 +42,7 @@ def _study(root, study, shape, lesion_at=None, seed=0):
         z, y, x = lesion_at
         mask[z - 1 : z + 2, y - 2 : y + 3, x - 2 : x + 3] = True
         suv[mask] += 8.0
-    steps = targets.step_map(mask, targets.PAPER)
+    steps = targets.step_map(mask, targets.preset_from_settings(TARGETS).voxel_steps((4, 4, 4)))
     paths = [root / study / f"{n}.nii.gz" for n in ("SUV", "CTres", "steps")]
     for path, array in zip(paths, (suv, ct, steps), strict=True):
         nifti.save(nifti.Volume(array, AFFINE), path)
@@ -64,7 +70,7 @@ def lmdbs(tmp_path_factory):
             *(list(col) for col in zip(*paths, strict=True)) if paths else ([], [], []),
             out[split],
             {"codec": "gzip", "tile_shape": [8, 16, 16]},
-            {"preset": "paper"},
+            TARGETS,
         )
     return out
 
@@ -90,7 +96,7 @@ def test_stepwise_training_writes_model_and_log(lmdbs, tmp_path):
     assert checkpoint["n_channels"] == 8
     assert checkpoint["patch_size"] == [8, 16, 16]
     assert checkpoint["targets"] == "stepwise"
-    assert checkpoint["target_preset"]["name"] == "paper"
+    assert checkpoint["target_preset"]["name"] == "paper+custom"
     assert checkpoint["settings"]["channels"] == [4, 8]
     assert "pet" in checkpoint["normalisation"]
     net, _ = model.load(model_path, torch.device("cpu"))
@@ -100,6 +106,8 @@ def test_stepwise_training_writes_model_and_log(lmdbs, tmp_path):
     names = losses.StepwiseLoss(targets.PAPER.channel_losses, {}).term_names
     for column in ["loss", "lr", "seconds", "val_dice", *names, *(f"s_{n}" for n in names)]:
         assert column in rows[0], column
+    # each term's gradient at the last shared feature map, once an epoch
+    assert all(float(rows[0][f"grad_{n}"]) > 0 for n in names)
     assert float(rows[0]["lr"]) == pytest.approx(1e-3)
     assert float(rows[1]["lr"]) == pytest.approx(1e-3 * 0.5 * (1 + np.cos(np.pi / 3)))
     assert rows[0]["val_dice"] == "" and 0 <= float(rows[1]["val_dice"]) <= 1
@@ -218,20 +226,28 @@ def test_recipe_defaults_yield_to_the_config():
     assert paper["schedule"] == "plateau_cosine"
 
 
-def test_small_lesion_mask_keeps_only_small_components():
-    steps = torch.full((1, 1, 6, 12, 12), 5, dtype=torch.uint8)
+def test_small_lesion_region_is_everything_but_the_largest_lesions():
+    """utils_data_proc.get_small_lesion restated: components over half the largest's size are
+    "large"; the region is every other voxel, background included; all of a lesion-free crop."""
+    steps = torch.full((3, 1, 6, 12, 12), 5, dtype=torch.uint8)
     steps[0, 0, 1, 1, 1] = 0  # 1 voxel
-    steps[0, 0, 2:5, 4:10, 4:10] = 0  # 108 voxels
-    mask = train.small_lesion_mask(steps, max_voxels=100)
-    assert int(mask.sum()) == 1 and bool(mask[0, 0, 1, 1, 1])
+    steps[0, 0, 2:5, 4:10, 4:10] = 0  # 108 voxels: the largest
+    steps[1, 0, 0:2, 0:2, 0:2] = 0  # 8 voxels: the largest
+    steps[1, 0, 4:6, 8:10, 8:10] = 0  # 8 voxels: also over half of it, so also large
+    steps[1, 0, 3, 0, 11] = 0  # 1 voxel: small
+    mask = train.small_lesion_mask(steps)
+    assert int(mask[0].sum()) == 6 * 12 * 12 - 108 and bool(mask[0, 0, 1, 1, 1])
+    assert int(mask[1].sum()) == 6 * 12 * 12 - 16 and bool(mask[1, 0, 3, 0, 11])
+    assert bool(mask[2].all())  # no lesion in the crop
 
 
 def test_channel_regions_follow_the_preset():
     steps = torch.tensor([0, 1, 2, 3, 255], dtype=torch.uint8).view(1, 1, 1, 1, 5)
     regions = train.channel_regions(steps, targets.RELEASED_CODE)
-    # ch2 (step 1): lesion and step 1; ch4 (step 2, hollow): steps 1..2; ch1, ch7: no region
+    # ch2 (step 1): lesion and step 1; ch4 (step 2, a hollow target): its full dilated mask,
+    # lesion included, as the released code's aux_mask_list; ch1, ch7: no region
     assert regions[0, 2, 0, 0].tolist() == [True, True, False, False, False]
-    assert regions[0, 4, 0, 0].tolist() == [False, True, True, False, False]
+    assert regions[0, 4, 0, 0].tolist() == [True, True, True, False, False]
     assert not regions[0, 1].any() and not regions[0, 7].any()
 
 
@@ -254,4 +270,26 @@ def test_cuda_training_follows_the_cpu_run(lmdbs, cpu_rows, tmp_path, amp, toler
     assert float(cuda_rows[0]["loss"]) == pytest.approx(float(cpu_rows[0]["loss"]), rel=tolerance)
     assert all(np.isfinite(float(r["loss"])) for r in cuda_rows)
     net, _ = model.load(model_path, torch.device("cpu"))  # CUDA-trained weights load on a CPU
+    assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
+
+
+@pytest.mark.skipif(not model.cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_bf16_cpu_training_follows_the_float32_run(lmdbs, cpu_rows, tmp_path):
+    """amp auto is bf16 on this CPU (cpu_rows): the same patches and initial weights in float32
+    give a first-epoch loss within 2 %."""
+    _, log_csv = _train(lmdbs, tmp_path, {"amp": "off"})
+    fp32 = _rows(log_csv)
+    assert float(cpu_rows[0]["loss"]) == pytest.approx(float(fp32[0]["loss"]), rel=2e-2)
+    assert float(cpu_rows[0]["loss"]) != float(fp32[0]["loss"])  # bf16 did run
+
+
+def test_fixed_weights_and_a_separate_mask_head(lmdbs, tmp_path):
+    settings = {"loss_weighting": "fixed", "aux_loss_weight": 0.25, "mask_head": "separate"}
+    model_path, log_csv = _train(lmdbs, tmp_path, {**settings, "epochs": 1})
+    rows = _rows(log_csv)
+    assert float(rows[0]["s_ch0_dicefocal"]) == 1.0 and float(rows[0]["s_ch5_mse"]) == 0.25
+    terms = [float(rows[0]["ch0_dicefocal"])] + [float(rows[0][f"ch{c}_mse"]) for c in range(1, 8)]
+    assert float(rows[0]["loss"]) == pytest.approx(terms[0] + 0.25 * sum(terms[1:]), rel=1e-5)
+    net, checkpoint = model.load(model_path, torch.device("cpu"))
+    assert isinstance(net, model.SeparateHeads) and checkpoint["network"]["mask_head"] == "separate"
     assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)

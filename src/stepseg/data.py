@@ -3,7 +3,10 @@
 Every sample is a pure function of (seed, epoch, index): its random generator is seeded with
 those three numbers, so batches are identical whatever the number of workers or their order.
 Studies with lesions are drawn `lesion_oversampling` times as often as lesion-free ones, and a
-share `lesion_centre_fraction` of their crops is centred on a voxel of the stored lesion index.
+share `lesion_centre_fraction` of their crops is centred near a voxel of the stored lesion index:
+the centre moves by a uniform whole number of voxels up to `crop_jitter` times the half-patch
+along each axis (the released code: 15 of 16 slices in z, 2/3 in-plane), so that lesions are
+seen anywhere in a patch, as they are in the sliding windows of inference.
 A share `hot_centre_fraction` of all crops (of studies that have any) is centred on a voxel of
 the stored hot index (high SUV outside lesions: brain, bladder, heart, kidneys): hard negatives,
 without which the network rarely sees hot organs apart from lesions and segments them too.
@@ -11,18 +14,18 @@ Both shares come from one uniform draw (lesion from the bottom, hot from the top
 never overlap; with `hot_centre_fraction` 0 the draws are those of a sampler without it.
 
 Studies smaller than the patch along an axis are padded (the volume placed at a random offset
-inside the patch) with air: SUV 0, CT -1024 HU (normalised 0) and, in the step map, the study's
-*background step*: the "whole image" step when the study has lesions and the preset has one,
-otherwise 255 (never). Padding is more of the same air around the body, and for a lesion study
-the whole-image channel covers all air, so this keeps the outermost target consistent with what
-the network sees; padding with 255 would instead teach it to switch that channel off in air.
+inside the patch) with air: SUV 0, CT -1024 HU (normalised 0), no lesion.
 
-A sample is the crop exactly as stored: `{"suv": float16, "ct": int16 HU, "steps": uint8, each
-(1, D, H, W), "study": str}`, 5 bytes a voxel; the loader's batches are the same with (B, 1, D,
-H, W) tensors and a list of study names. Normalisation and the 8 target channels are computed
-from these where the network runs (`device_batch`, then `targets.expand`): on a GPU they cost
-the host nothing, and the batch crossing from the workers to the main process and on to the
-device is 5 bytes a voxel rather than the 9 of a normalised float32 image.
+A sample is `{"suv": float16, "ct": int16 HU, "steps": uint8, each (1, D, H, W), "study": str}`,
+5 bytes a voxel; the loader's batches are the same with (B, 1, D, H, W) tensors and a list of
+study names. `steps` is the crop's own step map (`targets.step_map` of the crop's lesion voxels,
+dilated inside the crop with the study's voxel radii; all 255 for a crop without lesion voxels),
+as the paper and the released code build the auxiliary targets per input crop; with
+`crop_steps=False` (the plain variant, validation) only its lesion voxels (0) are meaningful.
+Normalisation and the 8 target channels are computed from these where the network runs
+(`device_batch`, then `targets.expand`): on a GPU they cost the host nothing, and the batch
+crossing from the workers to the main process and on to the device is 5 bytes a voxel rather
+than the 9 of a normalised float32 image.
 
 Moving the bytes costs more than reading them: with torch's default per-sample loading and
 collation, allocating, copying and sharing the batch took about twice the CPU time of reading
@@ -49,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from stepseg.distributed import DistContext, rank_batches
 from stepseg.normalize import normalize_batch
 from stepseg.store import DTYPES, TileStore
-from stepseg.targets import Preset, preset_from_settings
+from stepseg.targets import NEVER, Preset, preset_from_settings, step_map
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class PatchDataset(Dataset):
         seed: int,
         flips: bool = True,
         hot_centre_fraction: float = 0.0,
+        crop_jitter: Sequence[float] = (0.0, 0.0, 0.0),
+        crop_steps: bool = True,
     ) -> None:
         if lesion_oversampling <= 0 or not 0 <= lesion_centre_fraction <= 1:
             raise ValueError("lesion_oversampling must be > 0 and lesion_centre_fraction in [0, 1]")
@@ -83,6 +88,8 @@ class PatchDataset(Dataset):
                 "hot_centre_fraction must be in [0, 1 - lesion_centre_fraction]: "
                 f"{hot_centre_fraction} with lesion_centre_fraction {lesion_centre_fraction}"
             )
+        if len(crop_jitter) != 3 or not all(0 <= j <= 1 for j in crop_jitter):
+            raise ValueError(f"crop_jitter must be 3 fractions in [0, 1], got {crop_jitter}")
         self.store = TileStore(lmdb_path)
         self.patch_size = tuple(int(n) for n in patch_size)
         self.samples_per_epoch = int(samples_per_epoch)
@@ -90,6 +97,10 @@ class PatchDataset(Dataset):
         self.hot_centre_fraction = float(hot_centre_fraction)
         self.seed = int(seed)
         self.flips = flips
+        self.jitter = tuple(
+            round(j * p / 2) for j, p in zip(crop_jitter, self.patch_size, strict=True)
+        )
+        self.crop_steps = crop_steps
         self.epoch = 0
         self.buffers: BatchBuffers | None = None  # set in workers by `worker_init_fn`
         self.preset: Preset = preset_from_settings(self.store.meta["targets"])
@@ -98,7 +109,11 @@ class PatchDataset(Dataset):
         self.shapes = [m["shape"] for m in metas]
         self.lesion_voxels = [m["lesion_voxels"] for m in metas]
         self.hot_voxels = [m["hot_voxels"] for m in metas]
-        self.background_steps = [self.preset.background_step(m["has_lesions"]) for m in metas]
+        spacings = [tuple(float(v) for v in m["spacing_zyx"]) for m in metas]
+        if crop_steps:
+            for spacing in set(spacings):
+                self.preset.check_fits(spacing, self.patch_size)
+        self.voxel_steps = [self.preset.voxel_steps(spacing) for spacing in spacings]
         weights = np.array([lesion_oversampling if m["has_lesions"] else 1.0 for m in metas])
         self.study_probabilities = weights / weights.sum()
         self.store.close()  # workers open their own handle
@@ -129,7 +144,8 @@ class PatchDataset(Dataset):
             if n <= p:
                 origin.append(-int(rng.integers(0, p - n + 1)))
             elif centre is not None:
-                origin.append(int(np.clip(int(centre[axis]) - p // 2, 0, n - p)))
+                shift = int(rng.integers(-self.jitter[axis], self.jitter[axis] + 1))
+                origin.append(int(np.clip(int(centre[axis]) + shift - p // 2, 0, n - p)))
             else:
                 origin.append(int(rng.integers(0, n - p + 1)))
         flips = tuple(bool(f) for f in rng.random(3) < 0.5) if self.flips else (False,) * 3
@@ -171,7 +187,7 @@ class PatchDataset(Dataset):
         outs: Mapping[str, np.ndarray],
     ) -> None:
         """Write the patch of every volume, flipped and padded, into `outs` (one pass over the
-        tiles for all three volumes)."""
+        tiles for all three volumes), then the crop's own step map over the stored one."""
         inside = tuple(
             slice(max(o, 0), min(o + p, n))
             for o, p, n in zip(origin, self.patch_size, self.shapes[study], strict=True)
@@ -179,13 +195,15 @@ class PatchDataset(Dataset):
         padded = any(s.stop - s.start != p for s, p in zip(inside, self.patch_size, strict=True))
         flip = tuple(slice(None, None, -1 if f else 1) for f in flips)
         region = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin, strict=True))
-        fills = {"suv": PAD_SUV, "ct": PAD_HU, "steps": self.background_steps[study]}
+        fills = {"suv": PAD_SUV, "ct": PAD_HU, "steps": NEVER}
         views = {}
         for name, fill in fills.items():
             if padded:
                 outs[name].fill(fill)
             views[name] = outs[name][flip][region]
         self.store.read_patch(self.studies[study], inside, views)
+        if self.crop_steps:
+            outs["steps"][...] = step_map(outs["steps"] == 0, self.voxel_steps[study])
 
 
 class BatchBuffers:

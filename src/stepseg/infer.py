@@ -11,7 +11,7 @@ cropped back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ def predict_probability(
         # MONAI hands the windows over on sw_device: normalised there, each on its own
         inputs = normalize.normalize_batch(windows[:, :1], windows[:, 1:])
         inputs = model.network_inputs(inputs, zero_channel)
+        inputs = inputs.contiguous(memory_format=model.memory_format(device))
         total = torch.zeros_like(inputs[:, :1], dtype=torch.float32)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             for dims in flips:
@@ -120,23 +121,41 @@ def _pad_to(raw: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, tupl
     return torch.cat([suv, ct], dim=1), crop
 
 
-def predict_files(
+def predict_split(
     model_path: str | Path,
-    suv_path: str | Path,
-    ctres_path: str | Path,
-    out_path: str | Path,
+    studies: Sequence[str],
+    suv_paths: Sequence[str | Path],
+    ctres_paths: Sequence[str | Path],
+    out_dir: str | Path,
     settings: Mapping[str, Any],
     threads: int,
 ) -> None:
-    """Predict one study from its SUV and CTres NIfTI files; the mask gets SUV's grid exactly."""
+    """Predict every study of a split with one model: `out_dir/<study>.nii.gz` on SUV's grid.
+
+    One process per model and split instead of one per study: importing torch and MONAI and
+    loading the model took about three times as long as predicting one 128 x 88 x 88 study on
+    a CPU, so per-study jobs spent most of the inference phase starting up.
+    """
+    if not len(studies) == len(suv_paths) == len(ctres_paths):
+        raise ValueError(
+            f"{len(studies)} studies but {len(suv_paths)} SUV and {len(ctres_paths)} CTres files"
+        )
     torch.set_num_threads(max(1, int(threads)))
-    study = Path(suv_path).parent.name
-    suv = nifti.load(suv_path, study, np.float32)
-    ctres = nifti.load(ctres_path, study, np.float32)
-    nifti.check_same_grid(study, {"SUV": (Path(suv_path), suv), "CTres": (Path(ctres_path), ctres)})
-    mask = predict_volume(model_path, suv, ctres, settings, study=study)
-    nifti.save(nifti.Volume(mask, suv.affine), out_path, dtype=np.uint8)
-    log.info(
-        "%s: %d lesion voxels (%.2f ml) predicted with %s",
-        study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,
-    )  # fmt: skip
+    cfg = {**DEFAULTS, **settings}
+    device = model.resolve_device(None)
+    net, checkpoint = model.load(model_path, device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for study, suv_path, ctres_path in zip(studies, suv_paths, ctres_paths, strict=True):
+        suv = nifti.load(suv_path, study, np.float32)
+        ctres = nifti.load(ctres_path, study, np.float32)
+        nifti.check_same_grid(
+            study, {"SUV": (Path(suv_path), suv), "CTres": (Path(ctres_path), ctres)}
+        )
+        probability = predict_probability(net, checkpoint, suv.array, ctres.array, cfg, device)
+        mask = (probability >= float(cfg["threshold"])).astype(np.uint8)
+        nifti.save(nifti.Volume(mask, suv.affine), out_dir / f"{study}.nii.gz", dtype=np.uint8)
+        log.info(
+            "%s: %d lesion voxels (%.2f ml) predicted with %s",
+            study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,
+        )  # fmt: skip

@@ -3,8 +3,10 @@
 Channel 0 (the lesion mask) gets MONAI's DiceFocal loss; the auxiliary channels (dilated masks
 filled with the input images) get MSE; `AutomaticWeightedLoss` (Liebel & Koerner 2018, in the form
 the authors used: `sum_i 0.5 / s_i^2 * L_i + log(1 + s_i^2)`, `s` learned and initialised to 1)
-balances them, so no hand-tuned weights are needed. The released code adds, per auxiliary channel, a
-second MSE restricted to the channel's mask, and 0.05 x Dice on voxels of small lesions.
+balances them (`loss_weighting: automatic`, the published recipe), or `FixedWeights` gives the
+mask term weight 1 and every auxiliary term `aux_loss_weight` (`loss_weighting: fixed`). The
+released code adds, per auxiliary channel, a second MSE restricted to the channel's mask, and
+0.05 x Dice on its "small lesion" region.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from monai.losses import DiceFocalLoss, MaskedDiceLoss
 from torch import nn
 
 CHANNEL_LOSSES = ("dicefocal", "mse", "none")
+LOSS_WEIGHTINGS = ("automatic", "fixed")
 
 
 class AutomaticWeightedLoss(nn.Module):
@@ -39,6 +42,29 @@ class AutomaticWeightedLoss(nn.Module):
         """The current s_i (logged every epoch: large s_i = a term the model gave up on)."""
         return [float(v) for v in self.params.detach().cpu()]
 
+    def factors(self) -> torch.Tensor:
+        """The factor each term is multiplied with now, 0.5 / s_i^2."""
+        return (0.5 / self.params.detach().float() ** 2).cpu()
+
+
+class FixedWeights(nn.Module):
+    """`sum_i w_i * L_i` with constant weights (no parameters)."""
+
+    def __init__(self, weights: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("fixed", torch.tensor([float(w) for w in weights]))
+
+    def forward(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(losses) != self.fixed.numel():
+            raise ValueError(f"expected {self.fixed.numel()} loss terms, got {len(losses)}")
+        return (self.fixed * torch.stack([loss.float() for loss in losses])).sum()
+
+    def weights(self) -> list[float]:
+        return [float(v) for v in self.fixed.cpu()]
+
+    def factors(self) -> torch.Tensor:
+        return self.fixed.detach().float().cpu()
+
 
 class StepwiseLoss(nn.Module):
     """All loss terms of one batch, combined by `AutomaticWeightedLoss`.
@@ -48,7 +74,8 @@ class StepwiseLoss(nn.Module):
     `lambda_dice`, `lambda_focal`, `mask_loss_scale` (factor on channel 0's term before weighting),
     `small_lesion_dice_weight` (0 = off), `masked_mse` (second MSE inside each channel's mask),
     `dice_batch` (Dice over the whole batch instead of per patch: a lesion-free patch then no
-    longer scores Dice loss 1 whatever the network does).
+    longer scores Dice loss 1 whatever the network does), `loss_weighting` (`automatic` or
+    `fixed`) and `aux_loss_weight` (each auxiliary term's weight when fixed).
     """
 
     def __init__(self, channel_losses: Sequence[str], options: Mapping[str, Any]) -> None:
@@ -70,7 +97,19 @@ class StepwiseLoss(nn.Module):
         )
         self.small_dice = MaskedDiceLoss(sigmoid=True)
         self.term_names = self._term_names()
-        self.weighting = AutomaticWeightedLoss(len(self.term_names))
+        weighting = str(options.get("loss_weighting", "automatic"))
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"unknown loss_weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}"
+            )
+        self.weighting: AutomaticWeightedLoss | FixedWeights
+        if weighting == "automatic":
+            self.weighting = AutomaticWeightedLoss(len(self.term_names))
+        else:
+            aux = float(options.get("aux_loss_weight", 1.0))
+            self.weighting = FixedWeights(
+                [1.0 if name == "ch0_dicefocal" else aux for name in self.term_names]
+            )
 
     def _term_names(self) -> list[str]:
         names = []

@@ -36,6 +36,7 @@ class NetworkSpec:
     num_res_units: int
     norm: str
     dropout: float = 0.0
+    mask_head: str = "shared"
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -60,7 +61,11 @@ class NetworkSpec:
             num_res_units=int(spec["num_res_units"]),
             norm=str(spec["norm"]),
             dropout=float(spec.get("dropout", 0.0)),
+            mask_head=str(spec.get("mask_head", "shared")),
         )
+
+
+MASK_HEADS = ("shared", "separate")
 
 
 def network_spec(settings: Mapping[str, Any], out_channels: int, in_channels: int) -> NetworkSpec:
@@ -75,21 +80,59 @@ def network_spec(settings: Mapping[str, Any], out_channels: int, in_channels: in
         num_res_units=int(settings["num_res_units"]),
         norm=str(settings["norm"]),
         dropout=float(settings.get("dropout", 0.0)),
+        mask_head=str(settings.get("mask_head", "shared")),
     )
 
 
-def build(spec: NetworkSpec) -> nn.Module:
-    """A 3-D MONAI UNet with stride-2 levels."""
+class SeparateHeads(nn.Module):
+    """A UNet ending in `channels[0]` features, then its own 1x1x1 convolution for the mask and
+    one for the auxiliary channels: MONAI's UNet computes every output channel with one last
+    layer, so the seven regression targets shape the features the mask logit is read from."""
+
+    def __init__(self, spec: NetworkSpec) -> None:
+        super().__init__()
+        features = spec.channels[0]
+        self.body = _unet(spec, out_channels=features)
+        self.act = nn.PReLU()
+        self.mask = nn.Conv3d(features, 1, kernel_size=1)
+        self.aux = nn.Conv3d(features, spec.out_channels - 1, 1) if spec.out_channels > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.act(self.body(x))
+        if self.aux is None:
+            return self.mask(shared)
+        return torch.cat([self.mask(shared), self.aux(shared)], dim=1)
+
+
+def _unet(spec: NetworkSpec, out_channels: int) -> UNet:
     return UNet(
         spatial_dims=3,
         in_channels=spec.in_channels,
-        out_channels=spec.out_channels,
+        out_channels=out_channels,
         channels=spec.channels,
         strides=spec.strides,
         num_res_units=spec.num_res_units,
         norm=spec.norm,
         dropout=spec.dropout,
     )
+
+
+def build(spec: NetworkSpec) -> nn.Module:
+    """A 3-D MONAI UNet with stride-2 levels; `mask_head: separate` adds 1x1x1 heads."""
+    if spec.mask_head not in MASK_HEADS:
+        raise ValueError(f"unknown mask_head {spec.mask_head!r}; expected one of {MASK_HEADS}")
+    if spec.mask_head == "separate":
+        return SeparateHeads(spec)
+    return _unet(spec, spec.out_channels)
+
+
+def last_shared_layer(net: nn.Module) -> nn.Module:
+    """The module whose output is the last feature map every output channel is computed from
+    (its output for `SeparateHeads`, the input of the UNet's top up-sampling block otherwise;
+    `train` logs each loss term's gradient there)."""
+    if isinstance(net, SeparateHeads):
+        return net.act
+    return net.model[1]  # the UNet's skip connection: (input features, decoder output) concat
 
 
 def check_patch_size(patch_size: Sequence[int], spec: NetworkSpec) -> None:
@@ -116,13 +159,49 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX): then bf16 autocast trains
+    the default UNet 2.6x faster than float32; emulated bf16 would be slower."""
+    mkldnn = torch.backends.mkldnn
+    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None on CPU or `amp: off`."""
-    if device.type != "cuda" or amp == "off":
+    """The autocast dtype of `amp` on `device`; None = float32.
+
+    `auto`: on CUDA bf16 where supported, else fp16 (with a GradScaler); on a CPU bf16 where it
+    runs natively, else float32. `bf16` on a CPU without native bf16 and `fp16` on a CPU are
+    refused (CPU autocast has no fp16 gradient scaling), so a setting never silently differs.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp {amp!r} is not one of {AMP_MODES}")
+    if amp == "off":
         return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    if device.type == "cuda":
+        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+    if device.type != "cpu":
+        return None
+    if amp == "fp16":
+        raise ValueError("amp fp16 needs a CUDA device; on a CPU use bf16, auto or off")
+    if cpu_supports_bf16():
         return torch.bfloat16
-    return torch.float16
+    if amp == "bf16":
+        raise ValueError(
+            "amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); use auto or off"
+        )
+    return None
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last_3d on a CPU, where oneDNN's 3-D convolutions run faster in it (the default
+    UNet's training step: float32 1.42x, bf16 1.43x, bench/train_step.py); the default layout
+    elsewhere (not measured on a GPU)."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 
 def save(path: str | Path, net: nn.Module, spec: NetworkSpec, info: Mapping[str, Any]) -> None:
@@ -170,7 +249,7 @@ def load(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, A
             f"{len(reshaped)} of another shape); the file was written by another config"
         )
     net.load_state_dict(weights)
-    return net.to(device).eval(), checkpoint
+    return net.to(device, memory_format=memory_format(device)).eval(), checkpoint
 
 
 def init_mask_prior(net: nn.Module, prior: float) -> None:
@@ -181,8 +260,11 @@ def init_mask_prior(net: nn.Module, prior: float) -> None:
     """
     if not 0.0 < prior < 1.0:
         raise ValueError(f"mask prior must be in (0, 1), got {prior}")
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
-    last = convs[-1]
+    if isinstance(net, SeparateHeads):
+        last = net.mask
+    else:
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
+        last = convs[-1]
     if last.bias is None:
         raise ValueError("the network's last convolution has no bias to initialise")
     with torch.no_grad():

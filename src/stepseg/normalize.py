@@ -2,8 +2,9 @@
 
 CT: `(clip(HU, -1000, 1000) + 1000) / 500`, i.e. -1000 HU -> 0 and +1000 HU -> 4.
 PET: `z(log2(SUV + 1)) / 2 + 1`, where the z-score uses the mean and (population) standard deviation
-of the voxels with SUV > 0.14 in the same patch, the standard deviation floored at 0.01. A patch
-with no voxel above 0.14 (air only) uses mean 0 and standard deviation 1, so it is not blown up.
+of the voxels with log2(SUV + 1) > 0.14 (SUV > 0.102) in the same patch, as the released code
+thresholds the log-transformed image, the standard deviation floored at 0.01. A patch with no
+such voxel (air only) uses mean 0 and standard deviation 1, so it is not blown up.
 
 `normalize_batch` is the one implementation: a batch of patches (training, validation) or of
 sliding windows (inference), each with its own statistics, vectorised over the batch in torch on
@@ -19,7 +20,7 @@ import torch
 
 CT_CLIP_HU = (-1000.0, 1000.0)
 CT_SCALE_HU = 500.0
-PET_FOREGROUND_SUV = 0.14
+PET_FOREGROUND_LOG2 = 0.14  # on log2(SUV + 1)
 PET_STD_FLOOR = 0.01
 
 Array = np.ndarray | torch.Tensor
@@ -48,8 +49,8 @@ def normalize_batch(suv: torch.Tensor, hu: torch.Tensor) -> torch.Tensor:
     ct = out[:, 1].copy_(hu[:, 0]).clamp_(*CT_CLIP_HU)
     ct.sub_(CT_CLIP_HU[0]).div_(CT_SCALE_HU)
     pet = out[:, 0].copy_(suv[:, 0])
-    foreground = torch.gt(pet, PET_FOREGROUND_SUV).reshape(n, -1).to(torch.float32)
     pet.add_(1.0).log2_()
+    foreground = torch.gt(pet, PET_FOREGROUND_LOG2).reshape(n, -1).to(torch.float32)
     flat = pet.view(n, -1)  # in place: each sample's PET plane is contiguous
     count = foreground.sum(dim=1)
     has_foreground = count > 0

@@ -2,7 +2,7 @@
 
 Everything is read from the workflow's files (layout in docs/design.md): per-study metrics
 `metrics/{variant}/{split}_per_study.csv`, training logs `models/{variant}/train_log.csv`, and for
-the example cases `nifti/{study}/{SUV,SEG}.nii.gz` and `predictions/{variant}/{study}.nii.gz`.
+the example cases `nifti/{study}/{SUV,SEG}.nii.gz` and `predictions/{variant}/test/{study}.nii.gz`.
 Training-log columns are read generically (every numeric column, grouped by name prefix), so the
 report does not break when the training loop logs another term.
 """
@@ -96,6 +96,62 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{column}_sd"] = values.std(ddof=1) if len(values) > 1 else math.nan
         rows.append(row)
     return pd.DataFrame(rows).sort_values("model", kind="stable", ignore_index=True)
+
+
+def paired_comparison(
+    per_study: pd.DataFrame, model_a: str, model_b: str, split: str = "test"
+) -> pd.DataFrame:
+    """`model_a` minus `model_b` per study (each model's seeds averaged per study): mean
+    difference, its 95 % t-interval and the Wilcoxon signed-rank p-value, for Dice, FPV and FNV
+    over the studies where both are defined. Empty when either model was not trained."""
+    from scipy import stats
+
+    data = per_study[per_study["split"] == split].copy()
+    data["model"] = [split_variant(str(v))[0] for v in data["variant"]]
+    rows = []
+    for column, label in HEADLINE.items():
+        means = data.groupby(["model", "study"])[column].mean().unstack("model")
+        if model_a not in means or model_b not in means:
+            return pd.DataFrame()
+        diff = (means[model_a] - means[model_b]).dropna()
+        n = len(diff)
+        mean = float(diff.mean()) if n else math.nan
+        half = (
+            float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n))
+            if n > 1
+            else math.nan
+        )
+        p_value = (
+            float(stats.wilcoxon(diff, zero_method="zsplit").pvalue)
+            if n > 1 and diff.abs().sum() > 0
+            else math.nan
+        )
+        rows.append(
+            {"metric": label, "n_studies": n, "mean_difference": mean,
+             "ci_low": mean - half, "ci_high": mean + half, "wilcoxon_p": p_value}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def paired_rows(paired: pd.DataFrame, model_a: str, model_b: str) -> pd.DataFrame:
+    rows = [
+        [
+            row.metric,
+            row.n_studies,
+            _fmt(row.mean_difference, 3),
+            f"[{_fmt(row.ci_low, 3)}, {_fmt(row.ci_high, 3)}]",
+            _fmt(row.wilcoxon_p, 3),
+        ]
+        for row in paired.itertuples()
+    ]
+    columns = [
+        "Metric",
+        "Studies",
+        f"Mean {model_a} - {model_b}",
+        "95 % interval",
+        "Wilcoxon p",
+    ]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def ranking_table(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -254,7 +310,8 @@ def markdown_table(table: pd.DataFrame) -> str:
 # prefix as the title.
 GROUP_TITLES = {
     "ch": "loss terms (unweighted, per output channel)",
-    "s": "learned loss weights",
+    "s": "loss weights (learned s_i, or the fixed weights)",
+    "grad": "gradient norm of each weighted term at the last shared layer",
     "loss": "total loss",
     "lr": "learning rate",
     "val": "validation",
@@ -303,6 +360,26 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path, variant: str,
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.suptitle(f"Training log of {variant}")
+    _save(fig, out_png, dpi)
+
+
+def plot_learning_curves(
+    train_logs: Mapping[str, str | Path], out_png: str | Path, dpi: int
+) -> None:
+    """Validation Dice (pooled over the fixed validation patches) of every trained variant
+    against its cumulative training time: whether more budget would still pay."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8), layout="constrained")
+    for variant, log_csv in sorted(train_logs.items()):
+        table = pd.read_csv(log_csv)
+        minutes = pd.to_numeric(table["seconds"], errors="coerce").cumsum() / 60
+        dice = pd.to_numeric(table["val_dice"], errors="coerce")
+        logged = dice.notna()
+        ax.plot(minutes[logged], dice[logged], marker=".", label=variant)
+    ax.set_xlabel("training time (minutes, this machine)")
+    ax.set_ylabel("validation Dice (patches)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Learning curves", fontsize=9)
     _save(fig, out_png, dpi)
 
 
@@ -407,15 +484,16 @@ def write_report(
     settings: Mapping[str, object],
     suv_paths: Sequence[str | Path],
     seg_paths: Sequence[str | Path],
-    pred_paths: Sequence[str | Path],
+    test_predictions: Mapping[str, Mapping[str, str | Path]],
     data_source: str,
 ) -> None:
     """Write results.csv, results.md, results.html and every figure named in `outputs`.
 
-    `outputs` keys: table, markdown, html, distributions (paths); curves (one PNG per training
+    `outputs` keys: table, markdown, html, distributions, learning_curves (paths); curves (one
+    PNG per training
     log, named `<variant>.png`); cases (one PNG per `settings["mip_cases"]` entry, in order).
-    `suv_paths`/`seg_paths` are the test studies' NIfTI files, `pred_paths` every variant's test
-    predictions; the cases are drawn from the best variant (highest validation Dice).
+    `suv_paths`/`seg_paths` are the test studies' NIfTI files, `test_predictions` every variant's
+    test prediction by study; the cases are drawn from the best variant (highest validation Dice).
     """
     dpi = int(settings["figure_dpi"])
     cases = list(settings["mip_cases"])
@@ -451,6 +529,11 @@ def write_report(
         ),
         "Lesion-wise detection and clinical quantities (mean per study)": detection_rows(summary),
     }
+    paired = paired_comparison(per_study, "stepwise", "plain")
+    if not paired.empty:
+        tables["Paired test-split comparison of stepwise and plain (seeds averaged per study)"] = (
+            paired_rows(paired, "stepwise", "plain")
+        )
     notes = [
         "DSC, False Positive and False Negative are the official autoPET metrics (Dice, false "
         "positive and false negative volume in ml over connected components, 18-connected unless "
@@ -470,12 +553,12 @@ def write_report(
         if variant not in curve_outputs:
             raise ValueError(f"no curve output named {variant}.png for {log_csv}")
         plot_training_curves(log_csv, curve_outputs[variant], variant, dpi)
+    plot_learning_curves(curves, outputs["learning_curves"], dpi)
     plot_distributions(per_study, outputs["distributions"], dpi)
 
     test_best = per_study[(per_study["variant"] == best) & (per_study["split"] == "test")]
     chosen = pick_cases(test_best, cases)
     suv, seg = _by_parent(suv_paths), _by_parent(seg_paths)
-    preds = {(Path(p).parent.name, Path(p).name.removesuffix(".nii.gz")): p for p in pred_paths}
     for case, out_png in zip(cases, outputs["cases"], strict=True):
         study = chosen[case]
         row = test_best.set_index("study").loc[study]
@@ -483,9 +566,12 @@ def write_report(
             f"{case} test study of {best}: {study}\nDice {_fmt(row['dice'], 3)}, "
             f"FPV {row['fpv_ml']:.2f} ml, FNV {_fmt(row['fnv_ml'], 2)} ml"
         )
-        plot_case(suv[study], seg[study], preds[(best, study)], title, out_png, dpi)
+        plot_case(suv[study], seg[study], test_predictions[best][study], title, out_png, dpi)
 
-    figures = [("Per-study metric distributions", outputs["distributions"])]
+    figures = [
+        ("Per-study metric distributions", outputs["distributions"]),
+        ("Learning curves (validation Dice against training time)", outputs["learning_curves"]),
+    ]
     figures += [(f"Training curves of {v}", curve_outputs[v]) for v in curves]
     figures += [(f"{c} test case", p) for c, p in zip(cases, outputs["cases"], strict=True)]
     _write_markdown(outputs["markdown"], tables, notes, figures)

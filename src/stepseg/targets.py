@@ -1,19 +1,28 @@
-"""Step-by-step targets: chained dilations of the lesion mask, stored compactly as one step map.
+"""Step-by-step targets: chained dilations of the lesion mask of one input crop, as one step map.
 
 The network predicts C channels: the lesion mask plus auxiliary channels in which the mask is
 dilated step by step until it covers the image, the covered area filled with the normalised PET
-or CT. Instead of storing C float volumes per study we store one uint8 *step map*: for every voxel
-the first dilation step that covers it (0 = lesion, k = step k, 255 = never). Every auxiliary mask
-is then `steps <= k`, and `expand` builds the C channels from a patch of the step map and the
-normalised input patch on whatever device they live on (GPU during training).
+or CT. As in the paper ("for input images without lesions, all channels of the output are zeros")
+and the authors' code, the image is the *input crop*: its own lesion mask is dilated inside the
+crop (outside counts as background), and a crop without lesion voxels gets all-zero channels, the
+whole-image channel included. Instead of C float volumes we build one uint8 *step map* per crop
+(`step_map`): for every voxel the first dilation step that covers it (0 = lesion, k = step k,
+255 = never). Every auxiliary mask is then `steps <= k`, and `expand` builds the C channels from
+the step maps and the normalised input crops on whatever device they live on.
+
+Dilation radii are in mm (z, y, x), so that a schedule means the same on every grid; `voxel_steps`
+rounds them to whole voxels with the study's spacing (at the authors' 3 x 2.04 x 2.04 mm grid the
+`released_code` preset gives exactly their voxel radii).
 
 Two presets (see config/README.md): `released_code` reproduces the authors' released code;
-`paper` has seven genuinely growing auxiliary channels, the last covering the whole image.
+`paper` has seven genuinely growing auxiliary channels, the last covering the whole crop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +47,20 @@ PET_CHANNEL, CT_CHANNEL = 0, 1
 
 @dataclass(frozen=True)
 class DilationStep:
-    """One dilation of the previous step's mask; `semi_axes=None` means "the whole image"."""
+    """`iterations` dilations of the previous step's mask by an ellipsoid of `semi_axes_mm`
+    (z, y, x); `semi_axes_mm=None` means "the whole image"."""
+
+    semi_axes_mm: tuple[float, float, float] | None
+    iterations: int = 1
+
+    @property
+    def whole(self) -> bool:
+        return self.semi_axes_mm is None
+
+
+@dataclass(frozen=True)
+class VoxelStep:
+    """A `DilationStep` on one grid: ellipsoid semi-axes in voxels (None = the whole image)."""
 
     semi_axes: tuple[int, int, int] | None
     iterations: int = 1
@@ -54,7 +76,8 @@ class Channel:
 
     `hollow` zeroes the lesion voxels (the released code does so for its outer channels, so
     they describe the surroundings only). `window` is the HU window of a `ct_window` fill,
-    rescaled to [0, 1]. `loss` tells the trainer which loss this channel gets.
+    rescaled to [0, `window_scale`] (the released code: [-100, 100] HU to [0, 4.8]). `loss`
+    tells the trainer which loss this channel gets.
     """
 
     step: int | None
@@ -62,6 +85,7 @@ class Channel:
     hollow: bool = False
     loss: Loss = "mse"
     window: tuple[float, float] | None = None
+    window_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,16 +104,35 @@ class Preset:
     def channel_losses(self) -> list[Loss]:
         return [channel.loss for channel in self.channels]
 
-    @property
-    def whole_step(self) -> int | None:
-        """Step value of the "whole image" step, if the schedule ends with one."""
-        return len(self.steps) if self.steps and self.steps[-1].whole else None
+    def voxel_steps(self, spacing_zyx: tuple[float, float, float]) -> tuple[VoxelStep, ...]:
+        """The schedule on a grid: each semi-axis rounded to the nearest whole voxel."""
+        return tuple(
+            VoxelStep(None)
+            if step.whole
+            else VoxelStep(
+                tuple(  # type: ignore[arg-type]
+                    math.floor(mm / float(spacing) + 0.5 + 1e-9)
+                    for mm, spacing in zip(step.semi_axes_mm, spacing_zyx, strict=True)
+                ),
+                step.iterations,
+            )
+            for step in self.steps
+        )
 
-    def background_step(self, has_lesions: bool) -> int:
-        """Step value beyond the scanned volume: "whole image" if it exists and the study has
-        lesions, otherwise never (used to pad studies smaller than a patch)."""
-        whole = self.whole_step
-        return whole if has_lesions and whole is not None else NEVER
+    def check_fits(self, spacing_zyx: tuple[float, float, float], patch_size: Any) -> None:
+        """Refuse a schedule whose last finite step already covers a whole patch from any
+        lesion voxel: the whole-image step after it would repeat it, so the schedule does not
+        grow step by step on this grid and patch."""
+        finite = [step for step in self.voxel_steps(spacing_zyx) if not step.whole]
+        if not finite:
+            return
+        reach = [sum(s.semi_axes[axis] * s.iterations for s in finite) for axis in range(3)]
+        if all(r >= int(p) - 1 for r, p in zip(reach, patch_size, strict=True)):
+            raise ValueError(
+                f"targets preset {self.name}: its last finite step reaches {reach} voxels "
+                f"(z, y, x) at spacing {list(spacing_zyx)} mm, which covers a whole patch "
+                f"{list(patch_size)} from any lesion voxel; use smaller radii or a larger patch"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +141,7 @@ class Preset:
     def from_dict(cls, data: dict[str, Any]) -> Preset:
         steps = tuple(
             DilationStep(
-                semi_axes=None if s.get("semi_axes") is None else _zyx(s["semi_axes"]),
+                semi_axes_mm=None if s.get("semi_axes_mm") is None else _zyx(s["semi_axes_mm"]),
                 iterations=int(s.get("iterations", 1)),
             )
             for s in data["steps"]
@@ -110,6 +153,7 @@ class Preset:
                 hollow=bool(c.get("hollow", False)),
                 loss=c.get("loss", "mse"),
                 window=None if c.get("window") is None else tuple(map(float, c["window"])),
+                window_scale=float(c.get("window_scale", 1.0)),
             )
             for c in data["channels"]
         )
@@ -124,7 +168,7 @@ class Preset:
         if len(self.steps) >= NEVER:
             raise ValueError(f"preset {self.name}: at most {NEVER - 1} steps")
         for step in self.steps:
-            if not step.whole and (step.iterations < 1 or min(step.semi_axes) < 0):
+            if not step.whole and (step.iterations < 1 or min(step.semi_axes_mm) < 0):
                 raise ValueError(f"preset {self.name}: bad dilation step {step}")
         for index, channel in enumerate(self.channels):
             if channel.step is not None and not 0 <= channel.step <= len(self.steps):
@@ -142,19 +186,28 @@ class Preset:
                 )
 
 
-def _zyx(values: Any) -> tuple[int, int, int]:
-    z, y, x = (int(v) for v in values)
+def _zyx(values: Any) -> tuple[float, float, float]:
+    z, y, x = (float(v) for v in values)
     return (z, y, x)
 
 
-_WHOLE = DilationStep(semi_axes=None)
+_WHOLE = DilationStep(semi_axes_mm=None)
+# the authors' grid (z, y, x) in mm: their voxel radii times it give the presets' mm radii
+RELEASED_SPACING_MM = (3.0, 2.04, 2.04)
 
+
+def _released_mm(z: int, y: int, x: int) -> tuple[float, float, float]:
+    return (z * 3.0, y * 2.04, x * 2.04)
+
+
+# The released code's `direct_whole` mode (data_loader_3d.py): dilate_3d with semisizes
+# (1, 2, 2) x 2, (1, 3, 3) x 4, (1, 4, 4) x 3 voxels at 3 x 2.04 x 2.04 mm, then the whole crop.
 RELEASED_CODE = Preset(
     name="released_code",
     steps=(
-        DilationStep((1, 2, 2), 2),
-        DilationStep((1, 3, 3), 4),
-        DilationStep((1, 4, 4), 3),
+        DilationStep(_released_mm(1, 2, 2), 2),
+        DilationStep(_released_mm(1, 3, 3), 4),
+        DilationStep(_released_mm(1, 4, 4), 3),
         _WHOLE,
     ),
     channels=(
@@ -162,28 +215,29 @@ RELEASED_CODE = Preset(
         Channel(step=None, fill="one", loss="dicefocal"),  # the "fake mask": always zero
         Channel(step=1, fill="ct"),
         Channel(step=1, fill="pet"),
-        Channel(step=2, fill="ct_window", window=(-100.0, 100.0), hollow=True),
+        Channel(step=2, fill="ct_window", window=(-100.0, 100.0), window_scale=4.8, hollow=True),
         Channel(step=3, fill="pet", hollow=True),
         Channel(step=4, fill="ct", hollow=True),
         Channel(step=None, fill="one", loss="none"),
     ),
 )
 
-# Seven auxiliary channels, each covering the next dilation, the last the whole image. Reach of
-# the steps (z, in-plane) at 3 x 2.04 x 2.04 mm voxels: about 6/8, 12/16, 24/29, 48/53, 96/102
-# and 192/200 mm, i.e. doubling from the released code's first step (M1) until a 400x400x326
-# body scan is mostly covered; only small structuring elements are iterated (cheap to dilate).
-# Fills alternate CT and PET like the released code; the inner three keep the lesion (its
-# uptake is the signal), the outer four are hollow (context only).
+# Seven auxiliary channels, each covering the next dilation, the last the whole crop. Reach of
+# the six finite steps (z / in-plane, mm): 6/8, 12/16, 18/32, 30/64, 48/100, 72/148, i.e. from
+# the released code's first step (M1) growing about 1.5-2x a step up to about the half-width of
+# the paper's 32 x 160 x 160 crop at 3 x 2.04 x 2.04 mm (48 / 163 mm), so that no finite step
+# covers the crop and the whole-crop step is the only one that does. Only small ellipsoids are
+# iterated (cheap to dilate per crop). Fills alternate CT and PET like the released code; the
+# inner three keep the lesion (its uptake is the signal), the outer four are hollow (context).
 PAPER = Preset(
     name="paper",
     steps=(
-        DilationStep((1, 2, 2), 2),
-        DilationStep((1, 2, 2), 2),
-        DilationStep((2, 3, 3), 2),
-        DilationStep((2, 3, 3), 4),
-        DilationStep((2, 3, 3), 8),
-        DilationStep((2, 3, 3), 16),
+        DilationStep((3.0, 4.0, 4.0), 2),
+        DilationStep((3.0, 4.0, 4.0), 2),
+        DilationStep((3.0, 8.0, 8.0), 2),
+        DilationStep((3.0, 8.0, 8.0), 4),
+        DilationStep((6.0, 12.0, 12.0), 3),
+        DilationStep((6.0, 12.0, 12.0), 4),
         _WHOLE,
     ),
     channels=(
@@ -215,8 +269,8 @@ def preset_from_settings(settings: dict[str, Any]) -> Preset:
 
 
 def _step_setting(step: Any) -> dict[str, Any]:
-    """A configured step: `whole` or `{semi_axes, iterations}`."""
-    return {"semi_axes": None} if step == "whole" else dict(step)
+    """A configured step: `whole` or `{semi_axes_mm, iterations}`."""
+    return {"semi_axes_mm": None} if step == "whole" else dict(step)
 
 
 def ellipsoid(semi_axes: tuple[int, int, int]) -> np.ndarray:
@@ -225,14 +279,15 @@ def ellipsoid(semi_axes: tuple[int, int, int]) -> np.ndarray:
     return sum((g / max(a, 1)) ** 2 for g, a in zip(grids, semi_axes, strict=True)) <= 1.0
 
 
-def step_map(mask: np.ndarray, preset: Preset) -> np.ndarray:
+def step_map(mask: np.ndarray, steps_on_grid: Sequence[VoxelStep]) -> np.ndarray:
     """For each voxel the first step covering it (0 lesion, k step k, 255 never) as uint8.
 
-    Equals chained `scipy.ndimage.binary_dilation(mask, ellipsoid(semi_axes), iterations)`
-    (outside the volume counts as background), computed faster: each dilation runs only
-    inside the bounding box of the previous mask grown by the step's reach (voxels further
-    away cannot be reached), and each ellipsoid dilation is split into one 1-D maximum
-    filter per run width along x plus shifted ORs of its (z, y) rows.
+    `steps_on_grid` is `Preset.voxel_steps(spacing)`. Equals chained
+    `scipy.ndimage.binary_dilation(mask, ellipsoid(semi_axes), iterations)` (outside the volume
+    counts as background), computed faster: each dilation runs only inside the bounding box of
+    the previous mask grown by the step's reach (voxels further away cannot be reached), and
+    each ellipsoid dilation is split into one 1-D maximum filter per run width along x plus
+    shifted ORs of its (z, y) rows. Without a lesion voxel every voxel is 255 (never).
     """
     mask = np.asarray(mask, dtype=bool)
     steps = np.full(mask.shape, NEVER, dtype=np.uint8)
@@ -240,7 +295,7 @@ def step_map(mask: np.ndarray, preset: Preset) -> np.ndarray:
         return steps
     steps[mask] = 0
     current = mask
-    for value, step in enumerate(preset.steps, start=1):
+    for value, step in enumerate(steps_on_grid, start=1):
         if step.whole:
             steps[steps == NEVER] = value
             break
@@ -319,7 +374,8 @@ def expand(steps: torch.Tensor, image: torch.Tensor, preset: Preset) -> torch.Te
             covered = covered & ~lesion
         if channel.fill == "ct_window":
             low, high = channel.window
-            fill = (ct_from_normalized(fills["ct"]).clamp(low, high) - low) / (high - low)
+            hu = ct_from_normalized(fills["ct"]).clamp(low, high)
+            fill = (hu - low) * (channel.window_scale / (high - low))
         else:
             fill = fills[channel.fill]
         target = out[:, index : index + 1]
@@ -354,7 +410,7 @@ def write_study_targets(
     )
     check_suv(study, suv.array, suv_path)
     mask = check_binary_mask(study, seg.array, seg_path)
-    steps = step_map(mask, preset)
+    steps = step_map(mask, preset.voxel_steps(seg.spacing_zyx))
     log.info(
         "study %s: %d lesion voxels, preset %s, steps %s",
         study,

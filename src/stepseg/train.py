@@ -62,8 +62,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "mask_prior": 0.0,
         "mask_loss_scale": 1.0,
         "small_lesion_dice_weight": 0.0,
-        "small_lesion_max_voxels": 100,
         "masked_mse": False,
+        "loss_weighting": "automatic",
+        "aux_loss_weight": 1.0,
+        "mask_head": "shared",
+        "crop_jitter": [0.9375, 0.6667, 0.6667],
     },
     "released_code": {
         "channels": [96, 192, 192, 192, 192],
@@ -83,8 +86,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "mask_prior": 0.0,
         "mask_loss_scale": 3.0,
         "small_lesion_dice_weight": 0.05,
-        "small_lesion_max_voxels": 100,
         "masked_mse": True,
+        "loss_weighting": "automatic",
+        "aux_loss_weight": 1.0,
+        "mask_head": "shared",
+        "crop_jitter": [0.9375, 0.6667, 0.6667],
     },
 }
 
@@ -124,19 +130,22 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(merged))
 
 
-def small_lesion_mask(steps: torch.Tensor, max_voxels: int) -> torch.Tensor:
-    """Voxels of lesion components (in the patch, 26-connected) with at most `max_voxels` voxels."""
+def small_lesion_mask(steps: torch.Tensor) -> torch.Tensor:
+    """The released code's "small lesion" region of each crop: every voxel except those of its
+    largest lesion component(s) (18-connected; those over half the largest's size), background
+    included, so that its Dice term also penalises false positives; all voxels of a crop
+    without lesion (utils_data_proc.get_small_lesion, data_loader_3d.py)."""
     import cc3d
 
     lesion = (steps == 0).cpu().numpy()
-    out = np.zeros(lesion.shape, dtype=bool)
+    out = np.ones(lesion.shape, dtype=bool)
     for b in range(lesion.shape[0]):
-        labels = cc3d.connected_components(lesion[b, 0], connectivity=26)
-        if labels.max() == 0:
+        labels = cc3d.connected_components(lesion[b, 0], connectivity=18)
+        counts = np.bincount(labels.ravel())[1:]
+        if counts.size == 0:
             continue
-        counts = np.bincount(labels.ravel())
-        small = np.flatnonzero(counts <= max_voxels)
-        out[b, 0] = np.isin(labels, small[small > 0])
+        large = np.flatnonzero(counts > 0.5 * counts.max()) + 1
+        out[b, 0] = ~np.isin(labels, large)
     return torch.from_numpy(out).to(steps.device)
 
 
@@ -194,7 +203,7 @@ def _train_variant(
     net = model.build(spec)
     if float(cfg["mask_prior"]) > 0:
         model.init_mask_prior(net, float(cfg["mask_prior"]))
-    net = net.to(device)
+    net = net.to(device, memory_format=model.memory_format(device))
     criterion = losses.StepwiseLoss(channel_losses, cfg).to(device)
     optimizer = torch.optim.Adam(
         [*net.parameters(), *criterion.parameters()],
@@ -280,6 +289,8 @@ def _dataset(
         seed=seed,
         flips=bool(cfg["flips"]) and not validation,
         hot_centre_fraction=float(cfg["hot_centre_fraction"]),
+        crop_jitter=(0.0, 0.0, 0.0) if validation else tuple(cfg["crop_jitter"]),
+        crop_steps=cfg["targets"] == "stepwise" and not validation,
     )
     if validation:
         dataset.set_epoch(0)
@@ -326,6 +337,10 @@ def _train_epoch(
     device = ctx.device
     sums: dict[str, float] = {}
     n_batches = 0
+    shared: dict[str, torch.Tensor] = {}
+    hook = model.last_shared_layer(getattr(net, "module", net)).register_forward_hook(
+        lambda _module, _inputs, output: shared.__setitem__("features", output)
+    )
     batches = tqdm(
         _loader(dataset, cfg, ctx.device, ctx),
         desc=f"epoch {epoch}",
@@ -335,13 +350,10 @@ def _train_epoch(
     for batch in batches:
         image, steps = data.device_batch(batch, device)
         target, regions = _targets(steps, image, preset, cfg)
-        small = (
-            small_lesion_mask(steps, int(cfg["small_lesion_max_voxels"]))
-            if float(cfg["small_lesion_dice_weight"]) > 0
-            else None
-        )
+        small = small_lesion_mask(steps) if float(cfg["small_lesion_dice_weight"]) > 0 else None
+        inputs = model.network_inputs(image, bool(cfg["zero_input_channel"]))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
-            logits = net(model.network_inputs(image, bool(cfg["zero_input_channel"])))
+            logits = net(inputs.contiguous(memory_format=model.memory_format(device)))
         total, terms = criterion(logits, target, regions, small)
         if not torch.isfinite(total):
             raise TrainingError(
@@ -349,6 +361,8 @@ def _train_epoch(
                 f"batch {n_batches + 1} (studies {', '.join(batch['study'])}); terms: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             )
+        if n_batches == 0:  # once an epoch: what each term asks of the shared features
+            sums.update(term_gradient_norms(criterion, terms, shared["features"]))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -357,9 +371,28 @@ def _train_epoch(
         for name, value in [("loss", total), *terms.items()]:
             sums[name] = sums.get(name, 0.0) + float(value.detach())
         batches.set_postfix(loss=f"{sums['loss'] / n_batches:.4f}", refresh=False)
+    hook.remove()
     if n_batches == 0:
         raise TrainingError(f"epoch {epoch}: the training loader gave no batch")
-    return {name: value / n_batches for name, value in sums.items()}
+    return {
+        name: value if name.startswith("grad_") else value / n_batches
+        for name, value in sums.items()
+    }
+
+
+def term_gradient_norms(
+    criterion: losses.StepwiseLoss, terms: Mapping[str, torch.Tensor], features: torch.Tensor
+) -> dict[str, float]:
+    """`grad_<term>`: the norm of each weighted loss term's gradient at the last feature map
+    all outputs share (`model.last_shared_layer`): whether the mask or the auxiliary channels
+    steer the network (logged for the first batch of each epoch; the weights are the current
+    automatic or fixed ones)."""
+    factors = criterion.weighting.factors()
+    norms = {}
+    for name, factor in zip(criterion.term_names, factors, strict=True):
+        (grad,) = torch.autograd.grad(terms[name], features, retain_graph=True)
+        norms[f"grad_{name}"] = float(factor) * float(grad.float().norm())
+    return norms
 
 
 def _targets(
@@ -373,15 +406,16 @@ def _targets(
 
 
 def channel_regions(steps: torch.Tensor, preset: targets.Preset) -> torch.Tensor:
-    """Each channel's own mask (B, C, D, H, W) bool, for the released code's masked MSE."""
-    lesion = steps == 0
+    """Each channel's dilated mask (B, C, D, H, W) bool, for the released code's masked MSE.
+
+    The full dilated mask, lesion included, also for hollow channels: the released code's
+    `aux_mask_list` holds the masks before hollowing (data_loader_3d.py)."""
     regions = torch.zeros(
         (steps.shape[0], preset.n_channels, *steps.shape[2:]), dtype=torch.bool, device=steps.device
     )
     for index, channel in enumerate(preset.channels):
         if channel.step is not None:
-            covered = steps <= channel.step
-            regions[:, index : index + 1] = covered & ~lesion if channel.hollow else covered
+            regions[:, index : index + 1] = steps <= channel.step
     return regions
 
 
@@ -403,8 +437,9 @@ def _validate(
     for batch in _loader(dataset, cfg, device):
         image, steps = data.device_batch(batch, device)
         truth = steps == 0
+        inputs = model.network_inputs(image, bool(cfg["zero_input_channel"]))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
-            logits = net(model.network_inputs(image, bool(cfg["zero_input_channel"])))
+            logits = net(inputs.contiguous(memory_format=model.memory_format(device)))
         pred = logits[:, :1].float() > 0  # sigmoid(x) > 0.5
         tp += float((pred & truth).sum())
         fp += float((pred & ~truth).sum())

@@ -79,15 +79,39 @@ def trained_variants():
     ]
 
 
-def training_threads():
-    """Threads of one training job: the cores shared by the trainings that can run side by side.
+def model_job_threads():
+    """Threads of one training or inference job: the cores shared by the models that can run
+    side by side (one job per trained variant), at most 8.
 
-    A small network keeps two threads only about 75 % busy, so on 2 cores the four default
-    trainings run two at a time on one thread each, instead of one at a time on two. At most 8.
+    A small network keeps two threads only about 75 % busy, so on 2 cores two models train side
+    by side on one thread each rather than one after the other on two.
     profiles/slurm sets the threads of a cluster job itself.
     """
     cores = workflow.resource_settings.cores or 1
     return min(8, max(1, cores // max(1, len(trained_variants()))))
+
+
+def nifti_paths(name, split):
+    """`results/nifti/{study}/<name>.nii.gz` of every study of `split`."""
+    return expand(f"results/nifti/{{study}}/{name}.nii.gz", study=studies(split))
+
+
+def prediction_paths(variant, split):
+    """Every prediction of `variant` on `split`, in the order of `studies(split)`."""
+    return expand(
+        "results/predictions/{variant}/{split}/{study}.nii.gz",
+        variant=variant,
+        split=split,
+        study=studies(split),
+    )
+
+
+def prediction_inputs(variant, split):
+    """What a rule needs for those predictions: the trained models' one directory per split
+    (rule infer), the threshold baseline's per-study files (rule infer_threshold)."""
+    if variant in trained_variants():
+        return [f"results/predictions/{variant}/{split}"]
+    return prediction_paths(variant, split)
 
 
 def all_variants():

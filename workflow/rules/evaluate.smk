@@ -6,11 +6,7 @@ rule evaluate:
         suv=lambda wc: expand(
             "results/nifti/{study}/SUV.nii.gz", study=studies(wc.eval_split)
         ),
-        pred=lambda wc: expand(
-            "results/predictions/{variant}/{study}.nii.gz",
-            variant=wc.variant,
-            study=studies(wc.eval_split),
-        ),
+        pred=lambda wc: prediction_inputs(wc.variant, wc.eval_split),
     output:
         per_study="results/metrics/{variant}/{eval_split}_per_study.csv",
         summary="results/metrics/{variant}/{eval_split}_summary.csv",
@@ -20,6 +16,7 @@ rule evaluate:
         "../../envs/report.yaml"
     params:
         studies=lambda wc: studies(wc.eval_split),
+        pred_paths=lambda wc: prediction_paths(wc.variant, wc.eval_split),
         settings=config["evaluate"],
     script:
         "../scripts/evaluate.py"

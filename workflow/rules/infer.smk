@@ -1,22 +1,23 @@
 rule infer:
     input:
         model="results/models/{trained}/model.pt",
-        suv="results/nifti/{study}/SUV.nii.gz",
-        ctres="results/nifti/{study}/CTres.nii.gz",
+        suv=lambda wc: nifti_paths("SUV", wc.eval_split),
+        ctres=lambda wc: nifti_paths("CTres", wc.eval_split),
     output:
-        "results/predictions/{trained}/{study}.nii.gz",
+        directory("results/predictions/{trained}/{eval_split}"),
     log:
-        "results/logs/infer/{trained}/{study}.log",
+        "results/logs/infer/{trained}/{eval_split}.log",
     benchmark:
-        "results/benchmarks/infer/{trained}/{study}.tsv"
+        "results/benchmarks/infer/{trained}/{eval_split}.tsv"
     conda:
         "../../envs/torch.yaml"
-    # one thread: a job is mostly start-up (torch, MONAI), so CPU-only machines run several side by
-    # side; profiles/slurm sets a cluster job's CPUs
-    threads: 1
+    # one job per model and split: starting torch and MONAI and loading the model cost more
+    # than predicting a study on a CPU; profiles/slurm sets a cluster job's CPUs
+    threads: model_job_threads()
     resources:
         gpu=1 if HAS_GPUS else 0,
     params:
+        studies=lambda wc: studies(wc.eval_split),
         settings=config["infer"],
     script:
         "../scripts/infer.py"
@@ -26,9 +27,9 @@ rule infer_threshold:
     input:
         suv="results/nifti/{study}/SUV.nii.gz",
     output:
-        "results/predictions/threshold/{study}.nii.gz",
+        "results/predictions/threshold/{eval_split}/{study}.nii.gz",
     log:
-        "results/logs/infer/threshold/{study}.log",
+        "results/logs/infer/threshold/{eval_split}/{study}.log",
     conda:
         "../../envs/io.yaml"
     params:

@@ -10,11 +10,11 @@ rule report:
         ),
         suv=lambda wc: expand("results/nifti/{study}/SUV.nii.gz", study=studies("test")),
         seg=lambda wc: expand("results/nifti/{study}/SEG.nii.gz", study=studies("test")),
-        pred=lambda wc: expand(
-            "results/predictions/{variant}/{study}.nii.gz",
-            variant=all_variants(),
-            study=studies("test"),
-        ),
+        pred=lambda wc: [
+            path
+            for variant in all_variants()
+            for path in prediction_inputs(variant, "test")
+        ],
     output:
         table=report(
             "results/report/results.csv",
@@ -34,6 +34,12 @@ rule report:
             caption="../report/per_study_metrics.rst",
             category="Results",
             subcategory="Per-study metrics",
+        ),
+        learning_curves=report(
+            "results/report/learning_curves.png",
+            caption="../report/learning_curves.rst",
+            category="Training",
+            subcategory="Learning curves",
         ),
         curves=[
             report(
@@ -62,5 +68,9 @@ rule report:
     params:
         settings=config["report"],
         data_source=config["download"]["source"],
+        test_predictions=lambda wc: {
+            variant: dict(zip(studies("test"), prediction_paths(variant, "test")))
+            for variant in all_variants()
+        },
     script:
         "../scripts/report.py"

@@ -11,7 +11,7 @@ rule train:
         "results/benchmarks/train/{trained}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: training_threads()
+    threads: model_job_threads()
     resources:
         gpu=lambda wc: variant_settings(wc).get("processes", 1) if HAS_GPUS else 0,
     params:

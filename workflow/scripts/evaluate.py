@@ -7,7 +7,7 @@ metrics.evaluate_split(
     studies=snakemake.params.studies,
     seg_paths=snakemake.input.seg,
     suv_paths=snakemake.input.suv,
-    pred_paths=snakemake.input.pred,
+    pred_paths=snakemake.params.pred_paths,
     per_study_csv=snakemake.output.per_study,
     summary_csv=snakemake.output.summary,
     settings=snakemake.params.settings,

@@ -10,6 +10,6 @@ report.write_report(
     settings=snakemake.params.settings,
     suv_paths=snakemake.input.suv,
     seg_paths=snakemake.input.seg,
-    pred_paths=snakemake.input.pred,
+    test_predictions=snakemake.params.test_predictions,
     data_source=snakemake.params.data_source,
 )
