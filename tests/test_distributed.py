@@ -193,6 +193,10 @@ TRAIN_SETTINGS = {
 }
 
 
+# the paper preset with one-voxel steps: its own radii would cover patches this small
+SMALL = {"preset": "paper", "steps": [{"semi_axes_mm": [4, 4, 4], "iterations": 1}] * 6 + ["whole"]}
+
+
 @pytest.fixture(scope="module")
 def tiny_lmdbs(tmp_path_factory):
     """A packed train split of two studies (one with a lesion) and a val split of one."""
@@ -210,7 +214,10 @@ def tiny_lmdbs(tmp_path_factory):
                 mask[5:8, 8:13, 8:13] = True
                 suv[mask] += 8.0
             ct = rng.normal(0, 100, shape).astype(np.float32)
-            arrays = (suv, ct, targets.step_map(mask, targets.PAPER))
+            steps = targets.step_map(
+                mask, targets.preset_from_settings(SMALL).voxel_steps((4, 4, 4))
+            )
+            arrays = (suv, ct, steps)
             paths = [root / study / f"{n}.nii.gz" for n in ("SUV", "CTres", "steps")]
             for path, array in zip(paths, arrays, strict=True):
                 nifti.save(nifti.Volume(array, affine), path)
@@ -221,7 +228,7 @@ def tiny_lmdbs(tmp_path_factory):
             *(list(col) for col in zip(*columns, strict=True)),
             out[split],
             {"codec": "gzip", "tile_shape": [8, 16, 16]},
-            {"preset": "paper"},
+            SMALL,
         )
     return out
 

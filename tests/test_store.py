@@ -35,7 +35,7 @@ def make_study(folder, shape, seed, lesion=True, suv_max=None):
     folder.mkdir(parents=True, exist_ok=True)
     nifti.save(nifti.Volume(suv, AFFINE), folder / "SUV.nii.gz")
     nifti.save(nifti.Volume(ct, AFFINE), folder / "CTres.nii.gz")
-    steps = targets.step_map(seg, targets.RELEASED_CODE)
+    steps = targets.step_map(seg, targets.RELEASED_CODE.voxel_steps((3.0, 2.04, 2.04)))
     nifti.save(nifti.Volume(steps, AFFINE), folder / "steps.nii.gz")
     return suv, ct, steps
 
