@@ -155,7 +155,7 @@ def dcm2niix_input(raw: Path, modality: str, folder: Path) -> Path:
     return copy
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix is not installed")
+@pytest.mark.requires("dcm2niix")
 @pytest.mark.parametrize(("name", "modality"), [("CT", "CT"), ("PET", "PT")])
 def test_geometry_agrees_with_dcm2niix(study, converted, tmp_path, name, modality):
     """dcm2niix may store another voxel order (it flips rows); compare in canonical RAS order."""
@@ -165,6 +165,7 @@ def test_geometry_agrees_with_dcm2niix(study, converted, tmp_path, name, modalit
         ["dcm2niix", "-z", "y", "-f", "out", "-o", str(tmp_path), str(series)],
         check=True,
         capture_output=True,
+        timeout=120,
     )
     theirs = nib.as_closest_canonical(nib.load(tmp_path / "out.nii.gz"))
     ours = nib.as_closest_canonical(nib.load(converted[name]))
