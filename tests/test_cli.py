@@ -146,6 +146,7 @@ def test_predict_single_nifti_study_via_the_console_script(tmp_path, model_path)
         capture_output=True,
         text=True,
         check=True,
+        timeout=300,
     )
     assert done.stdout.startswith(f"{tmp_path / 'pred.nii.gz'}\t")
     mask = nifti.load(tmp_path / "pred.nii.gz", "s")

@@ -268,7 +268,7 @@ def test_killed_download_resumes_from_bytes_on_disk(server, cohort, tmp_path):
         assert time.monotonic() < deadline, "the client never wrote the first half"
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
-    first.wait()
+    first.wait(timeout=30)
     server.release()
     subprocess.run(command, env=env, check=True, timeout=60)
     assert (cache / f"{uid}.zip").read_bytes() == server.zip_path(uid).read_bytes()

@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
-def snakemake(workdir: Path, *args: str, overrides: dict | None = None) -> str:
+def snakemake(
+    workdir: Path, *args: str, overrides: dict | None = None, timeout_s: float = 1500
+) -> str:
+    """Run Snakemake on `workdir`; a whole run gets 25 min, a dry run far less (see callers)."""
     configs = [str(workdir / "tiny.yaml")]
     if overrides:
         (workdir / "change.yaml").write_text(yaml.safe_dump(overrides))
@@ -47,6 +50,7 @@ def snakemake(workdir: Path, *args: str, overrides: dict | None = None) -> str:
         capture_output=True,
         text=True,
         check=False,
+        timeout=timeout_s,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
