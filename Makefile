@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
 
-.PHONY: run test test-fast lint fmt bench gpu-check report slurm-up slurm-down clean
+.PHONY: run test test-fast test-tools lint fmt bench gpu-check report slurm-up slurm-down clean
 
 run: $(VENV)/.installed
 	$(SNAKEMAKE)
@@ -43,6 +43,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# dcm2niix and dicom3tools' dciodvfy for the cross-checks in the tests (root, Debian; installs
+# only what is missing). Without them those checks skip, unless STEPSEG_REQUIRE names them.
+test-tools:
+	bash tools/test-tools.sh
 
 # A single-node SLURM on 127.0.0.1 for tests/test_slurm.py (root, Debian: installs slurm-wlm, munge).
 slurm-up:

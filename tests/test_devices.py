@@ -80,7 +80,7 @@ def test_a_killed_job_frees_its_card(tmp_path, no_visible_devices):
         assert time.monotonic() - start < 5
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=10)
 
 
 def test_a_scheduler_choice_is_kept(tmp_path, monkeypatch):

@@ -204,6 +204,138 @@ def test_suv_factor_across_midnight_without_start_datetime(study_copy):
     )
 
 
+WEIGHT_KG, DOSE_BQ = 72.5, 3.1e8
+
+
+def pet_headers_with(study_dir: Path, tags: dict, start: dict) -> dicom.Stack:
+    """The study's PET headers (read afresh, no pixels) with `tags` set on every slice and the
+    radiopharmaceutical item's `start` tags replaced (None deletes a tag)."""
+    headers = []
+    for path in sorted(series_dir(study_dir, "PT").iterdir()):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds.PatientWeight = str(WEIGHT_KG)
+        info = ds.RadiopharmaceuticalInformationSequence[0]
+        info.RadionuclideTotalDose = str(DOSE_BQ)
+        for keyword in ("RadiopharmaceuticalStartDateTime", "RadiopharmaceuticalStartTime"):
+            if keyword in info:
+                delattr(info, keyword)
+        for keyword, value in start.items():
+            if value is not None:
+                setattr(info, keyword, value)
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value)
+        headers.append(ds)
+    return dicom.Stack(tuple(headers), np.eye(4))
+
+
+F18, GA68, C11 = 6586.2, 4062.6, 1221.66
+SERIES_0930 = {"SeriesDate": "20220314", "SeriesTime": "093000"}
+
+
+# (half-life s, PET tags, radiopharmaceutical start tags, seconds from injection to SeriesTime,
+# worked out by hand from the tags)
+SUV_CASES = {
+    "F-18, start date-time": (
+        F18,
+        SERIES_0930,
+        {"RadiopharmaceuticalStartDateTime": "20220314083000"},
+        3600,
+    ),
+    "Ga-68": (GA68, SERIES_0930, {"RadiopharmaceuticalStartDateTime": "20220314083000"}, 3600),
+    "C-11, 45 min": (C11, SERIES_0930, {"RadiopharmaceuticalStartTime": "084500"}, 2700),
+    "injected the previous evening (start date-time)": (
+        F18,
+        {"SeriesDate": "20220314", "SeriesTime": "091500"},
+        {
+            "RadiopharmaceuticalStartDateTime": "20220313213000",
+            "RadiopharmaceuticalStartTime": "213000",
+        },
+        2.5 * 3600 + 9.25 * 3600,
+    ),
+    "start date-time in UTC, series at +0100": (
+        F18,
+        {**SERIES_0930, "TimezoneOffsetFromUTC": "+0100"},
+        {"RadiopharmaceuticalStartDateTime": "20220314073000+0000"},
+        3600,  # 07:30 UTC is 08:30 local
+    ),
+    "start date-time in UTC, series at -0500": (
+        GA68,
+        {**SERIES_0930, "TimezoneOffsetFromUTC": "-0500"},
+        {"RadiopharmaceuticalStartDateTime": "20220314134500+0000"},
+        2700,  # 13:45 UTC is 08:45 local
+    ),
+    "UTC injection the previous day at -0800": (
+        F18,
+        {"SeriesDate": "20220314", "SeriesTime": "003000", "TimezoneOffsetFromUTC": "-0800"},
+        {"RadiopharmaceuticalStartDateTime": "20220314070000+0000"},
+        1.5 * 3600,  # 07:00 UTC on the 14th is 23:00 local on the 13th
+    ),
+    "start date-time with the series' own offset": (
+        F18,
+        {**SERIES_0930, "TimezoneOffsetFromUTC": "+0200"},
+        {"RadiopharmaceuticalStartDateTime": "20220314083000+0200"},
+        3600,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("half_life", "tags", "start", "elapsed_s"), SUV_CASES.values(), ids=SUV_CASES.keys()
+)
+def test_suv_factor_by_hand(study_dir, half_life, tags, start, elapsed_s):
+    stack = pet_headers_with(study_dir, tags, {**start, "RadionuclideHalfLife": str(half_life)})
+    decayed = DOSE_BQ * 2 ** (-elapsed_s / half_life)
+    expected = WEIGHT_KG * 1000 / decayed
+    assert dicom.suv_factor(STUDY, stack, "series") == pytest.approx(expected, rel=1e-9)
+
+
+SUV_ERRORS = {
+    "injected after the series (start date-time)": (
+        F18,
+        {"RadiopharmaceuticalStartDateTime": "20220314094500"},
+        r"injection at 2022-03-14 09:45:00 is 900 s after SeriesTime 2022-03-14 09:30:00",
+    ),
+    "injected after the series (time of day only: 23 h 50 min before)": (
+        F18,
+        {"RadiopharmaceuticalStartTime": "094000"},
+        r"85800 s from injection at 2022-03-13 09:40:00 to SeriesTime .* more than 10 half-lives",
+    ),
+    "more than ten C-11 half-lives": (
+        C11,
+        {"RadiopharmaceuticalStartDateTime": "20220314060000"},
+        r"12600 s from injection .* more than 10 half-lives \(1221.66 s\)",
+    ),
+    "no dose": (
+        F18,
+        {"RadionuclideTotalDose": "0", "RadiopharmaceuticalStartTime": "083000"},
+        r"implausible SUV tags: dose 0.0 Bq",
+    ),
+    "no half-life": (
+        "0",
+        {"RadiopharmaceuticalStartTime": "083000"},
+        r"implausible SUV tags: .*half-life 0.0 s",
+    ),
+    "malformed start date-time": (
+        F18,
+        {"RadiopharmaceuticalStartDateTime": "garbage"},
+        r"malformed Radiopharm",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DT")  # pydicom on "garbage"
+@pytest.mark.parametrize(
+    ("half_life", "start", "message"), SUV_ERRORS.values(), ids=SUV_ERRORS.keys()
+)
+def test_suv_factor_refuses_implausible_timing(study_dir, half_life, start, message):
+    stack = pet_headers_with(
+        study_dir, SERIES_0930, {**start, "RadionuclideHalfLife": str(half_life)}
+    )
+    with pytest.raises(StudyError, match=message) as error:
+        dicom.suv_factor(STUDY, stack, "series")
+    assert str(stack.headers[0].filename) in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -205,3 +205,79 @@ def test_cuda_inference_matches_the_cpu(tmp_path):
     # autocast (bf16 where supported): a few hundredths at most
     np.testing.assert_allclose(probability["cuda", "auto"], reference, atol=5e-2)
     assert probability["cuda", "auto"].dtype == np.float32
+
+
+class CopyPet(torch.nn.Module):
+    """Logits whose sigmoid is the PET input (in (0, 1)): the probability map is the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logit(x[:, :1].clamp(1e-6, 1 - 1e-6))
+
+
+class WindowRamp(torch.nn.Module):
+    """A probability that depends on the position inside the window only (0.1 at the first column
+    to 0.9 at the last): overlapping windows disagree, so the blend shows their weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(0.1, 0.9, x.shape[-1], dtype=torch.float32)
+        return torch.logit(ramp).expand(x.shape[0], 1, *x.shape[2:]).clone()
+
+
+def _identity_normalisation(monkeypatch):
+    """Windows reach the network as they are cut: [SUV, HU] unchanged."""
+    monkeypatch.setattr(normalize, "normalize_batch", lambda suv, hu: torch.cat([suv, hu], 1))
+
+
+@pytest.mark.parametrize(
+    ("shape", "overlap", "flip_tta"),
+    [
+        ((5, 37, 23), 0.5, False),  # z padded (1 before, 2 after); 4 x 2 overlapping windows
+        ((8, 13, 37), 0.25, True),  # y padded (1 before, 2 after); x: the last window shifted back
+        ((19, 9, 16), 0.0, False),  # z: 3 windows, the last one shifted back; y padded 3 / 4
+        ((3, 5, 7), 0.5, False),  # smaller than the patch on every axis: padding only
+    ],
+)
+def test_stitched_volume_is_the_input_everywhere(monkeypatch, shape, overlap, flip_tta):
+    """A network that copies its PET input: every voxel of the stitched, cropped output is that
+    voxel's input, edges and padded axes included (a crop or window off by one voxel fails)."""
+    _identity_normalisation(monkeypatch)
+    rng = np.random.default_rng(3)
+    suv = rng.uniform(0.05, 0.95, shape).astype(np.float32)
+    ct = rng.normal(0, 300, shape).astype(np.float32)
+    settings = {**infer.DEFAULTS, "overlap": overlap, "flip_tta": flip_tta, "sw_batch_size": 3}
+    checkpoint = {"patch_size": PATCH, "zero_input_channel": False}
+    prob = infer.predict_probability(CopyPet(), checkpoint, suv, ct, settings, torch.device("cpu"))
+    assert prob.shape == shape
+    assert prob.dtype == np.float32
+    np.testing.assert_allclose(prob, suv, atol=1e-5)
+
+
+def test_overlapping_windows_are_blended_with_gaussian_weights(monkeypatch):
+    """x = 40 voxels, window 16, overlap 0.5: windows start at x = 0, 8, 16 and 24 (one window in
+    z and y). Each voxel is the gaussian-weighted mean of what the windows covering it say."""
+    from monai.data.utils import compute_importance_map
+
+    _identity_normalisation(monkeypatch)
+    shape = (8, 16, 40)
+    suv = np.full(shape, 0.5, np.float32)
+    ct = np.zeros(shape, np.float32)
+    settings = {**infer.DEFAULTS, "overlap": 0.5}
+    checkpoint = {"patch_size": PATCH, "zero_input_channel": False}
+    prob = infer.predict_probability(
+        WindowRamp(), checkpoint, suv, ct, settings, torch.device("cpu")
+    )
+
+    # MONAI's gaussian window weights (z, y, x), floored at their smallest positive value
+    weight = compute_importance_map(PATCH, mode="gaussian", sigma_scale=0.125).numpy()
+    ramp = np.linspace(0.1, 0.9, 16)
+
+    def blend(weights: np.ndarray) -> np.ndarray:
+        numerator, denominator = np.zeros(shape), np.zeros(shape)
+        for start in (0, 8, 16, 24):
+            numerator[..., start : start + 16] += weights * ramp
+            denominator[..., start : start + 16] += weights
+        return numerator / denominator
+
+    expected = blend(weight)
+    assert np.abs(expected - blend(np.ones(PATCH))).max() > 0.05  # the weights matter here
+    np.testing.assert_allclose(prob, expected, atol=1e-5)

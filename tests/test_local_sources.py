@@ -211,7 +211,7 @@ def test_nifti_dir_workflow_links_instead_of_converting(release, tmp_path):
         done = subprocess.run(
             [*command, "-d", str(workdir), "--cores", "1", *targets, *args,
              "--configfile", str(workdir / "nifti.yaml")],
-            capture_output=True, text=True, check=False,
+            capture_output=True, text=True, check=False, timeout=600,
         )  # fmt: skip
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         return done.stdout + done.stderr

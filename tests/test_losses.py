@@ -74,11 +74,20 @@ def test_released_code_terms_add_masked_mse_small_lesion_dice_and_scale():
     regions = torch.zeros_like(target, dtype=torch.bool)
     regions[:, 2, :, 2:6, 2:6] = True
     small = torch.zeros_like(target[:, :1], dtype=torch.bool)
-    small[0, 0, 1, 1, 1] = True
+    small[0, 0, 1:3, 1:4, 1:4] = True  # a small lesion's voxels in each patch
+    small[1, 0, 2, 5:7, 2:5] = True
     _, terms = loss(logits, target, regions, small)
     assert loss.term_names == ["ch0_dicefocal", "ch1_dicefocal", "ch2_mse", "ch2_mse_masked"]
     df = DiceFocalLoss(sigmoid=True, lambda_focal=2.0)(logits[:, :1], target[:, :1])
-    expected = 3.0 * (df + 0.05 * terms["ch0_small_dice"])
+    # soft Dice (smoothing 1e-5) of the mask channel inside the small-lesion voxels, per patch
+    p = torch.sigmoid(logits[:, :1]) * small
+    t = target[:, :1] * small
+    assert 0 < float(t.sum()) < float(small.sum())  # lesion and background inside the mask
+    axes = (1, 2, 3, 4)
+    dice = (2 * (p * t).sum(axes) + 1e-5) / (p.sum(axes) + t.sum(axes) + 1e-5)
+    small_dice = (1 - dice).mean()
+    assert terms["ch0_small_dice"].item() == pytest.approx(small_dice.item(), rel=1e-6)
+    expected = 3.0 * (df + 0.05 * small_dice)
     assert terms["ch0_dicefocal"].item() == pytest.approx(expected.item(), rel=1e-6)
     inside = regions[:, 2:3]
     masked = torch.mean((logits[:, 2:3][inside] - target[:, 2:3][inside]) ** 2)

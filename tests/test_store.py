@@ -149,8 +149,10 @@ def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(pac
     env = store.TileStore(path).open()  # the process's shared read-only handle
     kinds = {"constant": 0, "plain": 0, "gzip": 0}
     positions = set()
+    record_bytes = 0
     with env.begin() as txn:
         for key, value in txn.cursor():
+            record_bytes += len(key) + len(value)
             if key == store.META_KEY or key.endswith(b"/meta"):
                 continue
             study, *index = key.decode().split("/")
@@ -171,9 +173,15 @@ def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(pac
         for y in range(ny)
         for x in range(nx)
     }
-    stored = sum(f.stat().st_size for f in path.iterdir())
+    # What the format achieves here (incompressible noise in the 35 % of voxels inside the body;
+    # measured 2.78 and 4.72 bytes a voxel): records of 3 bytes a voxel at most, against 5 for
+    # float16 SUV + int16 CT + uint8 steps stored plainly, and a database of 5 bytes a voxel at
+    # most (LMDB pages and metadata weigh on volumes this small), against 7 for float32 + int16 +
+    # uint8, the NIfTI dtypes.
     voxels = sum(suv.size for suv, _, _ in data.values())
-    assert stored < voxels * 10 * 4 / 4  # far below raw float32 (tiny volumes: LMDB pages)
+    assert record_bytes < 3.0 * voxels
+    stored = sum(f.stat().st_size for f in path.iterdir())
+    assert stored < 5.0 * voxels
 
 
 def test_float16_overflow_is_clipped_with_a_log(tmp_path, caplog):

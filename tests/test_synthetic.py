@@ -6,7 +6,6 @@ A tiny geometry keeps each generated study well under a second.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -347,7 +346,7 @@ def test_ct_and_pet_grids_differ_but_agree_in_space(lesion_row: dict, lesion_stu
     assert set(np.unique(truth.array)) <= set(phantom.HU.tolist())
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy not installed")
+@pytest.mark.requires("dciodvfy")
 def test_dciodvfy_finds_no_errors(
     lesion_row: dict, lesion_study: Path, empty_row: dict, empty_study: Path
 ) -> None:
@@ -359,12 +358,14 @@ def test_dciodvfy_finds_no_errors(
         next((empty_study / empty_row["seg_series"]).glob("*.dcm")),
     ]
     for path in files:
-        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        result = subprocess.run(
+            ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120
+        )
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
         assert errors == [], (path, errors)
 
 
-@pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
+@pytest.mark.requires("dcm2niix")
 def test_dcm2niix_reads_the_pet_as_the_truth(
     tmp_path: Path, lesion_row: dict, lesion_study: Path
 ) -> None:
@@ -382,6 +383,7 @@ def test_dcm2niix_reads_the_pet_as_the_truth(
         ],
         check=True,
         capture_output=True,
+        timeout=120,
     )
     converted = nib.as_closest_canonical(nib.load(tmp_path / "pet.nii"))
     truth = nib.as_closest_canonical(nib.load(lesion_study / "truth" / "SUV.nii.gz"))

@@ -293,3 +293,46 @@ def test_fixed_weights_and_a_separate_mask_head(lmdbs, tmp_path):
     net, checkpoint = model.load(model_path, torch.device("cpu"))
     assert isinstance(net, model.SeparateHeads) and checkpoint["network"]["mask_head"] == "separate"
     assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
+
+
+@pytest.mark.parametrize("variant", ["stepwise", "plain"])
+def test_a_network_overfits_one_lesion_study(tmp_path, variant):
+    """The loop learns: one study with one lesion (SUV +8 over a gamma background), trained and
+    validated on itself for 60 steps on the CPU. Measured: patch Dice 0.91 (stepwise) and 0.96
+    (plain) at the end, the mask term down to a quarter (stepwise) or a sixth (plain)."""
+    paths = _study(tmp_path, "L", (12, 24, 24), lesion_at=(6, 12, 12), seed=5)
+    lmdb = {}
+    for split in ("train", "val"):  # the same study: overfitting is the point
+        lmdb[split] = tmp_path / f"{split}.lmdb"
+        store.pack_split(
+            ["L"], [paths[0]], [paths[1]], [paths[2]], lmdb[split],
+            {"codec": "gzip", "tile_shape": [8, 16, 16]}, TARGETS,
+        )  # fmt: skip
+    settings = {
+        **SETTINGS,
+        "targets": variant,
+        "name": variant,
+        "epochs": 30,
+        "samples_per_epoch": 8,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "val_every": 1,
+        "val_samples": 8,
+        "lesion_centre_fraction": 1.0,
+        "mask_prior": 0.01,
+        "dice_batch": True,
+    }
+    log_csv = tmp_path / "train_log.csv"
+    train.train_variant(
+        lmdb["train"], lmdb["val"], tmp_path / "model.pt", log_csv, tmp_path / "state", settings, 1
+    )
+    rows = _rows(log_csv)
+    assert len(rows) == 30
+    loss = [float(r["loss"]) for r in rows]
+    mask_term = [float(r["ch0_dicefocal"]) for r in rows]
+    dice = [float(r["val_dice"]) for r in rows]
+    assert all(np.isfinite(loss))
+    assert np.mean(loss[-5:]) < np.mean(loss[:5])
+    assert np.mean(mask_term[-5:]) < 0.5 * mask_term[0]
+    assert dice[0] < 0.5  # after the first two steps
+    assert dice[-1] > 0.8

@@ -12,7 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import highdicom as hd
@@ -36,6 +36,9 @@ ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.01
 # DICOM patient coordinates are LPS, NIfTI world coordinates are RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# An injection more than this many half-lives before the reference time left less than 0.1 % of
+# the dose: no PET is acquired then, so the tags (or a time-of-day guess across midnight) are wrong.
+MAX_HALF_LIVES_ELAPSED = 10.0
 REFERENCE_TIME_TAGS = {
     "series": ("SeriesDate", "SeriesTime"),
     "acquisition": ("AcquisitionDate", "AcquisitionTime"),
@@ -210,6 +213,30 @@ def _datetime(header: Dataset, date_keyword: str, time_keyword: str) -> datetime
     return datetime.combine(day, TM(time))
 
 
+def _timezone(study: str, header: Dataset) -> timezone | None:
+    """TimezoneOffsetFromUTC ("+HHMM" / "-HHMM") as a timezone; None when the tag is absent."""
+    value = str(header.get("TimezoneOffsetFromUTC") or "").strip()
+    if not value:
+        return None
+    if len(value) != 5 or value[0] not in "+-" or not value[1:].isdigit():
+        raise StudyError(study, f"malformed TimezoneOffsetFromUTC {value!r}", header.filename)
+    sign = -1 if value[0] == "-" else 1
+    return timezone(sign * timedelta(hours=int(value[1:3]), minutes=int(value[3:])))
+
+
+def _local_datetime(value: str, local: timezone | None) -> datetime:
+    """A DT value as a naive datetime in the series' local time.
+
+    DA and TM values (SeriesDate/Time, AcquisitionDate/Time) carry no offset: they are local time
+    at TimezoneOffsetFromUTC. A DT with its own offset (&ZZXX) is moved to that offset first; where
+    the series states no offset, the DT's own offset is taken as the local one.
+    """
+    moment = DT(value)
+    if moment.tzinfo is not None and local is not None:
+        moment = moment.astimezone(local)
+    return moment.replace(tzinfo=None)
+
+
 def suv_factor(study: str, pet: Stack, reference_time: str) -> float:
     """Body-weight SUV per Bq/ml: weight [g] / injected dose decayed to the reference time [Bq].
 
@@ -246,21 +273,41 @@ def suv_factor(study: str, pet: Stack, reference_time: str) -> float:
     reference = min(candidates)
     start_datetime = info.get("RadiopharmaceuticalStartDateTime")
     start_time = info.get("RadiopharmaceuticalStartTime")
-    if start_datetime and all(h.get(date_keyword) for h in pet.headers):
-        injection = DT(start_datetime).replace(tzinfo=None)
-    elif start_time or start_datetime:  # time of day only: the scan is within a day
-        time_of_day = TM(start_time) if start_time else DT(start_datetime).time()
-        injection = datetime.combine(reference.date(), time_of_day)
-        if injection > reference:  # injected before midnight, scanned after
-            injection -= timedelta(days=1)
-    else:
-        raise StudyError(study, f"PET header lacks {needed}", path)
+    local = _timezone(study, first)
+    try:
+        if start_datetime and all(h.get(date_keyword) for h in pet.headers):
+            injection = _local_datetime(start_datetime, local)
+        elif start_time or start_datetime:  # time of day only: the scan is within a day
+            time_of_day = (
+                TM(start_time) if start_time else _local_datetime(start_datetime, local).time()
+            )
+            injection = datetime.combine(reference.date(), time_of_day)
+            if injection > reference:  # injected before midnight, scanned after
+                injection -= timedelta(days=1)
+        else:
+            raise StudyError(study, f"PET header lacks {needed}", path)
+    except ValueError as exc:
+        raise StudyError(
+            study, f"malformed RadiopharmaceuticalStart(Date)Time ({exc})", path
+        ) from exc
     elapsed_s = (reference - injection).total_seconds()
-    if elapsed_s < 0 or dose_bq <= 0 or half_life_s <= 0:
+    if dose_bq <= 0 or half_life_s <= 0:
+        raise StudyError(
+            study, f"implausible SUV tags: dose {dose_bq} Bq, half-life {half_life_s} s", path
+        )
+    if elapsed_s < 0:
         raise StudyError(
             study,
-            f"implausible SUV tags: dose {dose_bq} Bq, half-life {half_life_s} s, "
-            f"{elapsed_s:.0f} s from injection to {time_keyword}",
+            f"implausible SUV tags: injection at {injection} is {-elapsed_s:.0f} s after "
+            f"{time_keyword} {reference}",
+            path,
+        )
+    if elapsed_s > MAX_HALF_LIVES_ELAPSED * half_life_s:
+        raise StudyError(
+            study,
+            f"implausible SUV tags: {elapsed_s:.0f} s from injection at {injection} to "
+            f"{time_keyword} {reference} is more than {MAX_HALF_LIVES_ELAPSED:g} half-lives "
+            f"({half_life_s} s)",
             path,
         )
     decayed_dose_bq = dose_bq * 0.5 ** (elapsed_s / half_life_s)
