@@ -163,3 +163,23 @@ def test_grid_mismatch_is_reported_with_the_study(tmp_path, model_path, capsys):
     assert code == 1
     assert "study SUV, file" in capsys.readouterr().err
     assert not (tmp_path / "p.mha").exists()
+
+
+def test_nan_in_the_suv_is_refused_before_inference(tmp_path, model_path, capsys):
+    """It used to exit 0 with a mask that had lost half of the true lesion voxels."""
+    rng = np.random.default_rng(3)
+    suv = nifti.Volume(rng.gamma(2.0, 1.0, (10, 18, 17)).astype(np.float32), AFFINE.copy())
+    suv.array[2:4, 5:8, 5:8] = np.nan
+    ct = nifti.Volume(rng.normal(0, 300, (10, 18, 17)).astype(np.float32), AFFINE.copy())
+    cli.write_image(suv, tmp_path / "PETCT_9.mha")
+    cli.write_image(ct, tmp_path / "CTres.mha")
+    code = cli.main(
+        ["predict", "--model", str(model_path), "--suv", str(tmp_path / "PETCT_9.mha"),
+         "--ctres", str(tmp_path / "CTres.mha"), "--out", str(tmp_path / "p.nii.gz")]
+    )  # fmt: skip
+    assert code == 1
+    assert (
+        f"stepseg predict: study PETCT_9, file {tmp_path / 'PETCT_9.mha'}: "
+        "SUV has 18 NaN and 0 infinite voxels"
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CTres.mha", "PETCT_9.mha"]

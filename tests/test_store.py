@@ -185,19 +185,29 @@ def test_float16_overflow_is_clipped_with_a_log(tmp_path, caplog):
     assert float(value[0, 0, 0]) == 65504.0
 
 
-@pytest.mark.parametrize(("problem", "message"), [("shape", "shape"), ("nan", "NaN")])
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("shape", r"CTres.nii.gz: CTres shape \(8, 16, 17\) \(z, y, x\) differs"),
+        ("nan", "SUV.nii.gz: SUV has 1 NaN and 0 infinite voxels"),
+        ("negative", r"SUV.nii.gz: SUV has 1 negative voxels \(min -0.25\)"),
+        ("ct", r"CTres.nii.gz: CTres has 1 voxels outside the plausible range \[-1100, 4000\]"),
+    ],
+)
 def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
     make_study(tmp_path / "PETCT_ok", (8, 16, 16), 1)
-    suv, _, _ = make_study(tmp_path / "PETCT_bad", (8, 16, 16), 2)
+    suv, ct, _ = make_study(tmp_path / "PETCT_bad", (8, 16, 16), 2)
     if problem == "shape":
-        nifti.save(nifti.Volume(np.zeros((8, 16, 17), np.int16), AFFINE),
-                   tmp_path / "PETCT_bad" / "CTres.nii.gz")  # fmt: skip
+        ct = np.zeros((8, 16, 17), np.int16)
+    elif problem == "ct":
+        ct[2, 3, 4] = -2048  # padding of some scanners outside the field of view
     else:
-        suv[1, 1, 1] = np.nan
-        nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "PETCT_bad" / "SUV.nii.gz")
+        suv[1, 1, 1] = np.nan if problem == "nan" else -0.25
+    nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "PETCT_bad" / "SUV.nii.gz")
+    nifti.save(nifti.Volume(ct, AFFINE), tmp_path / "PETCT_bad" / "CTres.nii.gz")
     with pytest.raises(StudyError, match=message) as error:
         pack(tmp_path, [tmp_path / "PETCT_ok", tmp_path / "PETCT_bad"])
-    assert "study PETCT_bad" in str(error.value)
+    assert f"study PETCT_bad, file {tmp_path / 'PETCT_bad'}" in str(error.value)
     assert not any(p.name.startswith(("train.lmdb", ".train.lmdb")) for p in tmp_path.iterdir())
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
 
-from stepseg import nifti
+from stepseg import checks, nifti
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
 
@@ -106,14 +106,16 @@ def predict_study(
     out_path: Path,
     settings: dict[str, Any],
     device: str | None,
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> int:
-    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count."""
+    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count.
+    Inputs that fail `stepseg.checks` are refused before the model is loaded."""
     from stepseg import infer  # torch and MONAI load only when a prediction is asked for
 
     study = suv_path.name.split(".")[0]
     suv = read_image(suv_path, study)
     ctres = read_image(ctres_path, study)
-    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "CTres": (ctres_path, ctres)})
+    checks.check_suv_ctres(study, (suv_path, suv), (ctres_path, ctres), ct_hu_range)
     mask = infer.predict_volume(model, suv, ctres, settings, device=device, study=study)
     write_image(nifti.Volume(mask.astype(np.uint8), suv.affine), out_path)
     log.info("%s: %d lesion voxels -> %s", study, int(mask.sum()), out_path)
@@ -153,7 +155,9 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         pairs = grand_challenge_pairs(Path(args.input_dir), Path(args.output_dir))
     for suv, ctres, out in pairs:
-        voxels = predict_study(Path(args.model), suv, ctres, out, settings, args.device)
+        voxels = predict_study(
+            Path(args.model), suv, ctres, out, settings, args.device, tuple(args.ct_hu_range)
+        )
         print(f"{out}\t{voxels} lesion voxels")
     return 0
 
@@ -178,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=float, help="sliding-window overlap (default: stepseg.infer.DEFAULTS)"
     )
     predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
+    predict.add_argument(
+        "--ct-hu-range",
+        type=float,
+        nargs=2,
+        default=checks.CT_HU_RANGE,
+        metavar=("LOW", "HIGH"),
+        help="CTres values outside this range are refused (default: %(default)s)",
+    )
     predict.set_defaults(handler=_predict)
     return parser
 

@@ -64,6 +64,10 @@ class Stack:
     affine: np.ndarray
 
     @property
+    def first_path(self) -> Path:
+        return Path(self.headers[0].filename)
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         first = self.headers[0]
         return (len(self.headers), int(first.Rows), int(first.Columns))

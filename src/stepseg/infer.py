@@ -20,7 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional
 
-from stepseg import model, nifti, normalize
+from stepseg import checks, model, nifti, normalize
 from stepseg.errors import StudyError
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,15 @@ def predict_files(
     out_path: str | Path,
     settings: Mapping[str, Any],
     threads: int,
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
-    """Predict one study from its SUV and CTres NIfTI files; the mask gets SUV's grid exactly."""
+    """Predict one study from its SUV and CTres NIfTI files; the mask gets SUV's grid exactly.
+    Inputs that fail `stepseg.checks` are refused before the model is loaded."""
     torch.set_num_threads(max(1, int(threads)))
     study = Path(suv_path).parent.name
     suv = nifti.load(suv_path, study, np.float32)
     ctres = nifti.load(ctres_path, study, np.float32)
-    nifti.check_same_grid(study, {"SUV": (Path(suv_path), suv), "CTres": (Path(ctres_path), ctres)})
+    checks.check_suv_ctres(study, (Path(suv_path), suv), (Path(ctres_path), ctres), ct_hu_range)
     mask = predict_volume(model_path, suv, ctres, settings, study=study)
     nifti.save(nifti.Volume(mask, suv.affine), out_path, dtype=np.uint8)
     log.info(

@@ -40,7 +40,7 @@ import numpy as np
 from compress_pickle.picklers.base import BasePicklerIO
 from compress_pickle.picklers.registry import get_known_picklers, register_pickler
 
-from stepseg import LMDB_FORMAT_VERSION, nifti
+from stepseg import LMDB_FORMAT_VERSION, checks, nifti
 from stepseg.atomic import atomic_dir
 from stepseg.errors import StudyError
 
@@ -156,14 +156,6 @@ def decode(data: bytes | memoryview) -> Any:
     return RestrictedUnpickler(io.BytesIO(data)).load()
 
 
-def check_suv(study: str, suv: np.ndarray, path: str | Path) -> None:
-    """NaN or negative SUV means a broken conversion: refuse it rather than train on it."""
-    if np.isnan(suv).any():
-        raise StudyError(study, f"SUV has {int(np.isnan(suv).sum())} NaN voxels", path)
-    if (suv < 0).any():
-        raise StudyError(study, f"SUV has negative values (min {float(suv.min()):.3g})", path)
-
-
 def tile_grid(shape: Sequence[int], tile_shape: Sequence[int]) -> tuple[int, int, int]:
     """Number of tiles along (z, y, x)."""
     z, y, x = (-(-int(n) // int(t)) for n, t in zip(shape, tile_shape, strict=True))
@@ -186,8 +178,10 @@ def pack_split(
     out_dir: str | Path,
     pack_settings: dict[str, Any],
     target_settings: dict[str, Any],
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
-    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`."""
+    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`; a study
+    with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split."""
     if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
         raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
     codec = pack_settings.get("codec", "gzip")
@@ -204,7 +198,12 @@ def pack_split(
                 studies, suv_paths, ctres_paths, steps_paths, strict=True
             ):
                 volumes, meta = _load_study(
-                    study, suv_path, ct_path, steps_path, index_max, hot_suv_min, hot_index_max
+                    study,
+                    (suv_path, ct_path, steps_path),
+                    index_max,
+                    hot_suv_min,
+                    hot_index_max,
+                    ct_hu_range,
                 )
                 with env.begin(write=True) as txn:
                     for index, box in iter_tiles(meta["shape"], tile_shape):
@@ -264,25 +263,19 @@ def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:
 
 def _load_study(
     study: str,
-    suv_path: str | Path,
-    ct_path: str | Path,
-    steps_path: str | Path,
+    paths: tuple[str | Path, str | Path, str | Path],
     index_max: int,
     hot_suv_min: float,
     hot_index_max: int,
+    ct_hu_range: tuple[float, float],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Volumes and study metadata from the (SUV, CTres, steps) files at `paths`."""
+    suv_path, ct_path, steps_path = (Path(p) for p in paths)
     suv = nifti.load(suv_path, study, dtype=np.float32)
     ct = nifti.load(ct_path, study)
     steps = nifti.load(steps_path, study)
-    nifti.check_same_grid(
-        study,
-        {
-            "SUV": (Path(suv_path), suv),
-            "CTres": (Path(ct_path), ct),
-            "steps": (Path(steps_path), steps),
-        },
-    )
-    check_suv(study, suv.array, suv_path)
+    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "steps": (steps_path, steps)})
+    checks.check_suv_ctres(study, (suv_path, suv), (ct_path, ct), ct_hu_range)
     if not np.array_equal(steps.array, steps.array.astype(np.uint8)):
         raise StudyError(study, "step map is not uint8", steps_path)
     suv16 = _to_float16(study, suv.array, suv_path)

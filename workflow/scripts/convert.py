@@ -1,6 +1,6 @@
 """Entry script: convert one study's DICOM series to the autoPET NIfTI files."""
 
-from stepseg import convert, logs
+from stepseg import checks, convert, logs
 
 logs.setup(snakemake.log[0])
 convert.convert_study(
@@ -8,4 +8,5 @@ convert.convert_study(
     raw_dir=snakemake.input[0],
     outputs=dict(snakemake.output.items()),
     settings=snakemake.params.settings,
+    ct_hu_range=checks.ct_hu_range(snakemake.config),
 )

@@ -1,6 +1,6 @@
 """Entry script: whole-body sliding-window inference of one study with one trained variant."""
 
-from stepseg import devices, infer, logs
+from stepseg import checks, devices, infer, logs
 
 logs.setup(snakemake.log[0])
 # each GPU job takes cards of its own (CUDA_VISIBLE_DEVICES); a no-op without GPUs
@@ -12,4 +12,5 @@ with devices.claimed_gpus(snakemake.resources.gpu):
         out_path=snakemake.output[0],
         settings=snakemake.params.settings,
         threads=snakemake.threads,
+        ct_hu_range=checks.ct_hu_range(snakemake.config),
     )

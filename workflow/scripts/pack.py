@@ -1,6 +1,6 @@
 """Entry script: pack one split's studies into an LMDB of compressed 3-D tiles."""
 
-from stepseg import logs, store
+from stepseg import checks, logs, store
 
 logs.setup(snakemake.log[0])
 store.pack_split(
@@ -11,4 +11,5 @@ store.pack_split(
     out_dir=snakemake.output[0],
     pack_settings=snakemake.params.pack,
     target_settings=snakemake.params.targets,
+    ct_hu_range=checks.ct_hu_range(snakemake.config),
 )
