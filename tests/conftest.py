@@ -1,5 +1,6 @@
 """Shared fixtures."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,17 @@ def micro_synthetic_settings() -> dict:
         "ct_shape": [30, 32, 32],
         "ct_spacing_mm": [9.6, 8.0, 8.0],
     }
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo what `stepseg.logs.setup` does to the root logger of the test process (handlers on
+    files and on the stderr capture of one test)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)

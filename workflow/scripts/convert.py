@@ -2,11 +2,11 @@
 
 from stepseg import checks, convert, logs
 
-logs.setup(snakemake.log[0])
-convert.convert_study(
-    study=snakemake.wildcards.study,
-    raw_dir=snakemake.input[0],
-    outputs=dict(snakemake.output.items()),
-    settings=snakemake.params.settings,
-    ct_hu_range=checks.ct_hu_range(snakemake.config),
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    convert.convert_study(
+        study=snakemake.wildcards.study,
+        raw_dir=snakemake.input[0],
+        outputs=dict(snakemake.output.items()),
+        settings=snakemake.params.settings,
+        ct_hu_range=checks.ct_hu_range(snakemake.config),
+    )

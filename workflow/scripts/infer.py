@@ -2,9 +2,11 @@
 
 from stepseg import checks, devices, infer, logs
 
-logs.setup(snakemake.log[0])
 # each GPU job takes cards of its own (CUDA_VISIBLE_DEVICES); a no-op without GPUs
-with devices.claimed_gpus(snakemake.resources.gpu):
+with (
+    logs.job(snakemake.log[0], dict(snakemake.wildcards.items())),
+    devices.claimed_gpus(snakemake.resources.gpu),
+):
     infer.predict_files(
         model_path=snakemake.input.model,
         suv_path=snakemake.input.suv,

@@ -2,14 +2,14 @@
 
 from stepseg import checks, logs, store
 
-logs.setup(snakemake.log[0])
-store.pack_split(
-    studies=snakemake.params.studies,
-    suv_paths=snakemake.input.suv,
-    ctres_paths=snakemake.input.ctres,
-    steps_paths=snakemake.input.steps,
-    out_dir=snakemake.output[0],
-    pack_settings=snakemake.params.pack,
-    target_settings=snakemake.params.targets,
-    ct_hu_range=checks.ct_hu_range(snakemake.config),
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    store.pack_split(
+        studies=snakemake.params.studies,
+        suv_paths=snakemake.input.suv,
+        ctres_paths=snakemake.input.ctres,
+        steps_paths=snakemake.input.steps,
+        out_dir=snakemake.output[0],
+        pack_settings=snakemake.params.pack,
+        target_settings=snakemake.params.targets,
+        ct_hu_range=checks.ct_hu_range(snakemake.config),
+    )
