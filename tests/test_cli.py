@@ -22,6 +22,7 @@ AFFINE = np.eye(4)
 AFFINE[:3, :3] = ROTATION @ np.diag([2.04, 2.5, 3.0])
 AFFINE[:3, 3] = [-401.3, 250.25, -1203.5]
 PATCH = [8, 16, 16]
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def volume(shape=(5, 6, 7), dtype=np.float32, seed=0):
@@ -183,3 +184,69 @@ def test_nan_in_the_suv_is_refused_before_inference(tmp_path, model_path, capsys
         "SUV has 18 NaN and 0 infinite voxels"
     ) in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CTres.mha", "PETCT_9.mha"]
+
+
+def _single_study(folder: Path) -> list[str]:
+    """Arguments of a plausible single-study prediction in `folder` (output not included)."""
+    rng = np.random.default_rng(4)
+    suv = nifti.Volume(rng.gamma(2.0, 1.0, (8, 16, 16)).astype(np.float32), AFFINE.copy())
+    ct = nifti.Volume(rng.normal(0, 200, (8, 16, 16)).astype(np.float32), AFFINE.copy())
+    nifti.save(suv, folder / "PETCT_5.nii.gz")
+    nifti.save(ct, folder / "CTres.nii.gz")
+    return ["--suv", str(folder / "PETCT_5.nii.gz"), "--ctres", str(folder / "CTres.nii.gz")]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("pred.nii.gz", "pred.nii.gz exists; pass --force to overwrite it"),
+        ("pred.png", "pred.png: unknown image extension; expected .nii.gz, .nii, .mha, .nrrd"),
+        ("pred.mhd", "pred.mhd: unknown image extension"),
+    ],
+)
+def test_output_is_checked_before_the_model_is_even_read(tmp_path, capsys, name, message):
+    out = tmp_path / name
+    out.write_bytes(b"an earlier result")
+    code = cli.main(
+        ["predict", "--model", str(tmp_path / "missing.pt"), *_single_study(tmp_path),
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 1
+    assert f"ERROR stepseg.cli: stepseg predict: output {tmp_path / message}" in (
+        capsys.readouterr().err
+    )
+    assert out.read_bytes() == b"an earlier result"
+
+
+def test_force_overwrites_and_log_appends(tmp_path, model_path):
+    out, log_path = tmp_path / "pred.nii.gz", tmp_path / "predict.log"
+    out.write_bytes(b"an earlier result")
+    log_path.write_text("an earlier line\n")
+    args = ["predict", "--model", str(model_path), *_single_study(tmp_path), "--out", str(out)]
+    assert cli.main([*args, "--force", "--log", str(log_path), "--device", "cpu"]) == 0
+    assert nifti.load(out, "s").array.dtype == np.uint8
+    lines = log_path.read_text().splitlines()
+    assert lines[0] == "an earlier line"
+    assert lines[1].endswith(
+        f"INFO stepseg.cli: study PETCT_5: {tmp_path / 'PETCT_5.nii.gz'} + "
+        f"{tmp_path / 'CTres.nii.gz'} -> {out}"
+    )
+
+
+def test_an_unexpected_error_is_logged_with_type_study_and_traceback(
+    tmp_path, model_path, monkeypatch
+):
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory in the sliding window")
+
+    monkeypatch.setattr(infer, "predict_volume", fail)
+    log_path = tmp_path / "predict.log"
+    args = ["predict", "--model", str(model_path), *_single_study(tmp_path)]
+    assert cli.main([*args, "--out", str(tmp_path / "p.mha"), "--log", str(log_path)]) == 1
+    text = log_path.read_text()
+    assert (
+        f"ERROR stepseg.cli: stepseg predict failed on study PETCT_5, file "
+        f"{tmp_path / 'PETCT_5.nii.gz'}: RuntimeError: out of memory in the sliding window\n"
+        "Traceback (most recent call last):"
+    ) in text
+    assert not (tmp_path / "p.mha").exists()
