@@ -10,6 +10,7 @@ The terminal summary says which optional checks ran, failed, skipped and why.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -180,3 +181,17 @@ def micro_synthetic_settings() -> dict:
         "ct_shape": [30, 32, 32],
         "ct_spacing_mm": [9.6, 8.0, 8.0],
     }
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo what `stepseg.logs.setup` does to the root logger of the test process (handlers on
+    files and on the stderr capture of one test)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
 import torch
 
-from stepseg import cli, model, nifti, normalize
+from stepseg import cli, infer, model, nifti, normalize
 
 # an oblique, anisotropic grid: rotation about z by 30 degrees, one axis flipped
 ANGLE = np.deg2rad(30.0)
@@ -22,6 +22,7 @@ AFFINE = np.eye(4)
 AFFINE[:3, :3] = ROTATION @ np.diag([2.04, 2.5, 3.0])
 AFFINE[:3, 3] = [-401.3, 250.25, -1203.5]
 PATCH = [8, 16, 16]
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def volume(shape=(5, 6, 7), dtype=np.float32, seed=0):
@@ -180,4 +181,90 @@ def test_grid_mismatch_is_reported_with_the_study(tmp_path, model_path, capsys):
     )  # fmt: skip
     assert code == 1
     assert "study SUV, file" in capsys.readouterr().err
+    assert not (tmp_path / "p.mha").exists()
+
+
+def test_nan_in_the_suv_is_refused_before_inference(tmp_path, model_path, capsys):
+    """It used to exit 0 with a mask that had lost half of the true lesion voxels."""
+    rng = np.random.default_rng(3)
+    suv = nifti.Volume(rng.gamma(2.0, 1.0, (10, 18, 17)).astype(np.float32), AFFINE.copy())
+    suv.array[2:4, 5:8, 5:8] = np.nan
+    ct = nifti.Volume(rng.normal(0, 300, (10, 18, 17)).astype(np.float32), AFFINE.copy())
+    cli.write_image(suv, tmp_path / "PETCT_9.mha")
+    cli.write_image(ct, tmp_path / "CTres.mha")
+    code = cli.main(
+        ["predict", "--model", str(model_path), "--suv", str(tmp_path / "PETCT_9.mha"),
+         "--ctres", str(tmp_path / "CTres.mha"), "--out", str(tmp_path / "p.nii.gz")]
+    )  # fmt: skip
+    assert code == 1
+    assert (
+        f"stepseg predict: study PETCT_9, file {tmp_path / 'PETCT_9.mha'}: "
+        "SUV has 18 NaN and 0 infinite voxels"
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CTres.mha", "PETCT_9.mha"]
+
+
+def _single_study(folder: Path) -> list[str]:
+    """Arguments of a plausible single-study prediction in `folder` (output not included)."""
+    rng = np.random.default_rng(4)
+    suv = nifti.Volume(rng.gamma(2.0, 1.0, (8, 16, 16)).astype(np.float32), AFFINE.copy())
+    ct = nifti.Volume(rng.normal(0, 200, (8, 16, 16)).astype(np.float32), AFFINE.copy())
+    nifti.save(suv, folder / "PETCT_5.nii.gz")
+    nifti.save(ct, folder / "CTres.nii.gz")
+    return ["--suv", str(folder / "PETCT_5.nii.gz"), "--ctres", str(folder / "CTres.nii.gz")]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("pred.nii.gz", "pred.nii.gz exists; pass --force to overwrite it"),
+        ("pred.png", "pred.png: unknown image extension; expected .nii.gz, .nii, .mha, .nrrd"),
+        ("pred.mhd", "pred.mhd: unknown image extension"),
+    ],
+)
+def test_output_is_checked_before_the_model_is_even_read(tmp_path, capsys, name, message):
+    out = tmp_path / name
+    out.write_bytes(b"an earlier result")
+    code = cli.main(
+        ["predict", "--model", str(tmp_path / "missing.pt"), *_single_study(tmp_path),
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 1
+    assert f"ERROR stepseg.cli: stepseg predict: output {tmp_path / message}" in (
+        capsys.readouterr().err
+    )
+    assert out.read_bytes() == b"an earlier result"
+
+
+def test_force_overwrites_and_log_appends(tmp_path, model_path):
+    out, log_path = tmp_path / "pred.nii.gz", tmp_path / "predict.log"
+    out.write_bytes(b"an earlier result")
+    log_path.write_text("an earlier line\n")
+    args = ["predict", "--model", str(model_path), *_single_study(tmp_path), "--out", str(out)]
+    assert cli.main([*args, "--force", "--log", str(log_path), "--device", "cpu"]) == 0
+    assert nifti.load(out, "s").array.dtype == np.uint8
+    lines = log_path.read_text().splitlines()
+    assert lines[0] == "an earlier line"
+    assert lines[1].endswith(
+        f"INFO stepseg.cli: study PETCT_5: {tmp_path / 'PETCT_5.nii.gz'} + "
+        f"{tmp_path / 'CTres.nii.gz'} -> {out}"
+    )
+
+
+def test_an_unexpected_error_is_logged_with_type_study_and_traceback(
+    tmp_path, model_path, monkeypatch
+):
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory in the sliding window")
+
+    monkeypatch.setattr(infer, "predict_volume", fail)
+    log_path = tmp_path / "predict.log"
+    args = ["predict", "--model", str(model_path), *_single_study(tmp_path)]
+    assert cli.main([*args, "--out", str(tmp_path / "p.mha"), "--log", str(log_path)]) == 1
+    text = log_path.read_text()
+    assert (
+        f"ERROR stepseg.cli: stepseg predict failed on study PETCT_5, file "
+        f"{tmp_path / 'PETCT_5.nii.gz'}: RuntimeError: out of memory in the sliding window\n"
+        "Traceback (most recent call last):"
+    ) in text
     assert not (tmp_path / "p.mha").exists()

@@ -237,6 +237,70 @@ def pet_in_counts(raw: Path) -> Path:
     return files[-1]
 
 
+def one_pet_slice(raw: Path, change) -> Path:
+    """Apply `change` to one PET slice in the middle of the series (not the first in position)."""
+    path = sorted(series_dir(raw, "PT").iterdir())[7]
+    edit([path], change)
+    return path
+
+
+def one_ct_slice(raw: Path, change) -> Path:
+    path = sorted(series_dir(raw, "CT").iterdir())[7]
+    edit([path], change)
+    return path
+
+
+def one_pet_slice_in_counts(raw: Path) -> Path:
+    return one_pet_slice(raw, lambda ds: setattr(ds, "Units", "CNTS"))
+
+
+def one_pet_slice_without_radiopharmaceutical(raw: Path) -> Path:
+    return one_pet_slice(raw, lambda ds: delattr(ds, "RadiopharmaceuticalInformationSequence"))
+
+
+def one_pet_slice_with_another_dose(raw: Path) -> Path:
+    def change(ds):
+        info = ds.RadiopharmaceuticalInformationSequence[0]
+        info.RadionuclideTotalDose = float(info.RadionuclideTotalDose) * 1.5
+
+    return one_pet_slice(raw, change)
+
+
+def one_pet_slice_decay_corrected_to_admin(raw: Path) -> Path:
+    return one_pet_slice(raw, lambda ds: setattr(ds, "DecayCorrection", "ADMIN"))
+
+
+def one_pet_slice_with_an_intercept(raw: Path) -> Path:
+    return one_pet_slice(raw, lambda ds: setattr(ds, "RescaleIntercept", "-5"))
+
+
+def one_pet_slice_with_negative_pixels(raw: Path) -> Path:
+    def change(ds):
+        pixels = ds.pixel_array.copy()
+        pixels[0, :3] = -7  # signed pixel data (PixelRepresentation 1)
+        ds.PixelData = pixels.tobytes()
+
+    one_pet_slice(raw, change)
+    return series_dir(raw, "PT")
+
+
+def one_ct_slice_without_intercept(raw: Path) -> Path:
+    return one_ct_slice(raw, lambda ds: delattr(ds, "RescaleIntercept"))
+
+
+def one_ct_slice_with_a_nan_slope(raw: Path) -> Path:
+    return one_ct_slice(raw, lambda ds: setattr(ds, "RescaleSlope", "NaN"))
+
+
+def one_ct_slice_of_another_frame_of_reference(raw: Path) -> Path:
+    return one_ct_slice(raw, lambda ds: setattr(ds, "FrameOfReferenceUID", "1.2.3.4"))
+
+
+def one_ct_slice_far_below_air(raw: Path) -> Path:
+    one_ct_slice(raw, lambda ds: setattr(ds, "RescaleIntercept", "-3024"))
+    return series_dir(raw, "CT")
+
+
 def seg_on_the_ct(raw: Path) -> Path:
     ct_uid = pydicom.dcmread(next(series_dir(raw, "CT").iterdir())).SeriesInstanceUID
     seg_file = next(series_dir(raw, "SEG").iterdir())
@@ -260,6 +324,34 @@ def ct_without_pet(raw: Path) -> Path:
         (pet_in_counts, "Units is 'CNTS'; only BQML"),
         (seg_on_the_ct, "SEG references series .* not the PET series"),
         (ct_without_pet, "expected exactly one PT series, found 0"),
+        (
+            one_pet_slice_in_counts,
+            r"PET Units is CNTS in this slice but BQML in .*: a series "
+            "mixing them cannot be converted to SUV",
+        ),
+        (
+            one_pet_slice_without_radiopharmaceutical,
+            "PET RadionuclideTotalDose is missing in this slice but ",
+        ),
+        (one_pet_slice_with_another_dose, "PET RadionuclideTotalDose is .* in this slice but"),
+        (one_pet_slice_decay_corrected_to_admin, "PET DecayCorrection is ADMIN in this slice"),
+        (one_pet_slice_with_an_intercept, "PET RescaleIntercept is -5; the standard requires 0"),
+        (one_pet_slice_with_negative_pixels, r"SUV has 3 negative voxels \(min -"),
+        (one_ct_slice_without_intercept, "CT slice lacks RescaleIntercept"),
+        (
+            one_ct_slice_with_a_nan_slope,
+            "CT slice has RescaleSlope nan and RescaleIntercept "
+            "-1024; the slope must be positive and both finite",
+        ),
+        (
+            one_ct_slice_of_another_frame_of_reference,
+            "CT slice FrameOfReferenceUID is '1.2.3.4', but .* a mixed series is refused",
+        ),
+        (
+            one_ct_slice_far_below_air,
+            r"CT has \d+ voxels outside the plausible range "
+            r"\[-1100, 4000\] HU \(min -30",
+        ),
     ],
 )
 def test_bad_input_names_study_and_file_and_leaves_no_output(study, tmp_path, damage, message):

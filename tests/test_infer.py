@@ -1,9 +1,12 @@
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from stepseg import infer, model, nifti, normalize
+from stepseg.errors import StudyError
 
 PATCH = [8, 16, 16]
 CFG = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
@@ -165,6 +168,44 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
         assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1}
     with pytest.raises(ValueError, match="2 studies but 1 SUV and 2 CTres files"):
         infer.predict_split(path, list(shapes), [tmp_path / "S1.nii.gz"], [1, 2], out, {}, 1)
+
+
+def _bad_study(folder, volume, value):
+    """SUV and CTres files of study S1 with a 2x2x2 block of `value` in `volume`."""
+    suv, ct = _volumes((10, 20, 18))
+    (suv if volume == "SUV" else ct).array[4:6, 8:10, 8:10] = value
+    nifti.save(suv, folder / "S1" / "SUV.nii.gz")
+    nifti.save(ct, folder / "S1" / "CTres.nii.gz")
+    return folder / "S1" / "SUV.nii.gz", folder / "S1" / "CTres.nii.gz"
+
+
+@pytest.mark.parametrize(
+    ("volume", "value", "message"),
+    [
+        ("SUV", np.nan, "SUV has 8 NaN and 0 infinite voxels"),
+        ("CTres", np.inf, "CTres has 0 NaN and 8 infinite voxels"),
+        ("CTres", 5000.0, r"CTres has 8 voxels outside the plausible range \[-1100, 4000\] HU"),
+    ],
+)
+def test_predict_files_refuses_bad_inputs_before_loading_the_model(
+    tmp_path, volume, value, message
+):
+    """A block of NaN used to erase true lesions in every sliding window that touched it."""
+    suv_path, ctres_path = _bad_study(tmp_path, volume, value)
+    out = tmp_path / "pred" / "S1.nii.gz"
+    bad = re.escape(str(tmp_path / "S1" / f"{volume}.nii.gz"))
+    with pytest.raises(StudyError, match=f"study S1, file {bad}: {message}"):
+        infer.predict_files(tmp_path / "no-model.pt", suv_path, ctres_path, out, {}, 1)
+    assert not out.parent.exists()
+
+
+def test_a_wider_configured_ct_range_lets_the_study_through(tmp_path):
+    suv_path, ctres_path = _bad_study(tmp_path, "CTres", 5000.0)
+    with pytest.raises(FileNotFoundError, match=r"no-model\.pt does not exist"):
+        infer.predict_files(
+            tmp_path / "no-model.pt", suv_path, ctres_path, tmp_path / "p.nii.gz", {}, 1,
+            ct_hu_range=(-1100.0, 5000.0),
+        )  # fmt: skip
 
 
 def test_checkpoint_from_another_config_names_the_file(tmp_path):

@@ -1,3 +1,5 @@
+import zipfile
+
 import pytest
 import torch
 
@@ -54,3 +56,16 @@ def test_mask_prior_starts_channel_0_near_the_prior(res_units):
     assert 0.2 < float(prob[:, 1].mean()) < 0.8  # the auxiliary channels are left alone
     with pytest.raises(ValueError, match=r"mask prior must be in \(0, 1\)"):
         model.init_mask_prior(net, 1.0)
+
+
+def test_two_saves_of_the_same_weights_are_byte_identical(tmp_path):
+    """Users compare checksums of model.pt: the temporary file name must not end up inside."""
+    spec = model.network_spec({"channels": [4, 8], "num_res_units": 1, "norm": "instance"}, 8, 2)
+    torch.manual_seed(0)
+    net = model.build(spec)
+    for name in ("a/model.pt", "b/model.pt"):
+        model.save(tmp_path / name, net, spec, {"patch_size": [8, 16, 16]})
+    first, second = ((tmp_path / name).read_bytes() for name in ("a/model.pt", "b/model.pt"))
+    assert first == second
+    assert zipfile.ZipFile(tmp_path / "a/model.pt").namelist()[0] == "archive/data.pkl"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "model.pt", "model.pt"]

@@ -157,6 +157,7 @@ def test_resume_after_a_kill_ends_with_identical_weights(lmdbs, tmp_path, monkey
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    assert resumed.read_bytes() == reference.read_bytes()  # users compare checksums
     rows = _rows(log_csv)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
 
-from stepseg import nifti
+from stepseg import checks, logs, nifti
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
 
@@ -37,6 +38,10 @@ GC_PET = Path("images/pet")
 GC_CT = Path("images/ct")
 GC_OUTPUT = Path("images/automated-petct-lesion-segmentation")
 ORTHONORMAL_TOLERANCE = 1e-6
+# files `write_image` writes whole (a .mhd would leave its pixel file under a temporary name)
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+# errors whose message says all (bad input, missing or unwritable files): no traceback
+CLEAR_ERRORS = (StudyError, OSError, ValueError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +104,11 @@ def write_image(volume: nifti.Volume, path: str | Path) -> None:
 # predict
 
 
+def study_name(suv_path: Path) -> str:
+    """The study named in messages: the SUV file's name without extensions."""
+    return suv_path.name.split(".")[0]
+
+
 def predict_study(
     model: Path,
     suv_path: Path,
@@ -106,14 +116,16 @@ def predict_study(
     out_path: Path,
     settings: dict[str, Any],
     device: str | None,
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> int:
-    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count."""
+    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count.
+    Inputs that fail `stepseg.checks` are refused before the model is loaded."""
     from stepseg import infer  # torch and MONAI load only when a prediction is asked for
 
-    study = suv_path.name.split(".")[0]
+    study = study_name(suv_path)
     suv = read_image(suv_path, study)
     ctres = read_image(ctres_path, study)
-    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "CTres": (ctres_path, ctres)})
+    checks.check_suv_ctres(study, (suv_path, suv), (ctres_path, ctres), ct_hu_range)
     mask = infer.predict_volume(model, suv, ctres, settings, device=device, study=study)
     write_image(nifti.Volume(mask.astype(np.uint8), suv.affine), out_path)
     log.info("%s: %d lesion voxels -> %s", study, int(mask.sum()), out_path)
@@ -141,6 +153,23 @@ def grand_challenge_pairs(input_dir: Path, output_dir: Path) -> list[tuple[Path,
     )
 
 
+def check_outputs(paths: Sequence[Path], force: bool) -> None:
+    """Refuse destinations before any inference runs (it takes minutes): an extension
+    `write_image` cannot write, an existing file without `force`, a folder one cannot write in."""
+    for path in paths:
+        if not path.name.endswith(OUTPUT_SUFFIXES):
+            raise ValueError(
+                f"output {path}: unknown image extension; expected {', '.join(OUTPUT_SUFFIXES)}"
+            )
+        if path.is_dir():
+            raise IsADirectoryError(f"output {path} is a directory")
+        if path.exists() and not force:
+            raise FileExistsError(f"output {path} exists; pass --force to overwrite it")
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"output {path}: cannot write in {folder}")
+
+
 def _predict(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"flip_tta": args.flip_tta}
     if args.overlap is not None:
@@ -152,8 +181,21 @@ def _predict(args: argparse.Namespace) -> int:
         pairs = [(Path(args.suv), Path(args.ctres), Path(args.out))]
     else:
         pairs = grand_challenge_pairs(Path(args.input_dir), Path(args.output_dir))
+    check_outputs([out for _, _, out in pairs], args.force)
     for suv, ctres, out in pairs:
-        voxels = predict_study(Path(args.model), suv, ctres, out, settings, args.device)
+        log.info("study %s: %s + %s -> %s", study_name(suv), suv, ctres, out)
+        try:
+            voxels = predict_study(
+                Path(args.model), suv, ctres, out, settings, args.device, tuple(args.ct_hu_range)
+            )
+        except CLEAR_ERRORS:
+            raise
+        except Exception as exc:  # unexpected: the log still says which study and why
+            log.error(
+                "stepseg predict failed on study %s, file %s: %s: %s",
+                study_name(suv), suv, type(exc).__name__, exc, exc_info=exc,
+            )  # fmt: skip
+            return 1
         print(f"{out}\t{voxels} lesion voxels")
     return 0
 
@@ -170,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model.pt written by the train rule")
     predict.add_argument("--suv", help="SUV image (.nii.gz or .mha)")
     predict.add_argument("--ctres", help="CT resampled to the SUV grid (.nii.gz or .mha)")
-    predict.add_argument("--out", help="output mask (.nii.gz or .mha)")
+    predict.add_argument("--out", help="output mask (.nii.gz, .nii, .mha or .nrrd)")
+    predict.add_argument("--force", action="store_true", help="overwrite existing output files")
+    predict.add_argument("--log", help="also append the log (and any error) to this file")
     predict.add_argument("--input-dir", default="/input", help="container input root")
     predict.add_argument("--output-dir", default="/output", help="container output root")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
@@ -178,17 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=float, help="sliding-window overlap (default: stepseg.infer.DEFAULTS)"
     )
     predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
+    predict.add_argument(
+        "--ct-hu-range",
+        type=float,
+        nargs=2,
+        default=checks.CT_HU_RANGE,
+        metavar=("LOW", "HIGH"),
+        help="CTres values outside this range are refused (default: %(default)s)",
+    )
     predict.set_defaults(handler=_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Exit status 0, or 1 after the error (and, unless it is a clear input error, its type and
+    traceback) has been logged to stderr and `--log`."""
     args = build_parser().parse_args(argv)
+    logs.setup(args.log)
     try:
         return args.handler(args)
-    except (StudyError, FileNotFoundError, ValueError) as exc:
-        print(f"stepseg {args.command}: {exc}", file=sys.stderr)
+    except CLEAR_ERRORS as exc:
+        log.error("stepseg %s: %s", args.command, exc)
+        return 1
+    except Exception as exc:
+        log.error("stepseg %s failed: %s: %s", args.command, type(exc).__name__, exc, exc_info=exc)
         return 1
 
 

@@ -15,7 +15,7 @@ import nibabel as nib
 import nibabel.processing
 import numpy as np
 
-from stepseg import dicom
+from stepseg import checks, dicom
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
 from stepseg.nifti import Volume, save
@@ -45,12 +45,18 @@ def resample_ct_to_pet(
 
 
 def convert_study(
-    study: str, raw_dir: str | Path, outputs: Mapping[str, str | Path], settings: Mapping
+    study: str,
+    raw_dir: str | Path,
+    outputs: Mapping[str, str | Path],
+    settings: Mapping,
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
     """Convert `raw_dir` (DICOM series in any folder layout) to the NIfTI files in `outputs`.
 
     `settings` is config["convert"]: `suv_reference_time` (series | acquisition) and
     `ctres_interpolation` (linear | nearest). SUV, CTres and SEG share the PET grid exactly.
+    Non-finite or negative SUV and CT numbers outside `ct_hu_range` are refused, naming the
+    series folder (CTres interpolates the CT and air, so it stays inside the CT's range).
     """
     missing = set(OUTPUT_NAMES) - set(outputs)
     if missing:
@@ -70,11 +76,14 @@ def convert_study(
     factor = dicom.suv_factor(study, pet, settings["suv_reference_time"])
     mask = dicom.decode_seg(study, seg, pet)
     pet_bqml = dicom.read_volume(study, pet)
+    suv = pet_bqml * np.float32(factor)
+    checks.check_suv(study, suv, pet.first_path.parent)
     ct_volume = Volume(dicom.read_volume(study, ct), ct.affine)
+    checks.check_ct(study, ct_volume.array, ct.first_path.parent, ct_hu_range)
     volumes = {
         "CT": (Volume(np.rint(ct_volume.array), ct.affine), np.int16),
         "PET": (Volume(pet_bqml, pet.affine), np.float32),
-        "SUV": (Volume(pet_bqml * np.float32(factor), pet.affine), np.float32),
+        "SUV": (Volume(suv, pet.affine), np.float32),
         "CTres": (
             resample_ct_to_pet(ct_volume, pet.shape, pet.affine, settings["ctres_interpolation"]),
             np.float32,

@@ -39,6 +39,15 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # An injection more than this many half-lives before the reference time left less than 0.1 % of
 # the dose: no PET is acquired then, so the tags (or a time-of-day guess across midnight) are wrong.
 MAX_HALF_LIVES_ELAPSED = 10.0
+# tags every slice of a series must share: slices of another modality or another frame of
+# reference (patient coordinate system) cannot be placed by their positions
+SERIES_KEYWORDS = ("Modality", "FrameOfReferenceUID")
+RADIOPHARMACEUTICAL_KEYWORDS = (
+    "RadionuclideTotalDose",
+    "RadionuclideHalfLife",
+    "RadiopharmaceuticalStartTime",
+    "RadiopharmaceuticalStartDateTime",
+)
 REFERENCE_TIME_TAGS = {
     "series": ("SeriesDate", "SeriesTime"),
     "acquisition": ("AcquisitionDate", "AcquisitionTime"),
@@ -65,6 +74,10 @@ class Stack:
 
     headers: tuple[Dataset, ...]
     affine: np.ndarray
+
+    @property
+    def first_path(self) -> Path:
+        return Path(self.headers[0].filename)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -152,6 +165,14 @@ def stack_slices(study: str, series: Series) -> Stack:
                 f"from {first.filename}",
                 header.filename,
             )
+        for keyword in SERIES_KEYWORDS:
+            if header.get(keyword) != first.get(keyword):
+                raise StudyError(
+                    study,
+                    f"{series.modality} slice {keyword} is {header.get(keyword)!r}, but "
+                    f"{first.get(keyword)!r} in {first.filename}: a mixed series is refused",
+                    header.filename,
+                )
     row_direction, column_direction = orientation[:3], orientation[3:]
     normal = np.cross(row_direction, column_direction)
     positions = np.stack([_vector(study, h, "ImagePositionPatient", 3) for h in headers])
@@ -188,19 +209,61 @@ def read_volume(study: str, stack: Stack) -> np.ndarray:
     """The stack's pixel data in modality units (HU, Bq/ml) as float32 (z, y, x).
 
     RescaleSlope/Intercept are applied per slice: PET vendors scale every slice separately.
+    Every slice must state them (`_rescale`) and hold one frame of Rows x Columns.
     """
     slices = []
+    rows_columns = (int(stack.headers[0].Rows), int(stack.headers[0].Columns))
     for header in stack.headers:
         try:
-            slices.append(header.pixel_array)
+            pixels = header.pixel_array
         except Exception as exc:  # truncated or undecodable pixel data
             raise StudyError(study, f"cannot decode pixel data ({exc})", header.filename) from exc
-    slope = np.array([float(h.get("RescaleSlope", 1.0)) for h in stack.headers], np.float32)
-    intercept = np.array([float(h.get("RescaleIntercept", 0.0)) for h in stack.headers], np.float32)
+        if pixels.shape != rows_columns:
+            raise StudyError(
+                study,
+                f"pixel data of shape {pixels.shape}, expected one frame of {rows_columns}",
+                header.filename,
+            )
+        slices.append(pixels)
+    slope, intercept = np.array([_rescale(study, h) for h in stack.headers], np.float32).T
     volume = np.stack(slices).astype(np.float32)
     volume *= slope[:, None, None]
     volume += intercept[:, None, None]
     return volume
+
+
+def _rescale(study: str, header: Dataset) -> tuple[float, float]:
+    """RescaleSlope and RescaleIntercept of one slice.
+
+    Both are Type 1 in the CT and PET image modules: a slice without them would be read in raw
+    stored values (for CT typically 1024 HU off). A slope that is not positive and finite, a PET
+    intercept other than 0 (the standard requires 0) and a CT RescaleType other than HU mean
+    values that are not HU or Bq/ml.
+    """
+    modality = header.get("Modality")
+    values = []
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = header.get(keyword)
+        if value is None or value == "":
+            raise StudyError(study, f"{modality} slice lacks {keyword}", header.filename)
+        values.append(float(value))
+    slope, intercept = values
+    if not (np.isfinite(slope) and slope > 0 and np.isfinite(intercept)):
+        raise StudyError(
+            study,
+            f"{modality} slice has RescaleSlope {slope:g} and RescaleIntercept {intercept:g}; "
+            "the slope must be positive and both finite",
+            header.filename,
+        )
+    if modality == "PT" and intercept != 0:
+        message = f"PET RescaleIntercept is {intercept:g}; the standard requires 0"
+        raise StudyError(study, message, header.filename)
+    rescale_type = header.get("RescaleType")
+    if modality == "CT" and rescale_type not in (None, "", "HU"):
+        raise StudyError(
+            study, f"CT RescaleType is {rescale_type!r}; only HU is supported", header.filename
+        )
+    return slope, intercept
 
 
 def _datetime(header: Dataset, date_keyword: str, time_keyword: str) -> datetime | None:
@@ -266,6 +329,7 @@ def suv_factor(study: str, pet: Stack, reference_time: str) -> float:
         half_life_s = float(info.RadionuclideHalfLife)
     except (AttributeError, IndexError, TypeError, ValueError) as exc:
         raise StudyError(study, f"PET header lacks {needed}", path) from exc
+    _check_same_suv_tags(study, pet)
     date_keyword, time_keyword = REFERENCE_TIME_TAGS[reference_time]
     candidates = [_datetime(h, date_keyword, time_keyword) for h in pet.headers]
     if any(c is None for c in candidates):
@@ -312,6 +376,47 @@ def suv_factor(study: str, pet: Stack, reference_time: str) -> float:
         )
     decayed_dose_bq = dose_bq * 0.5 ** (elapsed_s / half_life_s)
     return weight_kg * 1000.0 / decayed_dose_bq
+
+
+def _suv_tags(header: Dataset) -> dict[str, str | None]:
+    """The tags of one PET slice that enter its SUV factor, as comparable strings."""
+    tags: dict[str, str | None] = {
+        keyword: _plain(header.get(keyword))
+        for keyword in ("Units", "DecayCorrection", "PatientWeight")
+    }
+    sequence = header.get("RadiopharmaceuticalInformationSequence") or [Dataset()]
+    for keyword in RADIOPHARMACEUTICAL_KEYWORDS:
+        tags[keyword] = _plain(sequence[0].get(keyword))
+    return tags
+
+
+def _plain(value: object) -> str | None:
+    """A tag value for comparison: numbers by value (DS "70" equals "70.0"), others as text."""
+    if value is None or value == "":
+        return None
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _check_same_suv_tags(study: str, pet: Stack) -> None:
+    """Refuse a PET series whose slices differ in Units, DecayCorrection, PatientWeight or the
+    radiopharmaceutical tags: the SUV factor is computed once for the series, so a slice in
+    other units, without the dose tags or with another dose would be scaled silently wrong.
+    (Acquisition times may differ per slice; the earliest is the reference.)"""
+    first = pet.headers[0]
+    expected = _suv_tags(first)
+    for header in pet.headers[1:]:
+        for keyword, value in _suv_tags(header).items():
+            if value != expected[keyword]:
+                raise StudyError(
+                    study,
+                    f"PET {keyword} is {value or 'missing'} in this slice but "
+                    f"{expected[keyword] or 'missing'} in {first.filename}: a series mixing "
+                    "them cannot be converted to SUV",
+                    header.filename,
+                )
 
 
 def decode_seg(study: str, seg: Series, pet: Stack) -> np.ndarray:

@@ -215,8 +215,17 @@ def save(path: str | Path, net: nn.Module, spec: NetworkSpec, info: Mapping[str,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "network": spec.to_dict(),
     }
-    with atomic_file(path) as tmp:
-        torch.save(checkpoint, tmp)
+    save_atomic(checkpoint, path)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """`torch.save` to a temporary file renamed onto `path`, byte-identical for identical `obj`.
+
+    Saved to a path, torch names the archive's root folder after the file, i.e. after the random
+    temporary name; saved to an open file it is always "archive".
+    """
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """One split's studies in an LMDB of compressed 3-D tiles, read patch by patch.
 
-Layout (format version 3): the volumes of a study (SUV as float16, CT as int16 HU, step map as
+Layout (format version 4): the volumes of a study (SUV as float16, CT as int16 HU, step map as
 uint8) are cut into tiles of `tile_shape` (z, y, x); the three tiles at one position form one
 LMDB value under the key `{study}/{tz}/{ty}/{tx}`: a compressed pickle (compress-pickle, codec
 configurable) of `{"suv": ..., "ct": ..., "steps": ...}`, each a 3-D array or, for a constant
@@ -12,6 +12,12 @@ volumes: per-volume values (version 2) took three, and the loader a third more C
 (SUV >= `hot_suv_min` outside lesions: the physiological uptake that crops learn to reject),
 `__meta__` the format version, codec, tile shape, dtypes, normalisation and target settings; both
 metadata records are uncompressed pickles, so they are readable before the codec is known.
+
+Every value is stored behind the CRC32 of its key and its bytes (`seal`), verified on every read
+(`unseal`): LMDB checks its own pages but not the values, and a flipped byte inside a plain tile
+would otherwise be read as a voxel off by thousands of HU, a NaN or a negative SUV. Covering the
+key also refuses a value that landed under another key. The check costs about 0.8 ms per MB
+(bench/loader.py prints the read time with and without it).
 
 Values are unpickled by a restricted unpickler that accepts numpy arrays, dtypes and scalars and
 plain Python types only, so a tampered database cannot run code. The database is built in a
@@ -28,10 +34,11 @@ import logging
 import lzma
 import os
 import pickle
+import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import compress_pickle
 import lmdb
@@ -40,7 +47,7 @@ import numpy as np
 from compress_pickle.picklers.base import BasePicklerIO
 from compress_pickle.picklers.registry import get_known_picklers, register_pickler
 
-from stepseg import LMDB_FORMAT_VERSION, nifti
+from stepseg import LMDB_FORMAT_VERSION, checks, nifti
 from stepseg.atomic import atomic_dir
 from stepseg.errors import StudyError
 
@@ -52,6 +59,8 @@ DTYPES = {"suv": np.float16, "ct": np.int16, "steps": np.uint8}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 INT16_RANGE = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
 PICKLER = "stepseg_restricted"
+CHECKSUM = struct.Struct("<I")  # CRC32 of key and payload, in front of the payload
+REPACK = "delete it and re-pack (the pack rule rebuilds it)"
 
 
 # compress-pickle codecs and the keyword that sets their compression level
@@ -156,12 +165,28 @@ def decode(data: bytes | memoryview) -> Any:
     return RestrictedUnpickler(io.BytesIO(data)).load()
 
 
-def check_suv(study: str, suv: np.ndarray, path: str | Path) -> None:
-    """NaN or negative SUV means a broken conversion: refuse it rather than train on it."""
-    if np.isnan(suv).any():
-        raise StudyError(study, f"SUV has {int(np.isnan(suv).sum())} NaN voxels", path)
-    if (suv < 0).any():
-        raise StudyError(study, f"SUV has negative values (min {float(suv.min()):.3g})", path)
+class ChecksumError(ValueError):
+    """A stored value is not the one written under its key (flipped bytes, another key's)."""
+
+
+def seal(key: bytes, payload: bytes) -> bytes:
+    """The value stored under `key`: the CRC32 of key and payload, then the payload."""
+    return CHECKSUM.pack(zlib.crc32(payload, zlib.crc32(key))) + payload
+
+
+def unseal(key: bytes, value: bytes) -> memoryview:
+    """The payload of a value read under `key`, after checking its CRC32 (no copy)."""
+    view = memoryview(value)
+    if len(view) < CHECKSUM.size:
+        raise ChecksumError(f"value of {len(view)} bytes has no checksum")
+    (stored,) = CHECKSUM.unpack_from(view)
+    payload = view[CHECKSUM.size :]
+    computed = zlib.crc32(payload, zlib.crc32(key))
+    if stored != computed:
+        raise ChecksumError(
+            f"checksum mismatch (stored CRC32 {stored:08x}, computed {computed:08x})"
+        )
+    return payload
 
 
 def tile_grid(shape: Sequence[int], tile_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -186,8 +211,10 @@ def pack_split(
     out_dir: str | Path,
     pack_settings: dict[str, Any],
     target_settings: dict[str, Any],
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
-    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`."""
+    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`; a study
+    with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split."""
     if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
         raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
     codec = pack_settings.get("codec", "gzip")
@@ -204,15 +231,20 @@ def pack_split(
                 studies, suv_paths, ctres_paths, steps_paths, strict=True
             ):
                 volumes, meta = _load_study(
-                    study, suv_path, ct_path, steps_path, index_max, hot_suv_min, hot_index_max
+                    study,
+                    (suv_path, ct_path, steps_path),
+                    index_max,
+                    hot_suv_min,
+                    hot_index_max,
+                    ct_hu_range,
                 )
                 with env.begin(write=True) as txn:
                     for index, box in iter_tiles(meta["shape"], tile_shape):
                         tiles = {n: np.ascontiguousarray(a[box]) for n, a in volumes.items()}
-                        txn.put(
-                            tile_key(study, index), encode_record(tiles, codec, level, max_ratio)
-                        )
-                    txn.put(study_meta_key(study), encode(meta, None))
+                        key = tile_key(study, index)
+                        txn.put(key, seal(key, encode_record(tiles, codec, level, max_ratio)))
+                    key = study_meta_key(study)
+                    txn.put(key, seal(key, encode(meta, None)))
                 log.info(
                     "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
                     study,
@@ -235,7 +267,7 @@ def pack_split(
                 "studies": list(studies),
             }
             with env.begin(write=True) as txn:
-                txn.put(META_KEY, encode(store_meta, None))
+                txn.put(META_KEY, seal(META_KEY, encode(store_meta, None)))
             env.sync()
         finally:
             env.close()
@@ -264,25 +296,19 @@ def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:
 
 def _load_study(
     study: str,
-    suv_path: str | Path,
-    ct_path: str | Path,
-    steps_path: str | Path,
+    paths: tuple[str | Path, str | Path, str | Path],
     index_max: int,
     hot_suv_min: float,
     hot_index_max: int,
+    ct_hu_range: tuple[float, float],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Volumes and study metadata from the (SUV, CTres, steps) files at `paths`."""
+    suv_path, ct_path, steps_path = (Path(p) for p in paths)
     suv = nifti.load(suv_path, study, dtype=np.float32)
     ct = nifti.load(ct_path, study)
     steps = nifti.load(steps_path, study)
-    nifti.check_same_grid(
-        study,
-        {
-            "SUV": (Path(suv_path), suv),
-            "CTres": (Path(ct_path), ct),
-            "steps": (Path(steps_path), steps),
-        },
-    )
-    check_suv(study, suv.array, suv_path)
+    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "steps": (steps_path, steps)})
+    checks.check_suv_ctres(study, (suv_path, suv), (ct_path, ct), ct_hu_range)
     if not np.array_equal(steps.array, steps.array.astype(np.uint8)):
         raise StudyError(study, "step map is not uint8", steps_path)
     suv16 = _to_float16(study, suv.array, suv_path)
@@ -347,10 +373,13 @@ class TileStore:
 
     The LMDB environment is opened lazily, read-only and without a lock file, once per process:
     a store created in the parent and used in a forked DataLoader worker opens its own handle.
+    `verify_checksums=False` skips the CRC32 of each value; only bench/loader.py uses it, to
+    show what the check costs.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, verify_checksums: bool = True) -> None:
         self.path = Path(path)
+        self.verify_checksums = verify_checksums
         self._realpath = os.path.realpath(self.path)
         self._meta: dict[str, Any] | None = None
         self._study_meta: dict[str, dict[str, Any]] = {}
@@ -404,16 +433,35 @@ class TileStore:
             data = self._get(META_KEY)
             if data is None:
                 raise StoreError(self.path, "no __meta__ record: empty or incompletely written")
-            meta = self._decode_or_fail(data, "__meta__ record")
+            try:
+                payload = unseal(META_KEY, data)
+            except ChecksumError as exc:
+                version = _unsealed_version(data)
+                if version is not None and version != FORMAT_VERSION:
+                    raise self._version_error(version) from exc
+                raise StoreError(self.path, f"__meta__ record: {exc}; {REPACK}") from exc
+            meta = self._decode_or_fail(payload, "__meta__ record")
             if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
                 version = meta.get("format_version") if isinstance(meta, dict) else None
-                raise StoreError(
-                    self.path,
-                    f"format version {version}, expected {FORMAT_VERSION}: written by another "
-                    "stepseg version; delete it and re-pack (the pack rule rebuilds it)",
-                )
+                raise self._version_error(version)
             self._meta = meta
         return self._meta
+
+    def _version_error(self, version: Any) -> StoreError:
+        return StoreError(
+            self.path,
+            f"format version {version}, expected {FORMAT_VERSION}: written by another "
+            f"stepseg version; {REPACK}",
+        )
+
+    def _payload(self, key: bytes, value: bytes, what: str, study: str = "") -> memoryview:
+        """The checked payload of `value` (read under `key`); a mismatch names `what`."""
+        if not self.verify_checksums:
+            return memoryview(value)[CHECKSUM.size :]
+        try:
+            return unseal(key, value)
+        except ChecksumError as exc:
+            self._fail(study, f"{what}: {exc}: the LMDB is corrupt; {REPACK}")
 
     def _decode_or_fail(self, data: Any, what: str, study: str = "") -> Any:
         try:
@@ -421,7 +469,7 @@ class TileStore:
         except Exception as exc:
             self._fail(study, f"{what} cannot be decoded ({type(exc).__name__}: {exc})")
 
-    def _fail(self, study: str, message: str) -> None:
+    def _fail(self, study: str, message: str) -> NoReturn:
         if study:
             raise StudyError(study, message, self.path)
         raise StoreError(self.path, message)
@@ -433,10 +481,12 @@ class TileStore:
     def study_meta(self, study: str) -> dict[str, Any]:
         """Shape, spacing, affine, has_lesions and lesion voxel index of one study."""
         if study not in self._study_meta:
-            data = self._get(study_meta_key(study))
+            key = study_meta_key(study)
+            data = self._get(key)
             if data is None:
                 raise StudyError(study, "not in this LMDB (no metadata record)", self.path)
-            self._study_meta[study] = self._decode_or_fail(data, "metadata record", study)
+            payload = self._payload(key, data, "metadata record", study)
+            self._study_meta[study] = self._decode_or_fail(payload, "metadata record", study)
         return self._study_meta[study]
 
     def read_patch(
@@ -481,7 +531,9 @@ class TileStore:
                     data = txn.get(key)
                     if data is None:
                         raise StudyError(study, f"missing tile {key.decode()}", self.path)
-                    record = self._decode_or_fail(data, f"tile {key.decode()}", study)
+                    what = f"tile {key.decode()}"
+                    payload = self._payload(key, data, what, study)
+                    record = self._decode_or_fail(payload, what, study)
                     self._fill(study, key, record, (src, dst, size), targets)
         except lmdb.Error as exc:
             raise StudyError(study, f"cannot read tiles ({exc})", self.path) from exc
@@ -508,6 +560,16 @@ class TileStore:
             else:
                 what = f"{tile.shape} {tile.dtype}" if type(tile) is np.ndarray else repr(tile)
                 self._fail(study, f"tile {key.decode()}: {name} is {what}, not {size} {dtype}")
+
+
+def _unsealed_version(data: bytes) -> Any:
+    """The format version of a `__meta__` value written without a checksum (versions 1-3), or
+    None: such a database asks for a re-pack instead of reporting corruption."""
+    try:
+        meta = decode(data)
+    except Exception:
+        return None
+    return meta.get("format_version") if isinstance(meta, dict) else None
 
 
 def _axis_tiles(start: int, stop: int, tile: int, n: int) -> list[tuple[int, slice, slice, int]]:

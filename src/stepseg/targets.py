@@ -33,9 +33,9 @@ from scipy import ndimage
 
 from stepseg import nifti
 from stepseg.atomic import atomic_file
+from stepseg.checks import check_suv
 from stepseg.errors import StudyError
 from stepseg.normalize import ct_from_normalized
-from stepseg.store import check_suv
 
 log = logging.getLogger(__name__)
 

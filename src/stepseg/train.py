@@ -486,8 +486,7 @@ def _save_state(
         "rng": _rng_state(),
         "rows": rows,
     }
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    model.save_atomic(state, path)
 
 
 def _restore(

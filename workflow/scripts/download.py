@@ -2,11 +2,11 @@
 
 from stepseg import logs, sources
 
-logs.setup(snakemake.log[0])
-sources.fetch_study(
-    source=snakemake.params.source,
-    settings=snakemake.params.settings,
-    manifest_path=snakemake.input[0],
-    study=snakemake.wildcards.study,
-    out_dir=snakemake.output[0],
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    sources.fetch_study(
+        source=snakemake.params.source,
+        settings=snakemake.params.settings,
+        manifest_path=snakemake.input[0],
+        study=snakemake.wildcards.study,
+        out_dir=snakemake.output[0],
+    )

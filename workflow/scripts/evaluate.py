@@ -2,13 +2,13 @@
 
 from stepseg import logs, metrics
 
-logs.setup(snakemake.log[0])
-metrics.evaluate_split(
-    studies=snakemake.params.studies,
-    seg_paths=snakemake.input.seg,
-    suv_paths=snakemake.input.suv,
-    pred_paths=snakemake.params.pred_paths,
-    per_study_csv=snakemake.output.per_study,
-    summary_csv=snakemake.output.summary,
-    settings=snakemake.params.settings,
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    metrics.evaluate_split(
+        studies=snakemake.params.studies,
+        seg_paths=snakemake.input.seg,
+        suv_paths=snakemake.input.suv,
+        pred_paths=snakemake.params.pred_paths,
+        per_study_csv=snakemake.output.per_study,
+        summary_csv=snakemake.output.summary,
+        settings=snakemake.params.settings,
+    )

@@ -1,10 +1,12 @@
 """Entry script: whole-body sliding-window inference of one split's studies with one model."""
 
-from stepseg import devices, infer, logs
+from stepseg import checks, devices, infer, logs
 
-logs.setup(snakemake.log[0])
 # each GPU job takes cards of its own (CUDA_VISIBLE_DEVICES); a no-op without GPUs
-with devices.claimed_gpus(snakemake.resources.gpu):
+with (
+    logs.job(snakemake.log[0], dict(snakemake.wildcards.items())),
+    devices.claimed_gpus(snakemake.resources.gpu),
+):
     infer.predict_split(
         model_path=snakemake.input.model,
         studies=snakemake.params.studies,
@@ -13,4 +15,5 @@ with devices.claimed_gpus(snakemake.resources.gpu):
         out_dir=snakemake.output[0],
         settings=snakemake.params.settings,
         threads=snakemake.threads,
+        ct_hu_range=checks.ct_hu_range(snakemake.config),
     )

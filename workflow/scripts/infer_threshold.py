@@ -2,9 +2,9 @@
 
 from stepseg import logs, threshold
 
-logs.setup(snakemake.log[0])
-threshold.predict_file(
-    suv_path=snakemake.input.suv,
-    out_path=snakemake.output[0],
-    settings=snakemake.params.settings,
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    threshold.predict_file(
+        suv_path=snakemake.input.suv,
+        out_path=snakemake.output[0],
+        settings=snakemake.params.settings,
+    )

@@ -3,9 +3,9 @@
 from stepseg import logs
 from stepseg.sources import local
 
-logs.setup(snakemake.log[0])
-local.link_nifti_study(
-    study=snakemake.wildcards.study,
-    raw_dir=snakemake.input[0],
-    outputs=dict(snakemake.output.items()),
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    local.link_nifti_study(
+        study=snakemake.wildcards.study,
+        raw_dir=snakemake.input[0],
+        outputs=dict(snakemake.output.items()),
+    )

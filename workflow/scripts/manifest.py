@@ -2,10 +2,10 @@
 
 from stepseg import logs, sources
 
-logs.setup(snakemake.log[0])
-sources.write_manifest(
-    source=snakemake.params.source,
-    settings=snakemake.params.settings,
-    split=snakemake.params.split,
-    out_path=snakemake.output[0],
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    sources.write_manifest(
+        source=snakemake.params.source,
+        settings=snakemake.params.settings,
+        split=snakemake.params.split,
+        out_path=snakemake.output[0],
+    )

@@ -1,14 +1,15 @@
 """Entry script: pack one split's studies into an LMDB of compressed 3-D tiles."""
 
-from stepseg import logs, store
+from stepseg import checks, logs, store
 
-logs.setup(snakemake.log[0])
-store.pack_split(
-    studies=snakemake.params.studies,
-    suv_paths=snakemake.input.suv,
-    ctres_paths=snakemake.input.ctres,
-    steps_paths=snakemake.input.steps,
-    out_dir=snakemake.output[0],
-    pack_settings=snakemake.params.pack,
-    target_settings=snakemake.params.targets,
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    store.pack_split(
+        studies=snakemake.params.studies,
+        suv_paths=snakemake.input.suv,
+        ctres_paths=snakemake.input.ctres,
+        steps_paths=snakemake.input.steps,
+        out_dir=snakemake.output[0],
+        pack_settings=snakemake.params.pack,
+        target_settings=snakemake.params.targets,
+        ct_hu_range=checks.ct_hu_range(snakemake.config),
+    )

@@ -2,13 +2,13 @@
 
 from stepseg import logs, targets
 
-logs.setup(snakemake.log[0])
-targets.write_study_targets(
-    study=snakemake.wildcards.study,
-    seg_path=snakemake.input.seg,
-    suv_path=snakemake.input.suv,
-    ctres_path=snakemake.input.ctres,
-    steps_path=snakemake.output.steps,
-    qc_path=snakemake.output.qc,
-    settings=snakemake.params.targets,
-)
+with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
+    targets.write_study_targets(
+        study=snakemake.wildcards.study,
+        seg_path=snakemake.input.seg,
+        suv_path=snakemake.input.suv,
+        ctres_path=snakemake.input.ctres,
+        steps_path=snakemake.output.steps,
+        qc_path=snakemake.output.qc,
+        settings=snakemake.params.targets,
+    )

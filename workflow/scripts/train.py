@@ -2,9 +2,11 @@
 
 from stepseg import devices, logs, train
 
-logs.setup(snakemake.log[0])
 # each GPU job takes cards of its own (CUDA_VISIBLE_DEVICES); a no-op without GPUs
-with devices.claimed_gpus(snakemake.resources.gpu):
+with (
+    logs.job(snakemake.log[0], dict(snakemake.wildcards.items())),
+    devices.claimed_gpus(snakemake.resources.gpu),
+):
     train.train_variant(
         train_lmdb=snakemake.input.train,
         val_lmdb=snakemake.input.val,

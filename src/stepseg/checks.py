@@ -1,0 +1,87 @@
+"""Input checks shared by convert, pack, infer and `stepseg predict`: refuse what would give a
+plausible-looking wrong answer instead of a clear error.
+
+A single NaN spreads through every sliding window that contains it and erases true lesions far
+from it; a negative SUV or a CT value no scanner produces means a broken conversion or a wrong
+rescale. Each check names the study and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stepseg import nifti
+from stepseg.errors import StudyError
+
+# Plausible CT numbers after rescale: air is -1000 (-1024 where scanners fill outside the field of
+# view), dense bone and contrast stay far below 4000. Scanners that pad with -2048 or -3024, or
+# extended-scale CT of metal implants, need `checks.ct_hu_range` in the config widened.
+CT_HU_RANGE: tuple[float, float] = (-1100.0, 4000.0)
+
+
+def ct_hu_range(config: Mapping[str, Any]) -> tuple[float, float]:
+    """The configured plausible CT range (`checks.ct_hu_range`), else `CT_HU_RANGE`.
+
+    Read by the entry scripts from the whole config rather than passed as a rule parameter: the
+    range decides only whether a job fails, never what it writes, so it is no rerun trigger.
+    """
+    low, high = config.get("checks", {}).get("ct_hu_range", CT_HU_RANGE)
+    return (float(low), float(high))
+
+
+def _non_finite(study: str, name: str, array: np.ndarray, path: str | Path) -> None:
+    finite = np.isfinite(array)
+    if not finite.all():
+        nan = int(np.isnan(array).sum())
+        raise StudyError(
+            study,
+            f"{name} has {nan} NaN and {int(finite.size - finite.sum()) - nan} infinite voxels",
+            path,
+        )
+
+
+def check_suv(study: str, suv: np.ndarray, path: str | Path) -> None:
+    """NaN, infinite or negative SUV means a broken conversion: refuse it."""
+    _non_finite(study, "SUV", suv, path)
+    negative = int((suv < 0).sum())
+    if negative:
+        raise StudyError(
+            study, f"SUV has {negative} negative voxels (min {float(suv.min()):.3g})", path
+        )
+
+
+def check_ct(
+    study: str,
+    ct: np.ndarray,
+    path: str | Path,
+    hu_range: tuple[float, float] = CT_HU_RANGE,
+    name: str = "CT",
+) -> None:
+    """NaN, infinite or implausible CT numbers (outside `hu_range` HU) mean a wrong rescale."""
+    _non_finite(study, name, ct, path)
+    low, high = hu_range
+    outside = int(((ct < low) | (ct > high)).sum())
+    if outside:
+        raise StudyError(
+            study,
+            f"{name} has {outside} voxels outside the plausible range [{low:g}, {high:g}] HU "
+            f"(min {float(ct.min()):g}, max {float(ct.max()):g}); if the scanner really stores "
+            "such values, widen checks.ct_hu_range",
+            path,
+        )
+
+
+def check_suv_ctres(
+    study: str,
+    suv: tuple[Path, nifti.Volume],
+    ctres: tuple[Path, nifti.Volume],
+    hu_range: tuple[float, float] = CT_HU_RANGE,
+) -> None:
+    """The network's two inputs: one grid, finite non-negative SUV, plausible CTres."""
+    nifti.check_same_grid(study, {"SUV": suv, "CTres": ctres})
+    check_suv(study, suv[1].array, suv[0])
+    check_ct(study, ctres[1].array, ctres[0], hu_range, "CTres")
