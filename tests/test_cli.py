@@ -137,7 +137,8 @@ def test_predict_grand_challenge_layout(tmp_path, model_path):
     (tmp_path / "in" / "images" / "ct").mkdir(parents=True)
     cli.write_image(suv, tmp_path / "in" / "images" / "pet" / "1f2e.mha")
     cli.write_image(ct, tmp_path / "in" / "images" / "ct" / "9a8b.mha")
-    args = ["predict", "--model", str(model_path), "--device", "cpu"]
+    # float32, as the reference: bf16 (amp auto on some CPUs) moves voxels near the threshold
+    args = ["predict", "--model", str(model_path), "--device", "cpu", "--amp", "off"]
     dirs = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out")]
     assert cli.main(args + dirs) == 0
     out = tmp_path / "out" / "images" / "automated-petct-lesion-segmentation" / "9a8b.mha"
@@ -159,7 +160,9 @@ def test_predict_single_nifti_study_via_the_console_script(tmp_path, model_path)
     command = [str(script), "predict", "--model", str(model_path)]
     files = ["--suv", str(tmp_path / "SUV.nii.gz"), "--ctres", str(tmp_path / "CTres.nii.gz")]
     done = subprocess.run(
-        command + files + ["--out", str(tmp_path / "pred.nii.gz"), "--device", "cpu"],
+        command
+        + files
+        + ["--out", str(tmp_path / "pred.nii.gz"), "--device", "cpu", "--amp", "off"],
         capture_output=True,
         text=True,
         check=True,

@@ -187,23 +187,23 @@ def _bad_study(folder, volume, value):
         ("CTres", 5000.0, r"CTres has 8 voxels outside the plausible range \[-1100, 4000\] HU"),
     ],
 )
-def test_predict_files_refuses_bad_inputs_before_loading_the_model(
+def test_predict_split_refuses_bad_inputs_before_loading_the_model(
     tmp_path, volume, value, message
 ):
     """A block of NaN used to erase true lesions in every sliding window that touched it."""
     suv_path, ctres_path = _bad_study(tmp_path, volume, value)
-    out = tmp_path / "pred" / "S1.nii.gz"
+    out = tmp_path / "pred"
     bad = re.escape(str(tmp_path / "S1" / f"{volume}.nii.gz"))
     with pytest.raises(StudyError, match=f"study S1, file {bad}: {message}"):
-        infer.predict_files(tmp_path / "no-model.pt", suv_path, ctres_path, out, {}, 1)
-    assert not out.parent.exists()
+        infer.predict_split(tmp_path / "no-model.pt", ["S1"], [suv_path], [ctres_path], out, {}, 1)
+    assert not out.exists()
 
 
 def test_a_wider_configured_ct_range_lets_the_study_through(tmp_path):
     suv_path, ctres_path = _bad_study(tmp_path, "CTres", 5000.0)
     with pytest.raises(FileNotFoundError, match=r"no-model\.pt does not exist"):
-        infer.predict_files(
-            tmp_path / "no-model.pt", suv_path, ctres_path, tmp_path / "p.nii.gz", {}, 1,
+        infer.predict_split(
+            tmp_path / "no-model.pt", ["S1"], [suv_path], [ctres_path], tmp_path / "p", {}, 1,
             ct_hu_range=(-1100.0, 5000.0),
         )  # fmt: skip
 

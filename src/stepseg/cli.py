@@ -171,7 +171,7 @@ def check_outputs(paths: Sequence[Path], force: bool) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    settings: dict[str, Any] = {"flip_tta": args.flip_tta}
+    settings: dict[str, Any] = {"flip_tta": args.flip_tta, "amp": args.amp}
     if args.overlap is not None:
         settings["overlap"] = args.overlap
     single = [args.suv, args.ctres, args.out]
@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=float, help="sliding-window overlap (default: stepseg.infer.DEFAULTS)"
     )
     predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
+    predict.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),  # stepseg.model.AMP_MODES, without importing torch
+        default="auto",
+        help="autocast: auto = bf16 on a GPU or a CPU that runs it natively (default: auto)",
+    )
     predict.add_argument(
         "--ct-hu-range",
         type=float,

@@ -135,23 +135,31 @@ def predict_split(
 
     One process per model and split instead of one per study: importing torch and MONAI and
     loading the model took about three times as long as predicting one 128 x 88 x 88 study on
-    a CPU, so per-study jobs spent most of the inference phase starting up. A study whose
-    inputs fail `stepseg.checks` is refused, naming the study and file, before it is predicted.
+    a CPU, so per-study jobs spent most of the inference phase starting up. Every study's
+    inputs pass `stepseg.checks` before the model is loaded; a failing one is named with its file.
     """
     if not len(studies) == len(suv_paths) == len(ctres_paths):
         raise ValueError(
             f"{len(studies)} studies but {len(suv_paths)} SUV and {len(ctres_paths)} CTres files"
         )
+
+    def inputs(study: str, suv_path: str | Path, ctres_path: str | Path) -> tuple:
+        suv = nifti.load(suv_path, study, np.float32)
+        ctres = nifti.load(ctres_path, study, np.float32)
+        checks.check_suv_ctres(study, (Path(suv_path), suv), (Path(ctres_path), ctres), ct_hu_range)
+        return suv, ctres
+
+    studies_and_paths = list(zip(studies, suv_paths, ctres_paths, strict=True))
+    for study, suv_path, ctres_path in studies_and_paths:  # every input, before any work
+        inputs(study, suv_path, ctres_path)
     torch.set_num_threads(max(1, int(threads)))
     cfg = {**DEFAULTS, **settings}
     device = model.resolve_device(None)
     net, checkpoint = model.load(model_path, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for study, suv_path, ctres_path in zip(studies, suv_paths, ctres_paths, strict=True):
-        suv = nifti.load(suv_path, study, np.float32)
-        ctres = nifti.load(ctres_path, study, np.float32)
-        checks.check_suv_ctres(study, (Path(suv_path), suv), (Path(ctres_path), ctres), ct_hu_range)
+    for study, suv_path, ctres_path in studies_and_paths:
+        suv, ctres = inputs(study, suv_path, ctres_path)
         probability = predict_probability(net, checkpoint, suv.array, ctres.array, cfg, device)
         mask = (probability >= float(cfg["threshold"])).astype(np.uint8)
         nifti.save(nifti.Volume(mask, suv.affine), out_dir / f"{study}.nii.gz", dtype=np.uint8)
