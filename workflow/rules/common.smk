@@ -107,8 +107,8 @@ def prediction_paths(variant, split):
 
 
 def prediction_inputs(variant, split):
-    """What a rule needs for those predictions: the trained models' one directory per split
-    (rule infer), the threshold baseline's per-study files (rule infer_threshold)."""
+    """The inputs that give those predictions: a trained model's one directory per split (the
+    infer jobs), the threshold baseline's per-study files (the infer_threshold jobs)."""
     if variant in trained_variants():
         return [f"results/predictions/{variant}/{split}"]
     return prediction_paths(variant, split)
