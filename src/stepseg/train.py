@@ -338,7 +338,7 @@ def _train_epoch(
     sums: dict[str, float] = {}
     n_batches = 0
     shared: dict[str, torch.Tensor] = {}
-    hook = model.last_shared_layer(getattr(net, "module", net)).register_forward_hook(
+    hook = model.last_shared_layer(distributed.unwrap(net)).register_forward_hook(
         lambda _module, _inputs, output: shared.__setitem__("features", output)
     )
     batches = tqdm(
