@@ -4,6 +4,8 @@ any job deletes an output): per-variant train overrides and split fractions incl
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,17 @@ def test_bad_settings_stop_the_workflow_at_start_up(change, message):
     change(config)
     with pytest.raises(WorkflowError, match=message):
         validate(config, schema=SCHEMA)
+
+
+def test_fp16_on_a_cpu_device_stops_the_workflow_at_start_up(tmp_path):
+    """Not a schema rule (it combines two keys): common.smk refuses it before any job runs."""
+    (tmp_path / "fp16.yaml").write_text("train: {device: cpu, amp: fp16}\n")
+    snakemake = Path(sys.executable).parent / "snakemake"
+    dry_run = subprocess.run(
+        [str(snakemake), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "-n", "--cores", "1",
+         "--configfile", str(ROOT / "config/config.yaml"), str(tmp_path / "fp16.yaml")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert dry_run.returncode != 0
+    assert "train variant stepwise: amp fp16 needs a CUDA device" in dry_run.stdout + dry_run.stderr
+    assert not (tmp_path / "results").exists()

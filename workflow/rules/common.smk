@@ -30,6 +30,21 @@ import stepseg.devices  # noqa: E402  (standard library only)
 # profiles/slurm sets the GPU rules' resources itself (the submit host may have no card).
 HAS_GPUS = bool(stepseg.devices.installed_gpus())
 
+
+def check_cpu_precision():
+    """Refuse fp16 autocast on `device: cpu` (CPU autocast has no fp16 gradient scaling) when the
+    workflow starts, before any job deletes the outputs it would rewrite. With `device: auto` the
+    device is known only on the machine that runs the job, which refuses it there."""
+    for name, variant in config["train"]["variants"].items():
+        merged = {**config["train"], **variant}
+        if merged.get("device") == "cpu" and merged.get("amp") == "fp16":
+            raise ValueError(
+                f"train variant {name}: amp fp16 needs a CUDA device; on a CPU use bf16, auto or off"
+            )
+
+
+check_cpu_precision()
+
 SPLITS = ["train", "val", "test"]
 EVAL_SPLITS = ["val", "test"]
 SOURCE = config["download"]["source"]
