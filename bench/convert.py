@@ -31,7 +31,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stepseg.convert import OUTPUT_NAMES, convert_study  # noqa: E402
+from stepseg.convert import convert_study  # noqa: E402
+from stepseg.names import NIFTI_NAMES  # noqa: E402
+from stepseg.settings import ConvertSettings  # noqa: E402
 from stepseg.synthetic import source  # noqa: E402
 
 # (pet shape, pet spacing, ct shape, ct spacing), (z, y, x); "large" keeps the default field of
@@ -40,7 +42,7 @@ GEOMETRIES = {
     "default": None,  # config/config.yaml
     "large": ([192, 160, 160], [3.0, 3.25, 3.25], [240, 256, 256], [2.4, 2.0, 2.0]),
 }
-SETTINGS = {"suv_reference_time": "acquisition", "ctres_interpolation": "linear"}
+SETTINGS = ConvertSettings(suv_reference_time="acquisition", ctres_interpolation="linear")
 
 
 def synthetic_settings(geometry: tuple | None) -> dict:
@@ -101,7 +103,7 @@ def measure(name: str, study_dir: Path, work: Path, repeats: int) -> dict:
     folders = series_folders(study_dir)
     inputs = {m: dcm2niix_copy(folders[m], work / "dcm2niix_in" / m) for m in ("CT", "PT")}
     out = work / "ours"
-    outputs = {n: str(out / f"{n}.nii.gz") for n in OUTPUT_NAMES}
+    outputs = {n: str(out / f"{n}.nii.gz") for n in NIFTI_NAMES}
 
     def ours() -> None:
         convert_study(study_dir.name, study_dir, outputs, SETTINGS)

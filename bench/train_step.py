@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from stepseg import losses, model, targets, train
+from stepseg.settings import RECIPES, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,17 +46,17 @@ def batch(patch, batch_size, preset, seed=0):
 def measure(cfg, variant, device, steps, warmup, amp="auto", layout=None):
     """Median seconds per step, patches/s, peak memory (GiB) and parameters of one setting;
     `layout` None = `model.memory_format(device)`."""
-    cfg = train.resolve_settings({**cfg, "targets": variant})
+    settings = TrainSettings.for_variant({**cfg, "targets": variant})
     preset = targets.preset_from_settings({"preset": "paper"})
     channel_losses = list(preset.channel_losses) if variant == "stepwise" else ["dicefocal"]
-    spec = model.network_spec(cfg, len(channel_losses), 3 if cfg["zero_input_channel"] else 2)
+    spec = model.network_spec(settings, len(channel_losses))
     layout = model.memory_format(device) if layout is None else layout
     net = model.build(spec).to(device, memory_format=layout)
-    criterion = losses.StepwiseLoss(channel_losses, cfg).to(device)
-    optim = torch.optim.Adam([*net.parameters(), *criterion.parameters()], lr=float(cfg["lr"]))
+    criterion = losses.StepwiseLoss(channel_losses, settings).to(device)
+    optim = torch.optim.Adam([*net.parameters(), *criterion.parameters()], lr=settings.lr)
     amp = model.autocast_dtype(device, amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    image, step_maps = batch(cfg["patch_size"], int(cfg["batch_size"]), preset)
+    image, step_maps = batch(settings.patch_size, settings.batch_size, preset)
     image, step_maps = image.to(device), step_maps.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -64,9 +65,9 @@ def measure(cfg, variant, device, steps, warmup, amp="auto", layout=None):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        target, regions = train._targets(step_maps, image, preset, cfg)
+        target, regions = train._targets(step_maps, image, preset, settings)
         small = train.small_lesion_mask(step_maps)
-        inputs = model.network_inputs(image, bool(cfg["zero_input_channel"]))
+        inputs = model.network_inputs(image, settings.zero_input_channel)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=bool(amp)):
             logits = net(inputs.contiguous(memory_format=layout))
         total, _ = criterion(logits, target, regions, small)
@@ -84,7 +85,7 @@ def measure(cfg, variant, device, steps, warmup, amp="auto", layout=None):
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     params = sum(p.numel() for p in net.parameters())
-    return seconds, int(cfg["batch_size"]) / seconds, memory, params
+    return seconds, settings.batch_size / seconds, memory, params
 
 
 PRECISIONS = [  # (label, amp, layout): the first row is the baseline
@@ -126,7 +127,7 @@ def variant_table(cfg_path, device, args):
                 "small_lesion_dice_weight",
                 "masked_mse",
             )
-            cfg.update({k: train.RECIPES[recipe][k] for k in loss_keys})
+            cfg.update({k: RECIPES[recipe][k] for k in loss_keys})
         seconds, rate, memory, params = measure(cfg, variant, device, args.steps, args.warmup)
         baseline = baseline or seconds
         print(

@@ -2,6 +2,7 @@
 SimpleITK and dcm2niix, and bad inputs (built by modifying the study's files with pydicom) that
 must raise a StudyError naming the study and the file and leave no output behind."""
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,13 +15,15 @@ import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 from reference.geometry import assert_ctres_geometry
 
 from stepseg import nifti
-from stepseg.convert import OUTPUT_NAMES, convert_study
+from stepseg.convert import convert_study
 from stepseg.errors import StudyError
+from stepseg.names import NIFTI_NAMES
+from stepseg.settings import ConvertSettings
 from stepseg.synthetic import source
 
 F18_HALF_LIFE_S = 6586.2
 # the generator's truth SUV is decayed to SeriesTime (the exact reference of DecayCorrection START)
-TRUTH_SETTINGS = {"suv_reference_time": "series", "ctres_interpolation": "linear"}
+TRUTH_SETTINGS = ConvertSettings(suv_reference_time="series", ctres_interpolation="linear")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def study(tmp_path_factory, tiny_synthetic_settings) -> tuple[str, Path]:
 
 
 def outputs_in(folder: Path) -> dict[str, str]:
-    return {name: str(folder / f"{name}.nii.gz") for name in OUTPUT_NAMES}
+    return {name: str(folder / f"{name}.nii.gz") for name in NIFTI_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,10 @@ def test_acquisition_reference_scales_suv_by_the_decay_between_the_times(study, 
     by_series, by_acquisition = outputs_in(tmp_path / "s"), outputs_in(tmp_path / "a")
     convert_study(study_id, raw, by_series, TRUTH_SETTINGS)
     convert_study(
-        study_id, raw, by_acquisition, {**TRUTH_SETTINGS, "suv_reference_time": "acquisition"}
+        study_id,
+        raw,
+        by_acquisition,
+        dataclasses.replace(TRUTH_SETTINGS, suv_reference_time="acquisition"),
     )
 
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in series_dir(raw, "PT").iterdir()]
@@ -118,7 +124,9 @@ def test_acquisition_reference_scales_suv_by_the_decay_between_the_times(study, 
 def test_nearest_ctres_only_holds_ct_values(study, converted, tmp_path):
     study_id, raw = study
     outputs = outputs_in(tmp_path)
-    convert_study(study_id, raw, outputs, {**TRUTH_SETTINGS, "ctres_interpolation": "nearest"})
+    convert_study(
+        study_id, raw, outputs, dataclasses.replace(TRUTH_SETTINGS, ctres_interpolation="nearest")
+    )
     ct_values = np.unique(load(converted["CT"]).array)
     ctres = load(outputs["CTres"]).array
     assert np.isin(ctres, np.append(ct_values, -1024)).all()
@@ -197,7 +205,7 @@ def test_any_folder_layout_gives_the_same_files(study, converted, tmp_path):
     shutil.copytree(raw / "truth", flat / "truth")
     outputs = outputs_in(tmp_path / "nifti")
     convert_study(study_id, flat, outputs, TRUTH_SETTINGS)
-    for name in OUTPUT_NAMES:
+    for name in NIFTI_NAMES:
         a, b = nib.load(outputs[name]), nib.load(converted[name])
         np.testing.assert_array_equal(a.affine, b.affine)
         np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))

@@ -20,12 +20,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from stepseg import distributed, model, nifti, store, targets, train
 from stepseg.atomic import atomic_file
 from stepseg.losses import StepwiseLoss
+from stepseg.settings import TrainSettings
 
 N_SAMPLES = 16
 GLOBAL_BATCH = 4
 STEPS = 6
 PATCH = (8, 8, 8)
-NET = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
+NET = TrainSettings.for_variant({"channels": [4, 8], "num_res_units": 1, "norm": "instance"})
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +49,8 @@ def _train(state_dir: str, kill_after_step: int | None = None) -> dict[str, torc
     x_all, y_all = _data()
     with distributed.process_group(torch.device("cpu")) as ctx:
         torch.manual_seed(0)
-        net = model.build(model.network_spec(NET, out_channels=2, in_channels=2)).to(ctx.device)
-        loss_fn = StepwiseLoss(["dicefocal", "mse"], {})
+        net = model.build(model.network_spec(NET, out_channels=2)).to(ctx.device)
+        loss_fn = StepwiseLoss(["dicefocal", "mse"], NET)
         optimizer = torch.optim.Adam([*net.parameters(), *loss_fn.parameters()], lr=1e-2)
         start = 0
         checkpoint = state_dir / "state.pt"
@@ -237,10 +238,16 @@ def tiny_lmdbs(tmp_path_factory):
 
 
 def _train_variant(lmdbs, directory: Path, processes: int) -> tuple[torch.Tensor, list[dict]]:
-    settings = {**TRAIN_SETTINGS, "processes": processes}
+    settings = TrainSettings.for_variant({**TRAIN_SETTINGS, "processes": processes})
     model_path, log_csv = directory / "model.pt", directory / "train_log.csv"
     train.train_variant(
-        lmdbs["train"], lmdbs["val"], model_path, log_csv, directory / "state", settings, 2
+        train_lmdb=lmdbs["train"],
+        val_lmdb=lmdbs["val"],
+        model_path=model_path,
+        log_csv=log_csv,
+        state_dir=directory / "state",
+        settings=settings,
+        threads=2,
     )
     net, _ = model.load(model_path, torch.device("cpu"))
     probe = torch.rand((2, 2, 8, 16, 16), generator=torch.Generator().manual_seed(3))

@@ -5,6 +5,10 @@ import torch
 from monai.losses import DiceFocalLoss
 
 from stepseg.losses import AutomaticWeightedLoss, StepwiseLoss
+from stepseg.settings import TrainSettings
+
+# the paper recipe: DiceFocal 1 + 1, automatic weighting, no masked MSE
+PAPER = TrainSettings.for_variant({})
 
 
 def test_automatic_weighting_matches_the_formula_at_init_and_after_change():
@@ -49,7 +53,7 @@ def _batch(channels=4, seed=0):
 
 
 def test_paper_terms_are_dicefocal_on_mask_and_mse_on_aux():
-    loss = StepwiseLoss(["dicefocal", "mse", "mse", "none"], {})
+    loss = StepwiseLoss(["dicefocal", "mse", "mse", "none"], PAPER)
     logits, target = _batch()
     total, terms = loss(logits, target)
     assert list(terms) == ["ch0_dicefocal", "ch1_mse", "ch2_mse"]
@@ -63,13 +67,8 @@ def test_paper_terms_are_dicefocal_on_mask_and_mse_on_aux():
 
 
 def test_released_code_terms_add_masked_mse_small_lesion_dice_and_scale():
-    options = {
-        "lambda_focal": 2.0,
-        "mask_loss_scale": 3.0,
-        "small_lesion_dice_weight": 0.05,
-        "masked_mse": True,
-    }
-    loss = StepwiseLoss(["dicefocal", "dicefocal", "mse", "none"], options)
+    released = TrainSettings.for_variant({"recipe": "released_code"})
+    loss = StepwiseLoss(["dicefocal", "dicefocal", "mse", "none"], released)
     logits, target = _batch()
     regions = torch.zeros_like(target, dtype=torch.bool)
     regions[:, 2, :, 2:6, 2:6] = True
@@ -95,14 +94,14 @@ def test_released_code_terms_add_masked_mse_small_lesion_dice_and_scale():
 
 
 def test_masked_mse_falls_back_to_whole_patch_without_mask_voxels():
-    loss = StepwiseLoss(["dicefocal", "mse"], {"masked_mse": True})
+    loss = StepwiseLoss(["dicefocal", "mse"], TrainSettings.for_variant({"masked_mse": True}))
     logits, target = _batch(channels=2)
     _, terms = loss(logits, target, torch.zeros_like(target, dtype=torch.bool))
     assert terms["ch1_mse_masked"].item() == pytest.approx(terms["ch1_mse"].item())
 
 
 def test_plain_variant_is_one_dicefocal_term():
-    loss = StepwiseLoss(["dicefocal"], {})
+    loss = StepwiseLoss(["dicefocal"], PAPER)
     logits, target = _batch(channels=1)
     total, terms = loss(logits, target)
     assert list(terms) == ["ch0_dicefocal"]
@@ -111,18 +110,20 @@ def test_plain_variant_is_one_dicefocal_term():
 
 def test_bad_channel_losses_are_refused():
     with pytest.raises(ValueError, match="channel 0"):
-        StepwiseLoss(["mse", "dicefocal"], {})
+        StepwiseLoss(["mse", "dicefocal"], PAPER)
     with pytest.raises(ValueError, match="unknown channel loss"):
-        StepwiseLoss(["dicefocal", "l1"], {})
+        StepwiseLoss(["dicefocal", "l1"], PAPER)
     with pytest.raises(ValueError, match=r"logits \(2, 2, 4, 8, 8\) and target"):
-        StepwiseLoss(["dicefocal"], {})(*_batch(channels=2)[:1], _batch(channels=1)[1])
+        StepwiseLoss(["dicefocal"], PAPER)(*_batch(channels=2)[:1], _batch(channels=1)[1])
 
 
 def test_dice_batch_pools_the_dice_over_the_batch():
     logits, target = _batch(channels=1)
     target[1] = 0  # a lesion-free patch
-    pooled = StepwiseLoss(["dicefocal"], {"dice_batch": True})(logits, target)[1]
+    pooled = StepwiseLoss(["dicefocal"], TrainSettings.for_variant({"dice_batch": True}))(
+        logits, target
+    )[1]
     expected = DiceFocalLoss(sigmoid=True, batch=True)(logits, target)
     assert pooled["ch0_dicefocal"].item() == pytest.approx(expected.item(), rel=1e-6)
-    per_patch = StepwiseLoss(["dicefocal"], {})(logits, target)[1]
+    per_patch = StepwiseLoss(["dicefocal"], PAPER)(logits, target)[1]
     assert per_patch["ch0_dicefocal"].item() != pytest.approx(expected.item(), rel=1e-3)

@@ -9,6 +9,7 @@ from reference import autopet_official as official
 
 from stepseg import metrics, nifti
 from stepseg.errors import StudyError
+from stepseg.settings import EvaluateSettings
 
 SPACING = (3.0, 2.0, 1.5)  # (z, y, x) mm -> 9 mm^3 = 0.009 ml per voxel
 VOXEL_ML = 0.009
@@ -303,7 +304,7 @@ def run_split(paths, tmp_path, **changes):
         "pred_paths": paths["pred"],
         "per_study_csv": tmp_path / "out" / "test_per_study.csv",
         "summary_csv": tmp_path / "out" / "test_summary.csv",
-        "settings": {"connectivity": 18},
+        "settings": EvaluateSettings(connectivity=18),
     }
     args.update(changes)
     return metrics.evaluate_split(**args)

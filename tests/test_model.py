@@ -4,12 +4,18 @@ import pytest
 import torch
 
 from stepseg import model
+from stepseg.settings import TrainSettings
 
 SMALL = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "batch"}
 
 
+def network_spec(keys, out_channels, zero_input_channel=False):
+    settings = TrainSettings.for_variant({**keys, "zero_input_channel": zero_input_channel})
+    return model.network_spec(settings, out_channels)
+
+
 def test_spec_round_trips_through_plain_dict():
-    spec = model.network_spec(SMALL, out_channels=8, in_channels=2)
+    spec = network_spec(SMALL, 8)
     again = model.NetworkSpec.from_dict(spec.to_dict())
     assert again == spec
     assert spec.strides == (2, 2)
@@ -18,35 +24,34 @@ def test_spec_round_trips_through_plain_dict():
 
 
 def test_build_maps_inputs_to_outputs_of_the_patch_shape():
-    spec = model.network_spec(SMALL, out_channels=8, in_channels=3)
+    spec = network_spec(SMALL, 8, zero_input_channel=True)
     net = model.build(spec).eval()
     out = net(torch.zeros(1, 3, 8, 16, 12))
     assert out.shape == (1, 8, 8, 16, 12)
 
 
 def test_paper_network_has_the_published_levels():
-    spec = model.network_spec(
-        {"channels": [96, 192, 384, 768, 1536], "num_res_units": 4, "norm": "instance"}, 8, 2
-    )
+    spec = network_spec({"recipe": "paper"}, 8)
+    assert spec.channels == (96, 192, 384, 768, 1536) and spec.num_res_units == 4
     assert spec.strides == (2, 2, 2, 2)
     assert spec.divisor == 16
     model.check_patch_size([32, 160, 160], spec)
 
 
 def test_patch_size_not_divisible_is_refused_with_the_rule():
-    spec = model.network_spec(SMALL, out_channels=1, in_channels=2)
+    spec = network_spec(SMALL, 1)
     with pytest.raises(ValueError, match=r"divisible by 4"):
         model.check_patch_size([30, 64, 64], spec)
 
 
 def test_single_level_network_is_refused():
     with pytest.raises(ValueError, match="at least 2 levels"):
-        model.network_spec({**SMALL, "channels": [4]}, 1, 2)
+        network_spec({**SMALL, "channels": [4]}, 1)
 
 
 @pytest.mark.parametrize("res_units", [0, 1])
 def test_mask_prior_starts_channel_0_near_the_prior(res_units):
-    spec = model.network_spec({**SMALL, "num_res_units": res_units, "norm": "instance"}, 8, 2)
+    spec = network_spec({**SMALL, "num_res_units": res_units, "norm": "instance"}, 8)
     torch.manual_seed(0)
     net = model.build(spec)
     model.init_mask_prior(net, 0.01)
@@ -60,11 +65,15 @@ def test_mask_prior_starts_channel_0_near_the_prior(res_units):
 
 def test_two_saves_of_the_same_weights_are_byte_identical(tmp_path):
     """Users compare checksums of model.pt: the temporary file name must not end up inside."""
-    spec = model.network_spec({"channels": [4, 8], "num_res_units": 1, "norm": "instance"}, 8, 2)
+    keys = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
+    spec = network_spec(keys, 8)
     torch.manual_seed(0)
     net = model.build(spec)
+    info = model.ModelInfo(
+        settings=TrainSettings.for_variant(keys), network=spec, target_preset={"name": "paper"}
+    )
     for name in ("a/model.pt", "b/model.pt"):
-        model.save(tmp_path / name, net, spec, {"patch_size": [8, 16, 16]})
+        model.save(tmp_path / name, net, info)
     first, second = ((tmp_path / name).read_bytes() for name in ("a/model.pt", "b/model.pt"))
     assert first == second
     assert zipfile.ZipFile(tmp_path / "a/model.pt").namelist()[0] == "archive/data.pkl"

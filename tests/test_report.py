@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from stepseg import metrics, nifti, report
+from stepseg.settings import EvaluateSettings, ReportSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (20, 10, 16)  # (z, y, x)
@@ -62,7 +63,7 @@ def build_results(root: Path) -> dict[str, list[Path]]:
                 preds,
                 root / "metrics" / variant / f"{split}_per_study.csv",
                 root / "metrics" / variant / f"{split}_summary.csv",
-                {"connectivity": 18},
+                EvaluateSettings(connectivity=18),
             )
     for k, variant in enumerate(TRAINED):
         epochs = np.arange(1, 6)
@@ -86,12 +87,16 @@ def build_results(root: Path) -> dict[str, list[Path]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         log.to_csv(path, index=False)
     return {
-        "metrics": [
-            root / "metrics" / v / f"{s}_per_study.csv" for v in VARIANTS for s in ("val", "test")
-        ],
-        "train_logs": [root / "models" / v / "train_log.csv" for v in TRAINED],
-        "suv": [root / "nifti" / s / "SUV.nii.gz" for s in STUDIES["test"]],
-        "seg": [root / "nifti" / s / "SEG.nii.gz" for s in STUDIES["test"]],
+        "metrics_csvs": {
+            (v, s): root / "metrics" / v / f"{s}_per_study.csv"
+            for v in VARIANTS
+            for s in ("val", "test")
+        },
+        "train_logs": {v: root / "models" / v / "train_log.csv" for v in TRAINED},
+        "test_images": {
+            s: (root / "nifti" / s / "SUV.nii.gz", root / "nifti" / s / "SEG.nii.gz")
+            for s in STUDIES["test"]
+        },
         "test_predictions": {
             v: {s: root / "predictions" / v / "test" / f"{s}.nii.gz" for s in STUDIES["test"]}
             for v in VARIANTS
@@ -99,17 +104,17 @@ def build_results(root: Path) -> dict[str, list[Path]]:
     }
 
 
-def outputs(root: Path, cases=("best", "median", "worst")) -> dict:
+def outputs(root: Path, cases=("best", "median", "worst")) -> report.ReportOutputs:
     out = root / "report"
-    return {
-        "table": out / "results.csv",
-        "markdown": out / "results.md",
-        "html": out / "results.html",
-        "distributions": out / "per_study_metrics.png",
-        "learning_curves": out / "learning_curves.png",
-        "curves": [out / "training" / f"{v}.png" for v in TRAINED],
-        "cases": [out / "cases" / f"{c}.png" for c in cases],
-    }
+    return report.ReportOutputs(
+        table=out / "results.csv",
+        markdown=out / "results.md",
+        html=out / "results.html",
+        distributions=out / "per_study_metrics.png",
+        learning_curves=out / "learning_curves.png",
+        curves={v: out / "training" / f"{v}.png" for v in TRAINED},
+        cases={c: out / "cases" / f"{c}.png" for c in cases},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +123,9 @@ def written(tmp_path_factory):
     inputs = build_results(root)
     outs = outputs(root)
     report.write_report(
-        inputs["metrics"],
-        inputs["train_logs"],
-        outs,
-        {"mip_cases": ["best", "median", "worst"], "figure_dpi": 50},
-        inputs["suv"],
-        inputs["seg"],
-        inputs["test_predictions"],
+        **inputs,
+        outputs=outs,
+        settings=ReportSettings(mip_cases=("best", "median", "worst"), figure_dpi=50),
         data_source="synthetic",
     )
     return root, inputs, outs
@@ -132,7 +133,7 @@ def written(tmp_path_factory):
 
 def test_results_csv_holds_paper_rows_and_our_means(written):
     root, _, outs = written
-    table = pd.read_csv(outs["table"])
+    table = pd.read_csv(outs.table)
     paper = table[table["source"] == "paper"].set_index("split")
     assert paper.loc["val", ["dice", "fpv_ml", "fnv_ml"]].tolist() == [0.80, 1.87, 1.14]
     assert paper.loc["test", ["dice", "fpv_ml", "fnv_ml"]].tolist() == [0.92, 0.89, 0.53]
@@ -162,7 +163,7 @@ def test_hand_checked_dice_of_one_study(written):
 
 def test_markdown_table1_and_ablation(written):
     root, _, outs = written
-    text = outs["markdown"].read_text()
+    text = outs.markdown.read_text()
     assert (
         "| Validation set | Liu et al. 2022 (paper): their validation set of 40 patients " in text
     )
@@ -182,14 +183,19 @@ def test_markdown_table1_and_ablation(written):
 
 def test_html_table_is_standalone(written):
     _, _, outs = written
-    page = outs["html"].read_text()
+    page = outs.html.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table" in page
     assert "Liu et al. 2022 (paper): the autoPET 2022 challenge's preliminary test set" in page
 
 
 def test_every_figure_is_a_png(written):
     _, _, outs = written
-    figures = [outs["distributions"], outs["learning_curves"], *outs["curves"], *outs["cases"]]
+    figures = [
+        outs.distributions,
+        outs.learning_curves,
+        *outs.curves.values(),
+        *outs.cases.values(),
+    ]
     for figure in figures:
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
         assert figure.stat().st_size > 2000
@@ -309,12 +315,12 @@ def test_coronal_mip_puts_head_up_and_patient_right_on_the_left(stored):
     assert np.argwhere(mip == 1).tolist() == [[0, 0]]
 
 
-def test_unexpected_metrics_path_is_refused(tmp_path):
+def test_metrics_of_a_split_that_is_not_evaluated_are_refused(tmp_path):
     bad = tmp_path / "threshold" / "train_per_study.csv"
     bad.parent.mkdir()
     pd.DataFrame({c: [] for c in metrics.PER_STUDY_COLUMNS}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"not a metrics/<variant>/<val\|test>_per_study\.csv"):
-        report.load_per_study([bad])
+    with pytest.raises(ValueError, match=r"train_per_study.csv: split 'train' is not one of val"):
+        report.load_per_study({("threshold", "train"): bad})
 
 
 # ---- the real Snakemake report ---------------------------------------------------------------

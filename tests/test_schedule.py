@@ -3,8 +3,9 @@ import math
 import pytest
 
 from stepseg.schedule import LrSchedule
+from stepseg.settings import TrainSettings
 
-PAPER = {
+PAPER_KEYS = {
     "schedule": "plateau_cosine",
     "lr": 3e-4,
     "epochs": 1000,
@@ -15,6 +16,11 @@ PAPER = {
     "restart_lr": 1e-4,
     "cosine_epochs": 100,
 }
+PAPER = TrainSettings.for_variant(PAPER_KEYS)
+
+
+def settings(**keys) -> TrainSettings:
+    return TrainSettings.for_variant(keys)
 
 
 def test_lr_kept_while_the_moving_average_loss_falls_fast_enough():
@@ -62,7 +68,7 @@ def test_restart_and_cosine_to_the_end_of_training():
 
 
 def test_cosine_schedule_of_the_released_code():
-    sched = LrSchedule({"schedule": "cosine", "lr": 1.7e-4, "epochs": 300})
+    sched = LrSchedule(settings(schedule="cosine", lr=1.7e-4, epochs=300))
     lrs = [sched.lr]
     while not sched.finished:
         lrs.append(sched.step(1.0))
@@ -72,7 +78,7 @@ def test_cosine_schedule_of_the_released_code():
 
 
 def test_max_epochs_end_a_paper_schedule():
-    sched = LrSchedule({**PAPER, "epochs": 5})
+    sched = LrSchedule(settings(**{**PAPER_KEYS, "epochs": 5}))
     for _ in range(5):
         sched.step(1.0)
     assert sched.finished
@@ -90,5 +96,5 @@ def test_state_round_trip_continues_identically():
 
 
 def test_unknown_schedule_is_refused():
-    with pytest.raises(ValueError, match=r"unknown train\.schedule 'step'"):
-        LrSchedule({**PAPER, "schedule": "step"})
+    with pytest.raises(ValueError, match=r"train\.schedule: expected one of .*, got 'step'"):
+        settings(**{**PAPER_KEYS, "schedule": "step"})

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from stepseg import losses, model, nifti, store, targets, train
+from stepseg.settings import SettingsError, TrainSettings
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
 # the paper preset's eight channels with one-voxel steps: its own radii would cover patches this
@@ -80,30 +81,44 @@ def _rows(path):
         return list(csv.DictReader(handle))
 
 
-def _train(lmdbs, tmp_path, settings=None, state="state"):
-    settings = {**SETTINGS, **(settings or {})}
-    model_path, log_csv = tmp_path / "model.pt", tmp_path / "train_log.csv"
+def _settings(**overrides) -> TrainSettings:
+    return TrainSettings.for_variant({**SETTINGS, **overrides})
+
+
+def _fit(train_lmdb, val_lmdb, directory, settings: TrainSettings, state="state"):
+    model_path, log_csv = directory / "model.pt", directory / "train_log.csv"
     train.train_variant(
-        lmdbs["train"], lmdbs["val"], model_path, log_csv, tmp_path / state, settings, 1
+        train_lmdb=train_lmdb,
+        val_lmdb=val_lmdb,
+        model_path=model_path,
+        log_csv=log_csv,
+        state_dir=directory / state,
+        settings=settings,
+        threads=1,
     )
     return model_path, log_csv
+
+
+def _train(lmdbs, tmp_path, settings=None, state="state"):
+    return _fit(lmdbs["train"], lmdbs["val"], tmp_path, _settings(**(settings or {})), state)
 
 
 def test_stepwise_training_writes_model_and_log(lmdbs, tmp_path):
     model_path, log_csv = _train(lmdbs, tmp_path)
     checkpoint = torch.load(model_path, weights_only=True)
     assert checkpoint["format"] == model.MODEL_FORMAT
-    assert checkpoint["n_channels"] == 8
-    assert checkpoint["patch_size"] == [8, 16, 16]
-    assert checkpoint["targets"] == "stepwise"
+    assert checkpoint["network"]["out_channels"] == 8
     assert checkpoint["target_preset"]["name"] == "paper+custom"
+    # the settings as trained, in the form TrainSettings reads back
+    assert checkpoint["settings"] == _settings().to_dict()
     assert checkpoint["settings"]["channels"] == [4, 8]
-    assert "pet" in checkpoint["normalisation"]
-    net, _ = model.load(model_path, torch.device("cpu"))
+    net, info = model.load(model_path, torch.device("cpu"))
+    assert info.settings == _settings()
+    assert info.settings.patch_size == (8, 16, 16) and info.settings.targets == "stepwise"
     assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
     rows = _rows(log_csv)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    names = losses.StepwiseLoss(targets.PAPER.channel_losses, {}).term_names
+    names = losses.StepwiseLoss(targets.PAPER.channel_losses, _settings()).term_names
     for column in ["loss", "lr", "seconds", "val_dice", *names, *(f"s_{n}" for n in names)]:
         assert column in rows[0], column
     # each term's gradient at the last shared feature map, once an epoch
@@ -118,7 +133,7 @@ def test_stepwise_training_writes_model_and_log(lmdbs, tmp_path):
 def test_plain_variant_has_one_channel_and_one_term(lmdbs, tmp_path):
     model_path, log_csv = _train(lmdbs, tmp_path, {"targets": "plain", "name": "plain"})
     checkpoint = torch.load(model_path, weights_only=True)
-    assert checkpoint["n_channels"] == 1
+    assert checkpoint["network"]["out_channels"] == 1
     header = list(_rows(log_csv)[0])
     assert [c for c in header if c.startswith("ch")] == ["ch0_dicefocal"]
 
@@ -127,7 +142,7 @@ def test_released_code_recipe_trains_with_its_terms(lmdbs, tmp_path):
     settings = {"recipe": "released_code", "norm": "batch", "schedule": "cosine", "lr": 1e-3}
     model_path, log_csv = _train(lmdbs, tmp_path, {**settings, "epochs": 1})
     checkpoint = torch.load(model_path, weights_only=True)
-    assert checkpoint["zero_input_channel"] is True
+    assert checkpoint["settings"]["zero_input_channel"] is True
     assert checkpoint["network"]["in_channels"] == 3
     header = list(_rows(log_csv)[0])
     assert "ch1_mse_masked" in header and "ch0_small_dice" in header
@@ -172,28 +187,12 @@ def test_state_from_other_settings_is_not_resumed(lmdbs, tmp_path, caplog):
 
 def test_empty_training_split_is_a_clear_error(lmdbs, tmp_path):
     with pytest.raises(train.TrainingError, match=r"empty.lmdb holds no study"):
-        train.train_variant(
-            lmdbs["empty"],
-            lmdbs["val"],
-            tmp_path / "m.pt",
-            tmp_path / "l.csv",
-            tmp_path / "s",
-            SETTINGS,
-            1,
-        )
+        _fit(lmdbs["empty"], lmdbs["val"], tmp_path, _settings())
 
 
 def test_empty_validation_split_only_skips_validation(lmdbs, tmp_path):
-    train.train_variant(
-        lmdbs["train"],
-        lmdbs["empty"],
-        tmp_path / "m.pt",
-        tmp_path / "l.csv",
-        tmp_path / "s",
-        {**SETTINGS, "epochs": 1},
-        1,
-    )
-    rows = _rows(tmp_path / "l.csv")
+    _, log_csv = _fit(lmdbs["train"], lmdbs["empty"], tmp_path, _settings(epochs=1))
+    rows = _rows(log_csv)
     assert rows[0]["val_dice"] == ""
 
 
@@ -210,21 +209,10 @@ def test_nan_loss_stops_with_the_epoch(lmdbs, tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_and_bad_patch_are_refused(lmdbs, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown train\.recipe 'nnunet'"):
-        train.resolve_settings({"recipe": "nnunet"})
+    with pytest.raises(SettingsError, match=r"train\.recipe: expected one of .*, got 'nnunet'"):
+        _settings(recipe="nnunet")
     with pytest.raises(ValueError, match="divisible by 2"):
         _train(lmdbs, tmp_path, {"patch_size": [7, 16, 16]})
-
-
-def test_recipe_defaults_yield_to_the_config():
-    cfg = train.resolve_settings({"recipe": "released_code", "lr": 1e-3, "variants": {}})
-    assert cfg["lr"] == 1e-3
-    assert cfg["weight_decay"] == 4e-5
-    assert cfg["channels"] == [96, 192, 192, 192, 192]
-    assert "variants" not in cfg
-    paper = train.resolve_settings({})
-    assert paper["channels"] == [96, 192, 384, 768, 1536]
-    assert paper["schedule"] == "plateau_cosine"
 
 
 def test_small_lesion_region_is_everything_but_the_largest_lesions():
@@ -291,8 +279,8 @@ def test_fixed_weights_and_a_separate_mask_head(lmdbs, tmp_path):
     assert float(rows[0]["s_ch0_dicefocal"]) == 1.0 and float(rows[0]["s_ch5_mse"]) == 0.25
     terms = [float(rows[0]["ch0_dicefocal"])] + [float(rows[0][f"ch{c}_mse"]) for c in range(1, 8)]
     assert float(rows[0]["loss"]) == pytest.approx(terms[0] + 0.25 * sum(terms[1:]), rel=1e-5)
-    net, checkpoint = model.load(model_path, torch.device("cpu"))
-    assert isinstance(net, model.SeparateHeads) and checkpoint["network"]["mask_head"] == "separate"
+    net, info = model.load(model_path, torch.device("cpu"))
+    assert isinstance(net, model.SeparateHeads) and info.network.mask_head == "separate"
     assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
 
 
@@ -323,10 +311,7 @@ def test_a_network_overfits_one_lesion_study(tmp_path, variant):
         "mask_prior": 0.01,
         "dice_batch": True,
     }
-    log_csv = tmp_path / "train_log.csv"
-    train.train_variant(
-        lmdb["train"], lmdb["val"], tmp_path / "model.pt", log_csv, tmp_path / "state", settings, 1
-    )
+    _, log_csv = _fit(lmdb["train"], lmdb["val"], tmp_path, TrainSettings.for_variant(settings))
     rows = _rows(log_csv)
     assert len(rows) == 30
     loss = [float(r["loss"]) for r in rows]

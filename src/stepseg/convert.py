@@ -18,13 +18,12 @@ import numpy as np
 from stepseg import checks, dicom
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
+from stepseg.names import AIR_HU, NIFTI_NAMES
 from stepseg.nifti import Volume, save
+from stepseg.settings import ConvertSettings
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("CT", "PET", "SUV", "CTres", "SEG")
-# HU of air: what CTres holds outside the CT field of view (as in the autoPET release)
-CT_FILL_HU = -1024.0
 INTERPOLATION_ORDER = {"linear": 1, "nearest": 0}
 
 
@@ -38,7 +37,7 @@ def resample_ct_to_pet(
         (pet_shape[::-1], pet_affine),
         order=INTERPOLATION_ORDER[interpolation],
         mode="constant",
-        cval=CT_FILL_HU,
+        cval=AIR_HU,  # outside the CT's field of view, as in the autoPET release
     )
     array = np.asarray(resampled.dataobj, dtype=np.float32).transpose(2, 1, 0)
     return Volume(np.ascontiguousarray(array), pet_affine)
@@ -48,20 +47,20 @@ def convert_study(
     study: str,
     raw_dir: str | Path,
     outputs: Mapping[str, str | Path],
-    settings: Mapping,
+    settings: ConvertSettings,
+    *,
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
     """Convert `raw_dir` (DICOM series in any folder layout) to the NIfTI files in `outputs`.
 
-    `settings` is config["convert"]: `suv_reference_time` (series | acquisition) and
-    `ctres_interpolation` (linear | nearest). SUV, CTres and SEG share the PET grid exactly.
+    SUV, CTres and SEG share the PET grid exactly.
     Non-finite or negative SUV and CT numbers outside `ct_hu_range` are refused, naming the
     series folder (CTres interpolates the CT and air, so it stays inside the CT's range).
     """
-    missing = set(OUTPUT_NAMES) - set(outputs)
+    missing = set(NIFTI_NAMES) - set(outputs)
     if missing:
         raise ValueError(f"outputs lacks {sorted(missing)}")
-    targets = {name: Path(outputs[name]) for name in OUTPUT_NAMES}
+    targets = {name: Path(outputs[name]) for name in NIFTI_NAMES}
     for path in targets.values():  # all five or none: never keep a previous run's files
         path.unlink(missing_ok=True)
 
@@ -73,7 +72,7 @@ def convert_study(
     ct = dicom.stack_slices(study, dicom.select_series(study, series, "CT", raw_dir))
     seg = dicom.select_series(study, series, "SEG", raw_dir)
 
-    factor = dicom.suv_factor(study, pet, settings["suv_reference_time"])
+    factor = dicom.suv_factor(study, pet, settings.suv_reference_time)
     mask = dicom.decode_seg(study, seg, pet)
     pet_bqml = dicom.read_volume(study, pet)
     suv = pet_bqml * np.float32(factor)
@@ -85,7 +84,7 @@ def convert_study(
         "PET": (Volume(pet_bqml, pet.affine), np.float32),
         "SUV": (Volume(suv, pet.affine), np.float32),
         "CTres": (
-            resample_ct_to_pet(ct_volume, pet.shape, pet.affine, settings["ctres_interpolation"]),
+            resample_ct_to_pet(ct_volume, pet.shape, pet.affine, settings.ctres_interpolation),
             np.float32,
         ),
         "SEG": (Volume(mask, pet.affine), np.uint8),

@@ -64,7 +64,7 @@ def predict_probability(
     device: torch.device,
 ) -> np.ndarray:
     """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume."""
-    roi = tuple(int(p) for p in checkpoint["patch_size"])
+    roi = checkpoint.settings.patch_size
     shape = suv.shape
     raw = torch.stack(
         [
@@ -73,7 +73,7 @@ def predict_probability(
         ]
     )[None]
     raw, crop = _pad_to(raw, roi)
-    zero_channel = bool(checkpoint["zero_input_channel"])
+    zero_channel = checkpoint.settings.zero_input_channel
     amp_dtype = model.autocast_dtype(device, str(settings["amp"]))
     flips = [()] + ([(2,), (3,), (4,)] if settings["flip_tta"] else [])
 

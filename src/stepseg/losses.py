@@ -11,15 +11,15 @@ released code adds, per auxiliary channel, a second MSE restricted to the channe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from monai.losses import DiceFocalLoss, MaskedDiceLoss
 from torch import nn
 
+from stepseg.settings import TrainSettings
+
 CHANNEL_LOSSES = ("dicefocal", "mse", "none")
-LOSS_WEIGHTINGS = ("automatic", "fixed")
 
 
 class AutomaticWeightedLoss(nn.Module):
@@ -70,7 +70,7 @@ class StepwiseLoss(nn.Module):
     """All loss terms of one batch, combined by `AutomaticWeightedLoss`.
 
     `channel_losses[c]` is `dicefocal`, `mse` or `none` for output channel c (channel 0 must be
-    `dicefocal`: it is the lesion mask that inference thresholds). Options (from the recipe):
+    `dicefocal`: it is the lesion mask that inference thresholds). From `settings`:
     `lambda_dice`, `lambda_focal`, `mask_loss_scale` (factor on channel 0's term before weighting),
     `small_lesion_dice_weight` (0 = off), `masked_mse` (second MSE inside each channel's mask),
     `dice_batch` (Dice over the whole batch instead of per patch: a lesion-free patch then no
@@ -78,7 +78,7 @@ class StepwiseLoss(nn.Module):
     `fixed`) and `aux_loss_weight` (each auxiliary term's weight when fixed).
     """
 
-    def __init__(self, channel_losses: Sequence[str], options: Mapping[str, Any]) -> None:
+    def __init__(self, channel_losses: Sequence[str], settings: TrainSettings) -> None:
         super().__init__()
         unknown = sorted(set(channel_losses) - set(CHANNEL_LOSSES))
         if unknown:
@@ -86,27 +86,22 @@ class StepwiseLoss(nn.Module):
         if not channel_losses or channel_losses[0] != "dicefocal":
             raise ValueError("channel 0 (the lesion mask) must use the dicefocal loss")
         self.channel_losses = list(channel_losses)
-        self.mask_loss_scale = float(options.get("mask_loss_scale", 1.0))
-        self.small_lesion_dice_weight = float(options.get("small_lesion_dice_weight", 0.0))
-        self.masked_mse = bool(options.get("masked_mse", False))
+        self.mask_loss_scale = settings.mask_loss_scale
+        self.small_lesion_dice_weight = settings.small_lesion_dice_weight
+        self.masked_mse = settings.masked_mse
         self.dicefocal = DiceFocalLoss(
             sigmoid=True,
-            lambda_dice=float(options.get("lambda_dice", 1.0)),
-            lambda_focal=float(options.get("lambda_focal", 1.0)),
-            batch=bool(options.get("dice_batch", False)),
+            lambda_dice=settings.lambda_dice,
+            lambda_focal=settings.lambda_focal,
+            batch=settings.dice_batch,
         )
         self.small_dice = MaskedDiceLoss(sigmoid=True)
         self.term_names = self._term_names()
-        weighting = str(options.get("loss_weighting", "automatic"))
-        if weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(
-                f"unknown loss_weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}"
-            )
         self.weighting: AutomaticWeightedLoss | FixedWeights
-        if weighting == "automatic":
+        if settings.loss_weighting == "automatic":
             self.weighting = AutomaticWeightedLoss(len(self.term_names))
         else:
-            aux = float(options.get("aux_loss_weight", 1.0))
+            aux = settings.aux_loss_weight
             self.weighting = FixedWeights(
                 [1.0 if name == "ch0_dicefocal" else aux for name in self.term_names]
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import cc3d
@@ -28,6 +28,7 @@ import pandas as pd
 from stepseg import nifti
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
+from stepseg.settings import EvaluateSettings
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def evaluate_split(
     pred_paths: Sequence[str | Path],
     per_study_csv: str | Path,
     summary_csv: str | Path,
-    settings: Mapping[str, object],
+    settings: EvaluateSettings,
 ) -> pd.DataFrame:
     """Evaluate one variant on one split: per-study CSV and a one-row summary CSV.
 
@@ -249,7 +250,7 @@ def evaluate_split(
         )
     if not studies:
         raise ValueError("the split has no studies to evaluate")
-    connectivity = int(settings["connectivity"])
+    connectivity = settings.connectivity
     if connectivity != OFFICIAL_CONNECTIVITY:
         log.warning("connectivity %d differs from the official autoPET 18", connectivity)
     rows = []

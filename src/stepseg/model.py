@@ -20,13 +20,14 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from stepseg.atomic import atomic_file
+from stepseg.settings import TrainSettings
 
-MODEL_FORMAT = "stepseg-model-1"
-# Keys every model.pt holds besides what `save` is given (see `train.save_model`).
-REQUIRED_KEYS = ("format", "state_dict", "network", "patch_size", "zero_input_channel")
+MODEL_FORMAT = "stepseg-model-2"
+# Keys every model.pt holds (see `save`).
+REQUIRED_KEYS = ("format", "state_dict", "network", "settings", "target_preset")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NetworkSpec:
     """Everything needed to rebuild the network; `in_channels` includes any all-zero channel."""
 
@@ -35,8 +36,8 @@ class NetworkSpec:
     channels: tuple[int, ...]
     num_res_units: int
     norm: str
-    dropout: float = 0.0
-    mask_head: str = "shared"
+    dropout: float
+    mask_head: str
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -60,27 +61,27 @@ class NetworkSpec:
             channels=tuple(int(c) for c in spec["channels"]),
             num_res_units=int(spec["num_res_units"]),
             norm=str(spec["norm"]),
-            dropout=float(spec.get("dropout", 0.0)),
-            mask_head=str(spec.get("mask_head", "shared")),
+            dropout=float(spec["dropout"]),
+            mask_head=str(spec["mask_head"]),
         )
 
 
 MASK_HEADS = ("shared", "separate")
 
 
-def network_spec(settings: Mapping[str, Any], out_channels: int, in_channels: int) -> NetworkSpec:
-    """The spec from merged train settings (`channels`, `num_res_units`, `norm`, `dropout`)."""
-    channels: Sequence[int] = settings["channels"]
-    if len(channels) < 2:
-        raise ValueError(f"train.channels needs at least 2 levels, got {list(channels)}")
+def network_spec(settings: TrainSettings, out_channels: int) -> NetworkSpec:
+    """The network of a variant's settings with `out_channels` outputs; the released code's
+    recipe adds an all-zero third input channel (`zero_input_channel`)."""
+    if len(settings.channels) < 2:
+        raise ValueError(f"train.channels needs at least 2 levels, got {list(settings.channels)}")
     return NetworkSpec(
-        in_channels=in_channels,
+        in_channels=3 if settings.zero_input_channel else 2,
         out_channels=out_channels,
-        channels=tuple(int(c) for c in channels),
-        num_res_units=int(settings["num_res_units"]),
-        norm=str(settings["norm"]),
-        dropout=float(settings.get("dropout", 0.0)),
-        mask_head=str(settings.get("mask_head", "shared")),
+        channels=settings.channels,
+        num_res_units=settings.num_res_units,
+        norm=settings.norm,
+        dropout=settings.dropout,
+        mask_head=settings.mask_head,
     )
 
 
@@ -205,16 +206,27 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 
-def save(path: str | Path, net: nn.Module, spec: NetworkSpec, info: Mapping[str, Any]) -> None:
-    """Write weights, the spec and `info` (plain types only) atomically to `path`.
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `model.pt` says besides its weights: the variant's settings as trained (the same
+    `TrainSettings` the train job read), its network and its target preset (`Preset.to_dict`)."""
+
+    settings: TrainSettings
+    network: NetworkSpec
+    target_preset: dict[str, Any]
+
+
+def save(path: str | Path, net: nn.Module, info: ModelInfo) -> None:
+    """Write weights, settings, network and target preset atomically to `path`.
 
     Plain types (no pickled classes) let every reader use `torch.load(weights_only=True)`.
     """
     checkpoint = {
-        **info,
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "network": spec.to_dict(),
+        "network": info.network.to_dict(),
+        "settings": info.settings.to_dict(),
+        "target_preset": info.target_preset,
     }
     save_atomic(checkpoint, path)
 
@@ -229,7 +241,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         torch.save(obj, handle)
 
 
-def load(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def load(path: str | Path, device: torch.device) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the network of `model.pt` in eval mode; a foreign or mismatched file is named."""
     path = Path(path)
     if not path.is_file():
@@ -246,7 +258,12 @@ def load(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, A
             f"{path} is not a {MODEL_FORMAT} model file (missing keys {missing}, "
             f"format {checkpoint.get('format')!r})"
         )
-    net = build(NetworkSpec.from_dict(checkpoint["network"]))
+    info = ModelInfo(
+        settings=TrainSettings.from_mapping(checkpoint["settings"], f"{path}: train"),
+        network=NetworkSpec.from_dict(checkpoint["network"]),
+        target_preset=checkpoint["target_preset"],
+    )
+    net = build(info.network)
     expected = net.state_dict()
     weights = checkpoint["state_dict"]
     missing_weights = [k for k in expected if k not in weights]
@@ -259,7 +276,7 @@ def load(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, A
             f"{len(reshaped)} of another shape); the file was written by another config"
         )
     net.load_state_dict(weights)
-    return net.to(device, memory_format=memory_format(device)).eval(), checkpoint
+    return net.to(device, memory_format=memory_format(device)).eval(), info
 
 
 def init_mask_prior(net: nn.Module, prior: float) -> None:

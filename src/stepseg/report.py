@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -24,12 +25,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from stepseg import metrics, nifti
+from stepseg import metrics, names, nifti
 from stepseg.atomic import atomic_file
+from stepseg.settings import ReportSettings
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("val", "test")
+SPLITS = names.EVAL_SPLITS
 SET_LABELS = {"val": "Validation set", "test": "Preliminary test set"}
 # Liu, Zhong & Mo (autoPET 2022), Table 1: DSC, false positive and false negative volume (ml).
 PAPER_TABLE1 = {"val": (0.80, 1.87, 1.14), "test": (0.92, 0.89, 0.53)}
@@ -41,29 +43,20 @@ HEADLINE = {"dice": "DSC", "fpv_ml": "False Positive (ml)", "fnv_ml": "False Neg
 # autoPET 2022 ranking weights: Dice 50 %, FPV 25 %, FNV 25 % (lower rank is better).
 RANK_WEIGHTS = {"dice": 0.5, "fpv_ml": 0.25, "fnv_ml": 0.25}
 CASE_NAMES = ("best", "median", "worst")
-_METRICS_NAME = re.compile(r"^(?P<split>[a-z]+)_per_study\.csv$")
-_SEED = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")
 
 
-def split_variant(variant: str) -> tuple[str, int | None]:
-    """`stepwise-seed1` -> ("stepwise", 1); untrained variants have no seed."""
-    match = _SEED.match(variant)
-    return (match["model"], int(match["seed"])) if match else (variant, None)
-
-
-def load_per_study(metrics_csvs: Sequence[str | Path]) -> pd.DataFrame:
-    """All per-study tables in one frame with `variant` and `split` columns from the paths."""
+def load_per_study(metrics_csvs: Mapping[tuple[str, str], str | Path]) -> pd.DataFrame:
+    """All per-study tables, keyed by (variant, split), in one frame with those two columns."""
     frames = []
-    for path in map(Path, metrics_csvs):
-        match = _METRICS_NAME.match(path.name)
-        if match is None or match["split"] not in SPLITS:
-            raise ValueError(f"not a metrics/<variant>/<val|test>_per_study.csv path: {path}")
+    for (variant, split), path in metrics_csvs.items():
+        if split not in SPLITS:
+            raise ValueError(f"{path}: split {split!r} is not one of {', '.join(SPLITS)}")
         frame = pd.read_csv(path)
         missing = set(metrics.PER_STUDY_COLUMNS) - set(frame.columns)
         if missing:
             raise ValueError(f"{path} lacks columns {sorted(missing)}")
-        frame.insert(0, "split", match["split"])
-        frame.insert(0, "variant", path.parent.name)
+        frame.insert(0, "split", split)
+        frame.insert(0, "variant", variant)
         frames.append(frame)
     if not frames:
         raise ValueError("no metrics tables given")
@@ -76,7 +69,7 @@ def summary_table(per_study: pd.DataFrame) -> pd.DataFrame:
     """One row per (variant, split): the autoPET aggregate means and lesion/clinical means."""
     rows = []
     for (variant, split), group in per_study.groupby(["variant", "split"], sort=True):
-        model, seed = split_variant(str(variant))
+        model, seed = names.parse_trained(str(variant))
         rows.append(
             {"variant": variant, "model": model, "seed": seed, "split": split}
             | metrics.summarise(group)
@@ -107,7 +100,7 @@ def paired_comparison(
     from scipy import stats
 
     data = per_study[per_study["split"] == split].copy()
-    data["model"] = [split_variant(str(v))[0] for v in data["variant"]]
+    data["model"] = [names.parse_trained(str(v))[0] for v in data["variant"]]
     rows = []
     for column, label in HEADLINE.items():
         means = data.groupby(["model", "study"])[column].mean().unstack("model")
@@ -345,12 +338,12 @@ def plot_training_curves(log_csv: str | Path, out_png: str | Path, variant: str,
     fig, axes = plt.subplots(
         rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False, layout="constrained"
     )
-    for ax, (group, names) in zip(axes.flat, groups.items(), strict=False):
-        for name in names:
+    for ax, (group, columns_of_group) in zip(axes.flat, groups.items(), strict=False):
+        for name in columns_of_group:
             values = pd.to_numeric(table[name], errors="coerce")
             logged = values.notna()  # e.g. validation only every few epochs: join the points
             ax.plot(x[logged], values[logged], marker=".", label=name)
-        panel = table[names].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+        panel = table[columns_of_group].apply(pd.to_numeric, errors="coerce").to_numpy(float)
         positive = panel[np.isfinite(panel)]
         if positive.size and positive.min() > 0 and positive.max() / positive.min() > 100:
             ax.set_yscale("log")
@@ -473,30 +466,39 @@ def _save(fig: plt.Figure, out_png: str | Path, dpi: int) -> None:
 # ---- the report ----------------------------------------------------------------------------
 
 
-def _by_parent(paths: Sequence[str | Path]) -> dict[str, Path]:
-    return {Path(p).parent.name: Path(p) for p in paths}
+@dataclass(frozen=True, kw_only=True)
+class ReportOutputs:
+    """The report's files: tables, figures, one training-curve PNG per trained variant and one
+    case PNG per `mip_cases` entry, keyed by variant and case."""
+
+    table: Path
+    markdown: Path
+    html: Path
+    distributions: Path
+    learning_curves: Path
+    curves: Mapping[str, Path]
+    cases: Mapping[str, Path]
 
 
 def write_report(
-    metrics_csvs: Sequence[str | Path],
-    train_logs: Sequence[str | Path],
-    outputs: Mapping[str, str | Path | Sequence[str | Path]],
-    settings: Mapping[str, object],
-    suv_paths: Sequence[str | Path],
-    seg_paths: Sequence[str | Path],
+    *,
+    metrics_csvs: Mapping[tuple[str, str], str | Path],
+    train_logs: Mapping[str, str | Path],
+    test_images: Mapping[str, tuple[str | Path, str | Path]],
     test_predictions: Mapping[str, Mapping[str, str | Path]],
+    outputs: ReportOutputs,
+    settings: ReportSettings,
     data_source: str,
 ) -> None:
-    """Write results.csv, results.md, results.html and every figure named in `outputs`.
+    """Write results.csv, results.md, results.html and every figure of `outputs`.
 
-    `outputs` keys: table, markdown, html, distributions, learning_curves (paths); curves (one
-    PNG per training
-    log, named `<variant>.png`); cases (one PNG per `settings["mip_cases"]` entry, in order).
-    `suv_paths`/`seg_paths` are the test studies' NIfTI files, `test_predictions` every variant's
-    test prediction by study; the cases are drawn from the best variant (highest validation Dice).
+    `metrics_csvs`: each (variant, split)'s per-study metrics; `train_logs`: each trained
+    variant's log; `test_images`: each test study's (SUV, SEG) files; `test_predictions`: every
+    variant's test prediction by study. The cases are drawn from the best variant (highest
+    validation Dice).
     """
-    dpi = int(settings["figure_dpi"])
-    cases = list(settings["mip_cases"])
+    dpi = settings.figure_dpi
+    cases = list(settings.mip_cases)
     per_study = load_per_study(metrics_csvs)
     summary = summary_table(per_study)
 
@@ -517,7 +519,7 @@ def write_report(
     )
     results = pd.concat([paper, ours], ignore_index=True)
     results.insert(2, "set", results["split"].map(SET_LABELS))
-    with atomic_file(outputs["table"]) as tmp:
+    with atomic_file(outputs.table) as tmp:
         results.to_csv(tmp, index=False)
 
     best = best_variant(summary)
@@ -547,35 +549,36 @@ def write_report(
         "highest validation Dice.",
     ]
 
-    curves = _by_parent(train_logs)
-    curve_outputs = {Path(p).stem: Path(p) for p in outputs["curves"]}
-    for variant, log_csv in curves.items():
-        if variant not in curve_outputs:
-            raise ValueError(f"no curve output named {variant}.png for {log_csv}")
-        plot_training_curves(log_csv, curve_outputs[variant], variant, dpi)
-    plot_learning_curves(curves, outputs["learning_curves"], dpi)
-    plot_distributions(per_study, outputs["distributions"], dpi)
+    if set(outputs.curves) != set(train_logs):
+        raise ValueError(
+            f"training logs of {sorted(train_logs)} but curve outputs for {sorted(outputs.curves)}"
+        )
+    for variant, log_csv in train_logs.items():
+        plot_training_curves(log_csv, outputs.curves[variant], variant, dpi)
+    plot_learning_curves(train_logs, outputs.learning_curves, dpi)
+    plot_distributions(per_study, outputs.distributions, dpi)
 
     test_best = per_study[(per_study["variant"] == best) & (per_study["split"] == "test")]
     chosen = pick_cases(test_best, cases)
-    suv, seg = _by_parent(suv_paths), _by_parent(seg_paths)
-    for case, out_png in zip(cases, outputs["cases"], strict=True):
+    for case in cases:
         study = chosen[case]
         row = test_best.set_index("study").loc[study]
         title = (
             f"{case} test study of {best}: {study}\nDice {_fmt(row['dice'], 3)}, "
             f"FPV {row['fpv_ml']:.2f} ml, FNV {_fmt(row['fnv_ml'], 2)} ml"
         )
-        plot_case(suv[study], seg[study], test_predictions[best][study], title, out_png, dpi)
+        suv, seg = test_images[study]
+        prediction = test_predictions[best][study]
+        plot_case(suv, seg, prediction, title, outputs.cases[case], dpi)
 
     figures = [
-        ("Per-study metric distributions", outputs["distributions"]),
-        ("Learning curves (validation Dice against training time)", outputs["learning_curves"]),
+        ("Per-study metric distributions", outputs.distributions),
+        ("Learning curves (validation Dice against training time)", outputs.learning_curves),
     ]
-    figures += [(f"Training curves of {v}", curve_outputs[v]) for v in curves]
-    figures += [(f"{c} test case", p) for c, p in zip(cases, outputs["cases"], strict=True)]
-    _write_markdown(outputs["markdown"], tables, notes, figures)
-    _write_html(outputs["html"], tables, notes)
+    figures += [(f"Training curves of {v}", outputs.curves[v]) for v in train_logs]
+    figures += [(f"{c} test case", outputs.cases[c]) for c in cases]
+    _write_markdown(outputs.markdown, tables, notes, figures)
+    _write_html(outputs.html, tables, notes)
     log.info("report written; best variant by validation Dice: %s", best)
 
 

@@ -17,24 +17,22 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-SCHEDULES = ("plateau_cosine", "cosine")
+from stepseg.settings import TrainSettings
 
 
 class LrSchedule:
     """`lr`: the rate of the next epoch; `step(loss)` after each epoch; `finished` ends training."""
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        self.kind = str(settings["schedule"])
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown train.schedule {self.kind!r}; expected one of {SCHEDULES}")
-        self.base_lr = float(settings["lr"])
-        self.max_epochs = int(settings["epochs"])
-        self.window = int(settings.get("plateau_window", 15))
-        self.factor = float(settings.get("plateau_factor", 2.5))
-        self.min_decrease = float(settings.get("plateau_min_decrease", 5e-3))
-        self.restart_below = float(settings.get("restart_below_lr", 1e-5))
-        self.restart_lr = float(settings.get("restart_lr", 1e-4))
-        self.cosine_epochs = int(settings.get("cosine_epochs", 100))
+    def __init__(self, settings: TrainSettings) -> None:
+        self.kind = settings.schedule
+        self.base_lr = settings.lr
+        self.max_epochs = settings.epochs
+        self.window = settings.plateau_window
+        self.factor = settings.plateau_factor
+        self.min_decrease = settings.plateau_min_decrease
+        self.restart_below = settings.restart_below_lr
+        self.restart_lr = settings.restart_lr
+        self.cosine_epochs = settings.cosine_epochs
         if self.window < 2:
             raise ValueError("train.plateau_window must be at least 2 epochs")
         self.lr = self.base_lr

@@ -8,46 +8,43 @@ clinical 41 % SUVmax rule, 0 = off), and components below `min_volume_ml` are dr
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import cc3d
 import numpy as np
 from scipy import ndimage
 
 from stepseg import nifti
+from stepseg.settings import ThresholdSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {"suv": 4.0, "relative_to_max": 0.0, "min_volume_ml": 0.0}
 CONNECTIVITY = 18
 
 
-def threshold_mask(suv: nifti.Volume, settings: Mapping[str, Any]) -> np.ndarray:
+def threshold_mask(suv: nifti.Volume, settings: ThresholdSettings) -> np.ndarray:
     """Binary (z, y, x) uint8 mask of the SUV-threshold baseline."""
-    cfg = {**DEFAULTS, **settings}
-    mask = suv.array >= float(cfg["suv"])
+    mask = suv.array >= settings.suv
     labels = cc3d.connected_components(mask, connectivity=CONNECTIVITY)
     n = int(labels.max())
     if n == 0:
         return mask.astype(np.uint8)
     index = np.arange(1, n + 1)
-    relative = float(cfg["relative_to_max"])
-    if relative > 0:
+    if settings.relative_to_max > 0:
         suv_max = np.asarray(ndimage.maximum(suv.array, labels, index))
-        cut = np.concatenate([[np.inf], relative * suv_max])
+        cut = np.concatenate([[np.inf], settings.relative_to_max * suv_max])
         mask &= suv.array >= cut[labels]
-    min_voxels = float(cfg["min_volume_ml"]) / suv.voxel_ml
+    min_voxels = settings.min_volume_ml / suv.voxel_ml
     if min_voxels > 0:
         counts = np.bincount(labels[mask], minlength=n + 1)
         mask &= counts[labels] >= min_voxels
     return mask.astype(np.uint8)
 
 
-def predict_file(suv_path: str | Path, out_path: str | Path, settings: Mapping[str, Any]) -> None:
+def predict_file(
+    *, study: str, suv_path: str | Path, out_path: str | Path, settings: ThresholdSettings
+) -> None:
     """Threshold one study's SUV.nii.gz; the mask keeps SUV's shape and affine."""
-    study = Path(suv_path).parent.name
     suv = nifti.load(suv_path, study, np.float32)
     mask = threshold_mask(suv, settings)
     nifti.save(nifti.Volume(mask, suv.affine), out_path, dtype=np.uint8)

@@ -1,9 +1,8 @@
 """Training of one model variant: the paper's UNet and loss recipe, resumable epoch by epoch.
 
-`train_variant` is what the `train` rule calls. Settings are the merged `train` section of the
-config plus the variant's `name`, `seed` and `targets` (`stepwise`: all channels of the target
-preset; `plain`: the lesion mask only, DiceFocal only, everything else identical). `train.recipe`
-(`paper` or `released_code`) fills every key the config does not set (see `RECIPES`).
+`train_variant` is what the `train` rule calls, with the variant's `TrainSettings` (its
+`targets`: `stepwise`, all channels of the target preset, or `plain`, the lesion mask only with
+DiceFocal only, everything else identical).
 
 After every epoch the full training state (model, optimiser, schedule, loss weights, RNG states,
 log rows) is written atomically to `state_dir`; a restarted job continues from there and, on CPU,
@@ -14,12 +13,12 @@ epoch, see `stepseg.data`).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,104 +29,16 @@ from tqdm import tqdm
 
 from stepseg import data, distributed, losses, model, schedule, store, targets
 from stepseg.atomic import atomic_file
+from stepseg.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "stepseg-train-state-1"
 STATE_FILE = "state.pt"
 
-# Defaults each recipe gives to keys the config leaves out (the config always wins).
-RECIPES: dict[str, dict[str, Any]] = {
-    "paper": {
-        "channels": [96, 192, 384, 768, 1536],
-        "num_res_units": 4,
-        "norm": "instance",
-        "zero_input_channel": False,
-        "optimizer": "adam",
-        "lr": 3e-4,
-        "weight_decay": 0.0,
-        "batch_size": 16,
-        "patch_size": [32, 160, 160],
-        "schedule": "plateau_cosine",
-        "epochs": 1000,
-        "plateau_window": 15,
-        "plateau_factor": 2.5,
-        "plateau_min_decrease": 5e-3,
-        "restart_below_lr": 1e-5,
-        "restart_lr": 1e-4,
-        "cosine_epochs": 100,
-        "lambda_dice": 1.0,
-        "lambda_focal": 1.0,
-        "dice_batch": False,
-        "mask_prior": 0.0,
-        "mask_loss_scale": 1.0,
-        "small_lesion_dice_weight": 0.0,
-        "masked_mse": False,
-        "loss_weighting": "automatic",
-        "aux_loss_weight": 1.0,
-        "mask_head": "shared",
-        "crop_jitter": [0.9375, 0.6667, 0.6667],
-    },
-    "released_code": {
-        "channels": [96, 192, 192, 192, 192],
-        "num_res_units": 4,
-        "norm": "batch",
-        "zero_input_channel": True,
-        "optimizer": "adam",
-        "lr": 1.7e-4,
-        "weight_decay": 4e-5,
-        "batch_size": 8,
-        "patch_size": [32, 160, 160],
-        "schedule": "cosine",
-        "epochs": 300,
-        "lambda_dice": 1.0,
-        "lambda_focal": 2.0,
-        "dice_batch": False,
-        "mask_prior": 0.0,
-        "mask_loss_scale": 3.0,
-        "small_lesion_dice_weight": 0.05,
-        "masked_mse": True,
-        "loss_weighting": "automatic",
-        "aux_loss_weight": 1.0,
-        "mask_head": "shared",
-        "crop_jitter": [0.9375, 0.6667, 0.6667],
-    },
-}
-
-# Defaults independent of the recipe (sampling, validation, hardware).
-COMMON_DEFAULTS: dict[str, Any] = {
-    "samples_per_epoch": 0,
-    "lesion_oversampling": 2.0,
-    "lesion_centre_fraction": 0.5,
-    "hot_centre_fraction": 0.0,
-    "flips": True,
-    "val_every": 5,
-    "val_samples": 32,
-    "device": "auto",
-    "amp": "auto",
-    "num_workers": 0,
-    "processes": 1,
-    "dropout": 0.0,
-    "targets": "stepwise",
-    "seed": 0,
-    "name": "model",
-}
-
 
 class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, no training data); the message names epoch and file."""
-
-
-def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Recipe defaults, then common defaults, then the config's keys; plain types only."""
-    recipe = str(settings.get("recipe", "paper"))
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown train.recipe {recipe!r}; expected one of {sorted(RECIPES)}")
-    merged = {**RECIPES[recipe], **COMMON_DEFAULTS, "recipe": recipe}
-    merged.update({k: v for k, v in settings.items() if k not in ("variants", "seeds")})
-    if merged["targets"] not in ("stepwise", "plain"):
-        raise ValueError(f"unknown targets {merged['targets']!r}; expected stepwise or plain")
-    return json.loads(json.dumps(merged))
 
 
 def small_lesion_mask(steps: torch.Tensor) -> torch.Tensor:
@@ -150,12 +61,13 @@ def small_lesion_mask(steps: torch.Tensor) -> torch.Tensor:
 
 
 def train_variant(
+    *,
     train_lmdb: str | Path,
     val_lmdb: str | Path,
     model_path: str | Path,
     log_csv: str | Path,
     state_dir: str | Path,
-    settings: Mapping[str, Any],
+    settings: TrainSettings,
     threads: int,
 ) -> None:
     """Train one variant and write `model.pt` and `train_log.csv` (resuming from `state_dir`).
@@ -163,55 +75,87 @@ def train_variant(
     `processes` > 1 trains with DDP on that many GPUs of this node (see `stepseg.distributed`):
     the same global batches, the same result up to float rounding.
     """
-    cfg = resolve_settings(settings)
-    args = (train_lmdb, val_lmdb, model_path, log_csv, state_dir, settings, threads)
-    if int(cfg["processes"]) > 1 and not distributed.in_worker():
-        distributed.launch(int(cfg["processes"]), train_variant, *args)
-        return
-    with distributed.process_group(model.resolve_device(cfg["device"])) as ctx:
-        _train_variant(*args[:5], cfg, threads, ctx)
+    job = _Job(
+        train_lmdb=Path(train_lmdb),
+        val_lmdb=Path(val_lmdb),
+        model_path=Path(model_path),
+        log_csv=Path(log_csv),
+        state_dir=Path(state_dir),
+        settings=settings,
+        threads=threads,
+    )
+    if distributed.in_worker():  # started by torchrun: this process is one rank already
+        _run(job)
+    else:
+        distributed.launch(settings.processes, _run, job)
 
 
-def _train_variant(
-    train_lmdb: str | Path,
-    val_lmdb: str | Path,
-    model_path: str | Path,
-    log_csv: str | Path,
-    state_dir: str | Path,
-    cfg: dict[str, Any],
-    threads: int,
-    ctx: distributed.DistContext,
-) -> None:
-    torch.set_num_threads(max(1, int(threads) // ctx.world_size))
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    """One train job's paths and settings (what each DDP process is given)."""
+
+    train_lmdb: Path
+    val_lmdb: Path
+    model_path: Path
+    log_csv: Path
+    state_dir: Path
+    settings: TrainSettings
+    threads: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Step:
+    """What one optimisation step uses, built once per job."""
+
+    net: torch.nn.Module
+    criterion: losses.StepwiseLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    preset: targets.Preset
+    settings: TrainSettings
+    ctx: distributed.DistContext
+    amp_dtype: torch.dtype | None
+
+
+def _run(job: _Job) -> None:
+    """One process's training (DDP rank or the only process)."""
+    with distributed.process_group(model.resolve_device(job.settings.device)) as ctx:
+        _train(job, ctx)
+
+
+def _train(job: _Job, ctx: distributed.DistContext) -> None:
+    settings = job.settings
+    torch.set_num_threads(max(1, job.threads // ctx.world_size))
     device = ctx.device
-    amp_dtype = model.autocast_dtype(device, str(cfg["amp"]))
-    meta = store.TileStore(train_lmdb).meta
+    amp_dtype = model.autocast_dtype(device, settings.amp)
+    meta = store.TileStore(job.train_lmdb).meta
     if not meta["studies"]:
-        raise TrainingError(f"training split {train_lmdb} holds no study: nothing to train on")
+        raise TrainingError(f"training split {job.train_lmdb} holds no study: nothing to train on")
     preset = targets.preset_from_settings(meta["targets"])
-    channel_losses = list(preset.channel_losses) if cfg["targets"] == "stepwise" else ["dicefocal"]
-    in_channels = 3 if cfg["zero_input_channel"] else 2
-    spec = model.network_spec(cfg, out_channels=len(channel_losses), in_channels=in_channels)
-    model.check_patch_size(cfg["patch_size"], spec)
+    channel_losses = (
+        list(preset.channel_losses) if settings.targets == "stepwise" else ["dicefocal"]
+    )
+    spec = model.network_spec(settings, out_channels=len(channel_losses))
+    model.check_patch_size(settings.patch_size, spec)
     log.info(
-        "training %s-seed%s on %s: recipe %s, targets %s (%d channels), device %s, amp %s",
-        cfg["name"], cfg["seed"], train_lmdb, cfg["recipe"], cfg["targets"],
+        "training %s on %s: recipe %s, targets %s (%d channels), device %s, amp %s",
+        settings.trained_name, job.train_lmdb, settings.recipe, settings.targets,
         len(channel_losses), device, amp_dtype,
     )  # fmt: skip
 
-    _seed_everything(int(cfg["seed"]))
+    _seed_everything(settings.seed)
     net = model.build(spec)
-    if float(cfg["mask_prior"]) > 0:
-        model.init_mask_prior(net, float(cfg["mask_prior"]))
+    if settings.mask_prior > 0:
+        model.init_mask_prior(net, settings.mask_prior)
     net = net.to(device, memory_format=model.memory_format(device))
-    criterion = losses.StepwiseLoss(channel_losses, cfg).to(device)
+    criterion = losses.StepwiseLoss(channel_losses, settings).to(device)
     optimizer = torch.optim.Adam(
         [*net.parameters(), *criterion.parameters()],
-        lr=float(cfg["lr"]),
-        weight_decay=float(cfg["weight_decay"]),
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    lr_schedule = schedule.LrSchedule(cfg)
+    lr_schedule = schedule.LrSchedule(settings)
     rows: list[dict[str, Any]] = []
     # what a resumed run must get back, by its key in the state file
     resumable = {
@@ -222,18 +166,31 @@ def _train_variant(
         "schedule": lr_schedule,
     }
 
-    state_path = Path(state_dir) / STATE_FILE
-    if _restore(state_path, cfg, resumable, rows):
+    state_path = job.state_dir / STATE_FILE
+    if _restore(state_path, settings, resumable, rows):
         log.info("resumed from %s after epoch %d", state_path, lr_schedule.epoch)
-    train_net = distributed.wrap(net, ctx, extras=criterion)  # DDP averages the loss weights too
+    step = _Step(
+        net=distributed.wrap(net, ctx, extras=criterion),  # DDP averages the loss weights too
+        criterion=criterion,
+        optimizer=optimizer,
+        scaler=scaler,
+        preset=preset,
+        settings=settings,
+        ctx=ctx,
+        amp_dtype=amp_dtype,
+    )
 
-    train_set = _dataset(train_lmdb, cfg, seed=int(cfg["seed"]), validation=False)
+    train_set = _dataset(job.train_lmdb, settings, seed=settings.seed, validation=False)
     if len(train_set) == 0:
-        raise TrainingError(f"training split {train_lmdb} yields no patch: nothing to train on")
-    has_val = bool(store.TileStore(val_lmdb).studies)
-    val_set = _dataset(val_lmdb, cfg, 10_000 + int(cfg["seed"]), True) if has_val else None
+        raise TrainingError(f"training split {job.train_lmdb} yields no patch: nothing to train on")
+    has_val = bool(store.TileStore(job.val_lmdb).studies)
+    val_set = (
+        _dataset(job.val_lmdb, settings, seed=10_000 + settings.seed, validation=True)
+        if has_val
+        else None
+    )
     if val_set is None:
-        log.warning("validation split %s holds no study: no validation Dice", val_lmdb)
+        log.warning("validation split %s holds no study: no validation Dice", job.val_lmdb)
 
     while not lr_schedule.finished:
         epoch = lr_schedule.epoch + 1
@@ -241,30 +198,32 @@ def _train_variant(
         for group in optimizer.param_groups:
             group["lr"] = lr_schedule.lr
         train_set.set_epoch(epoch)
-        means = _train_epoch(
-            train_net, criterion, optimizer, scaler, train_set, preset, cfg, ctx, amp_dtype, epoch
-        )
+        means = _train_epoch(step, train_set, epoch)
         # every rank steps the schedule with the global mean loss, so learning rates stay equal
         means = {name: distributed.mean_over_ranks(value, ctx) for name, value in means.items()}
         row: dict[str, Any] = {"epoch": epoch, "lr": lr_schedule.lr, **means}
         weights = criterion.weighting.weights()
         row.update({f"s_{n}": s for n, s in zip(criterion.term_names, weights, strict=True)})
         lr_schedule.step(means["loss"])
-        validate = epoch % int(cfg["val_every"]) == 0 or lr_schedule.finished
+        validate = epoch % settings.val_every == 0 or lr_schedule.finished
         row["val_dice"] = (
-            _validate(net, val_set, cfg, device, amp_dtype) if validate and val_set else ""
+            _validate(net, val_set, settings, device, amp_dtype) if validate and val_set else ""
         )
         row["seconds"] = round(time.perf_counter() - started, 3)
         rows.append(row)
         log.info("epoch %d: %s", epoch, _format_row(row))
         if ctx.is_main:
-            _save_state(state_path, cfg, resumable, rows)
+            _save_state(state_path, settings, resumable, rows)
         distributed.barrier(ctx)
 
     if ctx.is_main:
-        save_model(model_path, net, spec, cfg, preset, meta)
-        _write_log(log_csv, rows)
-        log.info("wrote %s and %s", model_path, log_csv)
+        model.save(
+            job.model_path,
+            net,
+            model.ModelInfo(settings=settings, network=spec, target_preset=preset.to_dict()),
+        )
+        _write_log(job.log_csv, rows)
+        log.info("wrote %s and %s", job.model_path, job.log_csv)
 
 
 def _seed_everything(seed: int) -> None:
@@ -274,23 +233,23 @@ def _seed_everything(seed: int) -> None:
 
 
 def _dataset(
-    lmdb_path: str | Path, cfg: Mapping[str, Any], seed: int, validation: bool
+    lmdb_path: Path, settings: TrainSettings, *, seed: int, validation: bool
 ) -> data.PatchDataset:
     """Training patches (oversampled lesions, flips) or a fixed validation set (same every time)."""
-    samples = int(cfg["val_samples"]) if validation else int(cfg["samples_per_epoch"])
+    samples = settings.val_samples if validation else settings.samples_per_epoch
     if samples == 0:
-        samples = covering_samples(lmdb_path, cfg["patch_size"])
+        samples = covering_samples(lmdb_path, settings.patch_size)
     dataset = data.PatchDataset(
         lmdb_path,
-        patch_size=tuple(cfg["patch_size"]),
+        patch_size=settings.patch_size,
         samples_per_epoch=samples,
-        lesion_oversampling=float(cfg["lesion_oversampling"]),
-        lesion_centre_fraction=float(cfg["lesion_centre_fraction"]),
+        lesion_oversampling=settings.lesion_oversampling,
+        lesion_centre_fraction=settings.lesion_centre_fraction,
         seed=seed,
-        flips=bool(cfg["flips"]) and not validation,
-        hot_centre_fraction=float(cfg["hot_centre_fraction"]),
-        crop_jitter=(0.0, 0.0, 0.0) if validation else tuple(cfg["crop_jitter"]),
-        crop_steps=cfg["targets"] == "stepwise" and not validation,
+        flips=settings.flips and not validation,
+        hot_centre_fraction=settings.hot_centre_fraction,
+        crop_jitter=(0.0, 0.0, 0.0) if validation else settings.crop_jitter,
+        crop_steps=settings.targets == "stepwise" and not validation,
     )
     if validation:
         dataset.set_epoch(0)
@@ -307,32 +266,22 @@ def covering_samples(lmdb_path: str | Path, patch_size: Sequence[int]) -> int:
 
 def _loader(
     dataset: data.PatchDataset,
-    cfg: Mapping[str, Any],
+    settings: TrainSettings,
     device: torch.device,
     ctx: distributed.DistContext | None = None,
 ) -> DataLoader:
     """Batches of `batch_size`; with a DDP rank's `ctx`, that rank's share of each."""
     return data.make_loader(
         dataset,
-        int(cfg["batch_size"]),
-        int(cfg["num_workers"]),
+        settings.batch_size,
+        settings.num_workers,
         pin_memory=device.type == "cuda",
         ctx=ctx,
     )
 
 
-def _train_epoch(
-    net: torch.nn.Module,
-    criterion: losses.StepwiseLoss,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    dataset: Any,
-    preset: targets.Preset,
-    cfg: Mapping[str, Any],
-    ctx: distributed.DistContext,
-    amp_dtype: torch.dtype | None,
-    epoch: int,
-) -> dict[str, float]:
+def _train_epoch(step: _Step, dataset: data.PatchDataset, epoch: int) -> dict[str, float]:
+    net, criterion, settings, ctx = step.net, step.criterion, step.settings, step.ctx
     net.train()
     device = ctx.device
     sums: dict[str, float] = {}
@@ -342,31 +291,31 @@ def _train_epoch(
         lambda _module, _inputs, output: shared.__setitem__("features", output)
     )
     batches = tqdm(
-        _loader(dataset, cfg, ctx.device, ctx),
+        _loader(dataset, settings, ctx.device, ctx),
         desc=f"epoch {epoch}",
         leave=False,
         disable=not ctx.is_main,
     )
     for batch in batches:
         image, steps = data.device_batch(batch, device)
-        target, regions = _targets(steps, image, preset, cfg)
-        small = small_lesion_mask(steps) if float(cfg["small_lesion_dice_weight"]) > 0 else None
-        inputs = model.network_inputs(image, bool(cfg["zero_input_channel"]))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
+        target, regions = _targets(steps, image, step.preset, settings)
+        small = small_lesion_mask(steps) if settings.small_lesion_dice_weight > 0 else None
+        inputs = model.network_inputs(image, settings.zero_input_channel)
+        with _autocast(device, step.amp_dtype):
             logits = net(inputs.contiguous(memory_format=model.memory_format(device)))
         total, terms = criterion(logits, target, regions, small)
         if not torch.isfinite(total):
             raise TrainingError(
-                f"{cfg['name']}-seed{cfg['seed']}: loss is {total.item()} at epoch {epoch}, "
+                f"{settings.trained_name}: loss is {total.item()} at epoch {epoch}, "
                 f"batch {n_batches + 1} (studies {', '.join(batch['study'])}); terms: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             )
         if n_batches == 0:  # once an epoch: what each term asks of the shared features
             sums.update(term_gradient_norms(criterion, terms, shared["features"]))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(total).backward()
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
         n_batches += 1
         for name, value in [("loss", total), *terms.items()]:
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -378,6 +327,10 @@ def _train_epoch(
         name: value if name.startswith("grad_") else value / n_batches
         for name, value in sums.items()
     }
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype))
 
 
 def term_gradient_norms(
@@ -396,13 +349,13 @@ def term_gradient_norms(
 
 
 def _targets(
-    steps: torch.Tensor, image: torch.Tensor, preset: targets.Preset, cfg: Mapping[str, Any]
+    steps: torch.Tensor, image: torch.Tensor, preset: targets.Preset, settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Targets for the variant: all preset channels (stepwise) or the lesion mask only (plain)."""
     target = targets.expand(steps, image, preset)
-    if cfg["targets"] == "plain":
+    if settings.targets == "plain":
         return target[:, :1], None
-    return target, channel_regions(steps, preset) if cfg["masked_mse"] else None
+    return target, channel_regions(steps, preset) if settings.masked_mse else None
 
 
 def channel_regions(steps: torch.Tensor, preset: targets.Preset) -> torch.Tensor:
@@ -422,8 +375,8 @@ def channel_regions(steps: torch.Tensor, preset: targets.Preset) -> torch.Tensor
 @torch.no_grad()
 def _validate(
     net: torch.nn.Module,
-    dataset: Any,
-    cfg: Mapping[str, Any],
+    dataset: data.PatchDataset,
+    settings: TrainSettings,
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> float:
@@ -434,11 +387,11 @@ def _validate(
     """
     net.eval()
     tp = fp = fn = 0.0
-    for batch in _loader(dataset, cfg, device):
+    for batch in _loader(dataset, settings, device):
         image, steps = data.device_batch(batch, device)
         truth = steps == 0
-        inputs = model.network_inputs(image, bool(cfg["zero_input_channel"]))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
+        inputs = model.network_inputs(image, settings.zero_input_channel)
+        with _autocast(device, amp_dtype):
             logits = net(inputs.contiguous(memory_format=model.memory_format(device)))
         pred = logits[:, :1].float() > 0  # sigmoid(x) > 0.5
         tp += float((pred & truth).sum())
@@ -477,11 +430,11 @@ def _plain(value: Any) -> Any:
 
 
 def _save_state(
-    path: Path, cfg: Mapping[str, Any], resumable: Mapping[str, Any], rows: list[dict[str, Any]]
+    path: Path, settings: TrainSettings, resumable: Mapping[str, Any], rows: list[dict[str, Any]]
 ) -> None:
     state = {
         "format": STATE_FORMAT,
-        "settings": dict(cfg),
+        "settings": settings.to_dict(),
         **{key: part.state_dict() for key, part in resumable.items()},
         "rng": _rng_state(),
         "rows": rows,
@@ -490,7 +443,7 @@ def _save_state(
 
 
 def _restore(
-    path: Path, cfg: Mapping[str, Any], resumable: Mapping[str, Any], rows: list[dict[str, Any]]
+    path: Path, settings: TrainSettings, resumable: Mapping[str, Any], rows: list[dict[str, Any]]
 ) -> bool:
     """Load a saved state into `resumable` (key -> object with `load_state_dict`) and `rows` if
     it was written with the same settings; else start afresh."""
@@ -501,7 +454,7 @@ def _restore(
     except Exception as exc:
         log.warning("ignoring unreadable training state %s (%s); starting afresh", path, exc)
         return False
-    if state.get("format") != STATE_FORMAT or state.get("settings") != dict(cfg):
+    if state.get("format") != STATE_FORMAT or state.get("settings") != settings.to_dict():
         log.warning("training state %s is from other settings; starting afresh", path)
         return False
     for key, part in resumable.items():
@@ -509,32 +462,6 @@ def _restore(
     rows.extend(state["rows"])
     _set_rng_state(state["rng"])
     return True
-
-
-def save_model(
-    path: str | Path,
-    net: torch.nn.Module,
-    spec: model.NetworkSpec,
-    cfg: Mapping[str, Any],
-    preset: targets.Preset,
-    meta: Mapping[str, Any],
-) -> None:
-    """Write `model.pt`: weights plus the settings, target preset and input conventions used."""
-    model.save(
-        path,
-        net,
-        spec,
-        {
-            "settings": dict(cfg),
-            "targets": cfg["targets"],
-            "target_preset": preset.to_dict(),
-            "n_channels": spec.out_channels,
-            "patch_size": [int(p) for p in cfg["patch_size"]],
-            "zero_input_channel": bool(cfg["zero_input_channel"]),
-            "input_channels": ["PET", "CT"],
-            "normalisation": json.loads(json.dumps(meta.get("normalisation", {}))),
-        },
-    )
 
 
 def _write_log(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:

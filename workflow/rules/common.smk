@@ -24,6 +24,16 @@ os.environ.update(
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 import stepseg  # noqa: E402  (the bare package: no numpy, no torch)
 import stepseg.devices  # noqa: E402  (standard library only)
+from stepseg import names  # noqa: E402  (standard library only)
+from stepseg.settings import (  # noqa: E402  (standard library only)
+    ConvertSettings,
+    EvaluateSettings,
+    InferSettings,
+    PackSettings,
+    ReportSettings,
+    ThresholdSettings,
+    TrainSettings,
+)
 
 # The GPU rules ask for cards only where this machine has some (/dev/nvidia<k>): on a CPU-only
 # workstation the `gpu` limit of profiles/default would otherwise run them one at a time.
@@ -31,22 +41,32 @@ import stepseg.devices  # noqa: E402  (standard library only)
 HAS_GPUS = bool(stepseg.devices.installed_gpus())
 
 
-def check_cpu_precision():
-    """Refuse fp16 autocast on `device: cpu` (CPU autocast has no fp16 gradient scaling) when the
-    workflow starts, before any job deletes the outputs it would rewrite. With `device: auto` the
-    device is known only on the machine that runs the job, which refuses it there."""
-    for name, variant in config["train"]["variants"].items():
-        merged = {**config["train"], **variant}
-        if merged.get("device") == "cpu" and merged.get("amp") == "fp16":
-            raise ValueError(
-                f"train variant {name}: amp fp16 needs a CUDA device; on a CPU use bf16, auto or off"
-            )
+# Every stage's typed settings, built once when the workflow starts: an unknown key, a wrong type
+# or a setting a variant cannot run (fp16 on `device: cpu`) stops it here, naming the key, before
+# any job deletes the outputs it would rewrite. Jobs get `to_dict()` of theirs as params (plain
+# values: Snakemake reruns a job whose params changed) and rebuild the object from it.
+SETTINGS = {
+    kind.section: kind.from_mapping(config[kind.section])
+    for kind in (
+        ConvertSettings,
+        PackSettings,
+        InferSettings,
+        ThresholdSettings,
+        EvaluateSettings,
+        ReportSettings,
+    )
+}
+# one per trained model, `<variant>-seed<k>`
+TRAINED = {
+    names.trained_name(variant, seed): TrainSettings.for_variant(
+        config["train"], variant, seed
+    )
+    for variant, spec in config["train"]["variants"].items()
+    for seed in spec["seeds"]
+}
 
-
-check_cpu_precision()
-
-SPLITS = ["train", "val", "test"]
-EVAL_SPLITS = ["val", "test"]
+SPLITS = list(names.SPLITS)
+EVAL_SPLITS = list(names.EVAL_SPLITS)
 SOURCE = config["download"]["source"]
 
 
@@ -54,8 +74,8 @@ wildcard_constraints:
     study=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     split="|".join(SPLITS),
     eval_split="|".join(EVAL_SPLITS),
-    trained=r"[A-Za-z0-9_]+-seed[0-9]+",
-    variant=r"[A-Za-z0-9_]+(-seed[0-9]+)?",
+    trained=names.TRAINED_PATTERN,
+    variant=rf"{names.TRAINED_PATTERN}|{names.VARIANT_PATTERN}",
 
 
 def studies(split=None):
@@ -86,12 +106,8 @@ def _studies_by_split(path, inode, mtime_ns, size):
 
 
 def trained_variants():
-    """Trained model variants, one per configured model and seed: `<name>-seed<k>`."""
-    return [
-        f"{name}-seed{seed}"
-        for name, spec in config["train"]["variants"].items()
-        for seed in spec["seeds"]
-    ]
+    """Trained models, one per configured variant and seed: `<variant>-seed<k>`."""
+    return list(TRAINED)
 
 
 def model_job_threads():
@@ -107,7 +123,7 @@ def model_job_threads():
 
 
 def nifti_paths(name, split):
-    """`results/nifti/{study}/<name>.nii.gz` of every study of `split`."""
+    """`results/nifti/{study}/<name>.nii.gz` of every study of `split`, in study order."""
     return expand(f"results/nifti/{{study}}/{name}.nii.gz", study=studies(split))
 
 
@@ -134,15 +150,8 @@ def all_variants():
 
 
 def variant_settings(wildcards):
-    """Only this variant's settings, so that editing one variant reruns only that variant."""
-    name, seed = wildcards.trained.rsplit("-seed", 1)
-    common = {k: v for k, v in config["train"].items() if k != "variants"}
-    return {
-        **common,
-        **config["train"]["variants"][name],
-        "name": name,
-        "seed": int(seed),
-    }
+    """Only this model's settings, so that editing one variant reruns only that variant."""
+    return TRAINED[wildcards.trained].to_dict()
 
 
 def final_outputs(wildcards):

@@ -2,10 +2,7 @@ rule convert:
     input:
         "results/raw/{study}",
     output:
-        **{
-            name: f"results/nifti/{{study}}/{name}.nii.gz"
-            for name in ["CT", "PET", "SUV", "CTres", "SEG"]
-        },
+        **{name: f"results/nifti/{{study}}/{name}.nii.gz" for name in names.NIFTI_NAMES},
     log:
         "results/logs/convert/{study}.log",
     benchmark:
@@ -13,6 +10,6 @@ rule convert:
     conda:
         "../../envs/io.yaml"
     params:
-        settings=config["convert"],
+        settings=SETTINGS["convert"].to_dict(),
     script:
         "../scripts/convert.py"

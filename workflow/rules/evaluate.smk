@@ -1,11 +1,7 @@
 rule evaluate:
     input:
-        seg=lambda wc: expand(
-            "results/nifti/{study}/SEG.nii.gz", study=studies(wc.eval_split)
-        ),
-        suv=lambda wc: expand(
-            "results/nifti/{study}/SUV.nii.gz", study=studies(wc.eval_split)
-        ),
+        seg=lambda wc: nifti_paths("SEG", wc.eval_split),
+        suv=lambda wc: nifti_paths("SUV", wc.eval_split),
         pred=lambda wc: prediction_inputs(wc.variant, wc.eval_split),
     output:
         per_study="results/metrics/{variant}/{eval_split}_per_study.csv",
@@ -17,6 +13,6 @@ rule evaluate:
     params:
         studies=lambda wc: studies(wc.eval_split),
         pred_paths=lambda wc: prediction_paths(wc.variant, wc.eval_split),
-        settings=config["evaluate"],
+        settings=SETTINGS["evaluate"].to_dict(),
     script:
         "../scripts/evaluate.py"

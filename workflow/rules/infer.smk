@@ -18,7 +18,7 @@ rule infer:
         gpu=1 if HAS_GPUS else 0,
     params:
         studies=lambda wc: studies(wc.eval_split),
-        settings=config["infer"],
+        settings=SETTINGS["infer"].to_dict(),
     script:
         "../scripts/infer.py"
 
@@ -33,6 +33,6 @@ rule infer_threshold:
     conda:
         "../../envs/io.yaml"
     params:
-        settings=config["threshold"],
+        settings=SETTINGS["threshold"].to_dict(),
     script:
         "../scripts/infer_threshold.py"

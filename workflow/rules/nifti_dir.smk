@@ -11,7 +11,7 @@ if SOURCE == "nifti_dir":
         output:
             **{
                 name: f"results/nifti/{{study}}/{name}.nii.gz"
-                for name in ["CT", "PET", "SUV", "CTres", "SEG"]
+                for name in names.NIFTI_NAMES
             },
         log:
             "results/logs/link_nifti/{study}.log",

@@ -1,11 +1,7 @@
 rule pack:
     input:
-        suv=lambda wc: expand(
-            "results/nifti/{study}/SUV.nii.gz", study=studies(wc.split)
-        ),
-        ctres=lambda wc: expand(
-            "results/nifti/{study}/CTres.nii.gz", study=studies(wc.split)
-        ),
+        suv=lambda wc: nifti_paths("SUV", wc.split),
+        ctres=lambda wc: nifti_paths("CTres", wc.split),
         steps=lambda wc: expand(
             "results/targets/{study}/steps.nii.gz", study=studies(wc.split)
         ),
@@ -19,7 +15,7 @@ rule pack:
         "../../envs/torch.yaml"
     params:
         studies=lambda wc: studies(wc.split),
-        pack=config["pack"],
+        pack=SETTINGS["pack"].to_dict(),
         targets=config["targets"],
         # a new LMDB layout in the code re-packs (the code trigger sees only the entry script)
         store_format=stepseg.LMDB_FORMAT_VERSION,

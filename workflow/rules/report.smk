@@ -8,8 +8,8 @@ rule report:
         train_logs=expand(
             "results/models/{trained}/train_log.csv", trained=trained_variants()
         ),
-        suv=lambda wc: expand("results/nifti/{study}/SUV.nii.gz", study=studies("test")),
-        seg=lambda wc: expand("results/nifti/{study}/SEG.nii.gz", study=studies("test")),
+        suv=lambda wc: nifti_paths("SUV", "test"),
+        seg=lambda wc: nifti_paths("SEG", "test"),
         pred=lambda wc: [
             path
             for variant in all_variants()
@@ -46,7 +46,7 @@ rule report:
                 f"results/report/training/{variant}.png",
                 caption="../report/training_curves.rst",
                 category="Training",
-                subcategory=variant.rsplit("-seed", 1)[0],
+                subcategory=names.parse_trained(variant)[0],
                 labels={"variant": variant},
             )
             for variant in trained_variants()
@@ -66,7 +66,12 @@ rule report:
     conda:
         "../../envs/report.yaml"
     params:
-        settings=config["report"],
+        # the keys of the input lists above, in their order
+        variants=all_variants(),
+        eval_splits=EVAL_SPLITS,
+        trained=trained_variants(),
+        test_studies=lambda wc: studies("test"),
+        settings=SETTINGS["report"].to_dict(),
         data_source=config["download"]["source"],
         test_predictions=lambda wc: {
             variant: dict(zip(studies("test"), prediction_paths(variant, "test")))

@@ -1,6 +1,7 @@
 """Entry script: train one model variant (resumable)."""
 
 from stepseg import devices, logs, train
+from stepseg.settings import TrainSettings
 
 # each GPU job takes cards of its own (CUDA_VISIBLE_DEVICES); a no-op without GPUs
 with (
@@ -13,6 +14,6 @@ with (
         model_path=snakemake.output.model,
         log_csv=snakemake.output.log_csv,
         state_dir=snakemake.params.state_dir,
-        settings=snakemake.params.settings,
+        settings=TrainSettings.from_mapping(snakemake.params.settings),
         threads=snakemake.threads,
     )
