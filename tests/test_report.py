@@ -57,13 +57,13 @@ def build_results(root: Path) -> dict[str, list[Path]]:
                 nifti.save(nifti.Volume(prediction(variant, study), AFFINE), path, np.uint8)
                 preds.append(path)
             metrics.evaluate_split(
-                studies,
-                [root / "nifti" / s / "SEG.nii.gz" for s in studies],
-                [root / "nifti" / s / "SUV.nii.gz" for s in studies],
-                preds,
-                root / "metrics" / variant / f"{split}_per_study.csv",
-                root / "metrics" / variant / f"{split}_summary.csv",
-                EvaluateSettings(connectivity=18),
+                studies=studies,
+                seg_paths=[root / "nifti" / s / "SEG.nii.gz" for s in studies],
+                suv_paths=[root / "nifti" / s / "SUV.nii.gz" for s in studies],
+                pred_paths=preds,
+                per_study_csv=root / "metrics" / variant / f"{split}_per_study.csv",
+                summary_csv=root / "metrics" / variant / f"{split}_summary.csv",
+                settings=EvaluateSettings(connectivity=18),
             )
     for k, variant in enumerate(TRAINED):
         epochs = np.arange(1, 6)

@@ -230,6 +230,7 @@ def evaluate_study(
 
 
 def evaluate_split(
+    *,
     studies: Sequence[str],
     seg_paths: Sequence[str | Path],
     suv_paths: Sequence[str | Path],
