@@ -18,12 +18,12 @@ inside the patch) with air: SUV 0, CT -1024 HU (normalised 0), no lesion.
 
 A sample is `{"suv": float16, "ct": int16 HU, "steps": uint8, each (1, D, H, W), "study": str}`,
 5 bytes a voxel; the loader's batches are the same with (B, 1, D, H, W) tensors and a list of
-study names. `steps` is the crop's own step map (`targets.step_map` of the crop's lesion voxels,
+study names. `steps` is the crop's own step map (`stepmap.step_map` of the crop's lesion voxels,
 dilated inside the crop with the study's voxel radii; all 255 for a crop without lesion voxels),
 as the paper and the released code build the auxiliary targets per input crop; with
 `crop_steps=False` (the plain variant, validation) only its lesion voxels (0) are meaningful.
 Normalisation and the 8 target channels are computed from these where the network runs
-(`device_batch`, then `targets.expand`): on a GPU they cost the host nothing, and the batch
+(`device_batch`, then `channels.expand`): on a GPU they cost the host nothing, and the batch
 crossing from the workers to the main process and on to the device is 5 bytes a voxel rather
 than the 9 of a normalised float32 image.
 
@@ -51,8 +51,9 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from stepseg.distributed import DistContext, rank_batches
 from stepseg.normalize import normalize_batch
-from stepseg.store import DTYPES, TileStore
-from stepseg.targets import NEVER, Preset, preset_from_settings, step_map
+from stepseg.presets import Preset, preset_from_settings
+from stepseg.stepmap import NEVER, step_map
+from stepseg.tilestore import DTYPES, TileStore
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stepseg import data, distributed, losses, model, schedule, store, targets
+from stepseg import channels, data, distributed, losses, model, presets, schedule, tilestore
 from stepseg.atomic import atomic_file
 
 log = logging.getLogger(__name__)
@@ -185,10 +185,10 @@ def _train_variant(
     torch.set_num_threads(max(1, int(threads) // ctx.world_size))
     device = ctx.device
     amp_dtype = model.autocast_dtype(device, str(cfg["amp"]))
-    meta = store.TileStore(train_lmdb).meta
+    meta = tilestore.TileStore(train_lmdb).meta
     if not meta["studies"]:
         raise TrainingError(f"training split {train_lmdb} holds no study: nothing to train on")
-    preset = targets.preset_from_settings(meta["targets"])
+    preset = presets.preset_from_settings(meta["targets"])
     channel_losses = list(preset.channel_losses) if cfg["targets"] == "stepwise" else ["dicefocal"]
     in_channels = 3 if cfg["zero_input_channel"] else 2
     spec = model.network_spec(cfg, out_channels=len(channel_losses), in_channels=in_channels)
@@ -230,7 +230,7 @@ def _train_variant(
     train_set = _dataset(train_lmdb, cfg, seed=int(cfg["seed"]), validation=False)
     if len(train_set) == 0:
         raise TrainingError(f"training split {train_lmdb} yields no patch: nothing to train on")
-    has_val = bool(store.TileStore(val_lmdb).studies)
+    has_val = bool(tilestore.TileStore(val_lmdb).studies)
     val_set = _dataset(val_lmdb, cfg, 10_000 + int(cfg["seed"]), True) if has_val else None
     if val_set is None:
         log.warning("validation split %s holds no study: no validation Dice", val_lmdb)
@@ -299,7 +299,7 @@ def _dataset(
 
 def covering_samples(lmdb_path: str | Path, patch_size: Sequence[int]) -> int:
     """Patches whose voxels add up to the split's voxels: "an epoch goes through all images"."""
-    tiles = store.TileStore(lmdb_path)
+    tiles = tilestore.TileStore(lmdb_path)
     voxels = sum(math.prod(tiles.study_meta(s)["shape"]) for s in tiles.studies)
     tiles.close()
     return math.ceil(voxels / math.prod(patch_size))
@@ -327,7 +327,7 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     dataset: Any,
-    preset: targets.Preset,
+    preset: presets.Preset,
     cfg: Mapping[str, Any],
     ctx: distributed.DistContext,
     amp_dtype: torch.dtype | None,
@@ -396,16 +396,16 @@ def term_gradient_norms(
 
 
 def _targets(
-    steps: torch.Tensor, image: torch.Tensor, preset: targets.Preset, cfg: Mapping[str, Any]
+    steps: torch.Tensor, image: torch.Tensor, preset: presets.Preset, cfg: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Targets for the variant: all preset channels (stepwise) or the lesion mask only (plain)."""
-    target = targets.expand(steps, image, preset)
+    target = channels.expand(steps, image, preset)
     if cfg["targets"] == "plain":
         return target[:, :1], None
     return target, channel_regions(steps, preset) if cfg["masked_mse"] else None
 
 
-def channel_regions(steps: torch.Tensor, preset: targets.Preset) -> torch.Tensor:
+def channel_regions(steps: torch.Tensor, preset: presets.Preset) -> torch.Tensor:
     """Each channel's dilated mask (B, C, D, H, W) bool, for the released code's masked MSE.
 
     The full dilated mask, lesion included, also for hollow channels: the released code's
@@ -516,7 +516,7 @@ def save_model(
     net: torch.nn.Module,
     spec: model.NetworkSpec,
     cfg: Mapping[str, Any],
-    preset: targets.Preset,
+    preset: presets.Preset,
     meta: Mapping[str, Any],
 ) -> None:
     """Write `model.pt`: weights plus the settings, target preset and input conventions used."""
