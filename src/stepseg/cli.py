@@ -109,29 +109,6 @@ def study_name(suv_path: Path) -> str:
     return suv_path.name.split(".")[0]
 
 
-def predict_study(
-    model: Path,
-    suv_path: Path,
-    ctres_path: Path,
-    out_path: Path,
-    settings: dict[str, Any],
-    device: str | None,
-    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
-) -> int:
-    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count.
-    Inputs that fail `stepseg.checks` are refused before the model is loaded."""
-    from stepseg import infer  # torch and MONAI load only when a prediction is asked for
-
-    study = study_name(suv_path)
-    suv = read_image(suv_path, study)
-    ctres = read_image(ctres_path, study)
-    checks.check_suv_ctres(study, (suv_path, suv), (ctres_path, ctres), ct_hu_range)
-    mask = infer.predict_volume(model, suv, ctres, settings, device=device, study=study)
-    write_image(nifti.Volume(mask.astype(np.uint8), suv.affine), out_path)
-    log.info("%s: %d lesion voxels -> %s", study, int(mask.sum()), out_path)
-    return int(mask.sum())
-
-
 def grand_challenge_pairs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path, Path]]:
     """(SUV, CTres, output) paths of the container layout; see the module docstring."""
     pets = {p.name: p for p in sorted((input_dir / GC_PET).glob("*.mha"))}
@@ -171,6 +148,10 @@ def check_outputs(paths: Sequence[Path], force: bool) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Predict every study with one model, loaded once (`stepseg.infer.predict_studies`): inputs
+    that fail `stepseg.checks` and unusable outputs are refused before the model is loaded."""
+    from stepseg import infer  # torch and MONAI load only when a prediction is asked for
+
     settings: dict[str, Any] = {"flip_tta": args.flip_tta, "amp": args.amp}
     if args.overlap is not None:
         settings["overlap"] = args.overlap
@@ -182,21 +163,24 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         pairs = grand_challenge_pairs(Path(args.input_dir), Path(args.output_dir))
     check_outputs([out for _, _, out in pairs], args.force)
-    for suv, ctres, out in pairs:
-        log.info("study %s: %s + %s -> %s", study_name(suv), suv, ctres, out)
+    studies = [infer.StudyFiles(study_name(suv), suv, ctres, out) for suv, ctres, out in pairs]
+    masks = infer.predict_studies(
+        Path(args.model), studies, settings, args.device, tuple(args.ct_hu_range),
+        read=read_image, write=write_image,
+    )  # fmt: skip
+    for study in studies:  # `masks` predicts one study per step
+        log.info("study %s: %s + %s -> %s", study.study, study.suv, study.ctres, study.out)
         try:
-            voxels = predict_study(
-                Path(args.model), suv, ctres, out, settings, args.device, tuple(args.ct_hu_range)
-            )
+            voxels = next(masks)
         except CLEAR_ERRORS:
             raise
         except Exception as exc:  # unexpected: the log still says which study and why
             log.error(
                 "stepseg predict failed on study %s, file %s: %s: %s",
-                study_name(suv), suv, type(exc).__name__, exc, exc_info=exc,
+                study.study, study.suv, type(exc).__name__, exc, exc_info=exc,
             )  # fmt: skip
             return 1
-        print(f"{out}\t{voxels} lesion voxels")
+        print(f"{study.out}\t{voxels} lesion voxels")
     return 0
 
 
