@@ -23,13 +23,13 @@ from compress_pickle.picklers.registry import get_known_picklers, register_pickl
 PICKLER = "stepseg_restricted"
 
 
-# compress-pickle codecs and the keyword that sets their compression level
 def _gunzip(data: bytes | memoryview) -> bytes:
     """One-shot gunzip into a buffer of the exact size (the gzip trailer's ISIZE field)."""
     size = int.from_bytes(data[-4:], "little")
     return zlib.decompress(data, wbits=31, bufsize=max(size, 1))
 
 
+# compress-pickle codecs and the keyword that sets their compression level
 LEVEL_KEYWORD = {"gzip": "compresslevel", "bz2": "compresslevel", "lzma": "preset"}
 DECOMPRESS = {"gzip": _gunzip, "bz2": bz2.decompress, "lzma": lzma.decompress, None: bytes}
 MAGIC = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "lzma": b"\xfd7zXZ"}
