@@ -11,6 +11,7 @@ first row is the baseline of the ratio column.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 import yaml
 
-from stepseg import infer, model, nifti, train
+from stepseg import infer, model, nifti, presets
+from stepseg.settings import InferSettings, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +43,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(Path(args.config).read_text())
-    cfg = train.resolve_settings({k: v for k, v in config["train"].items() if k != "variants"})
-    spec = model.network_spec(cfg, out_channels=8, in_channels=2)
-    infer_cfg = {**infer.DEFAULTS, **config["infer"]}
+    settings = TrainSettings.for_variant(config["train"], "stepwise", 0)
+    spec = model.network_spec(settings, out_channels=8)
+    infer_settings = InferSettings.from_mapping(config["infer"])
     synthetic = config["download"]["synthetic"]
     cases = [
         ("default", synthetic["pet_shape"], synthetic["pet_spacing_mm"], False),
@@ -56,10 +58,13 @@ def main():
         path = Path(tmp) / "model.pt"
         torch.manual_seed(0)
         net = model.build(spec)
-        model.save(path, net, spec, {"patch_size": cfg["patch_size"], "zero_input_channel": False})
+        info = model.ModelInfo(
+            settings=settings, network=spec, target_preset=presets.PAPER.to_dict()
+        )
+        model.save(path, net, info)
         print(
             f"network: channels {list(spec.channels)}, {spec.num_res_units} residual units, "
-            f"patch {cfg['patch_size']}, overlap {infer_cfg['overlap']}, "
+            f"patch {list(settings.patch_size)}, overlap {infer_settings.overlap}, "
             f"{args.threads} threads (the default config's network at both geometries)"
         )
         print(f"{'geometry':9} {'shape (z,y,x)':16} {'flip TTA':8} {'s/study':>8} {'x first':>7}")
@@ -67,7 +72,9 @@ def main():
         for name, shape, spacing, tta in cases:
             suv, ct = volumes(tuple(shape), spacing)
             start = time.perf_counter()
-            mask = infer.predict_volume(path, suv, ct, {**infer_cfg, "flip_tta": tta}, "cpu")
+            mask = infer.predict_volume(
+                path, suv, ct, dataclasses.replace(infer_settings, flip_tta=tta), "cpu"
+            )
             seconds = time.perf_counter() - start
             assert mask.shape == tuple(shape)
             baseline = baseline or seconds

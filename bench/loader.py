@@ -18,7 +18,7 @@ transfer: everything else it does), and torch's default batching of ready-made t
 payload (per-sample tensors, collation copy into fresh shared memory, transfer; no reading:
 what our loader used before it read batches itself); the bytes per voxel each moves from
 its workers to the main process; the CPU cost per patch of the work done where the network runs
-(`data.device_batch` normalisation + 8-channel `targets.expand`; on a GPU it costs the host
+(`data.device_batch` normalisation + 8-channel `channels.expand`; on a GPU it costs the host
 nothing); bytes on disk of our LMDB, of the NIfTI files and of what the original stored
 (float32, 8 targets + 2 inputs).
 """
@@ -40,7 +40,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from stepseg import data, nifti, store, targets
+from stepseg import channels, data, nifti, pack, targets, tilestore
 from stepseg.normalize import normalize_batch
 
 SPACING = (3.0, 2.04, 2.04)
@@ -154,7 +154,7 @@ class DefaultBatching(Dataset):
     def __getitem__(self, index: int) -> dict:
         return {
             name: torch.zeros((1, *self.patch), dtype=getattr(torch, np.dtype(dtype).name))
-            for name, dtype in store.DTYPES.items()
+            for name, dtype in tilestore.DTYPES.items()
         }
 
 
@@ -216,7 +216,7 @@ def rate(loader, batches: int, warmup: int) -> Rate:
 def patch_read_ms(lmdb_path: Path, patch, reads: int, verify: bool) -> float:
     """Milliseconds per patch of `TileStore.read_patch` in this process, the same random boxes
     for both settings; `verify` = CRC32 of every value read, as training does."""
-    reader = store.TileStore(lmdb_path, verify_checksums=verify)
+    reader = tilestore.TileStore(lmdb_path, verify_checksums=verify)
     rng = np.random.default_rng(0)
     boxes = []
     for _ in range(reads):
@@ -296,7 +296,7 @@ def main() -> None:
         )
         lmdb_path = work / "train.lmdb"
         t = time.perf_counter()
-        store.pack_split(
+        pack.pack_split(
             [f.name for f in folders],
             [f / "SUV.nii.gz" for f in folders],
             [f / "CTres.nii.gz" for f in folders],
@@ -337,7 +337,7 @@ def main() -> None:
             image, steps = data.device_batch(batch, cpu)
             normalize_ms.append((time.perf_counter() - t) * 1000 / 4)
             t = time.perf_counter()
-            targets.expand(steps, image, dataset.preset)
+            channels.expand(steps, image, dataset.preset)
             expand_ms.append((time.perf_counter() - t) * 1000 / 4)
         torch.set_num_threads(threads)
 

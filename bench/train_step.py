@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from stepseg import losses, model, targets, train
+from stepseg import losses, model, presets, stepmap, train
 from stepseg.settings import RECIPES, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def batch(patch, batch_size, preset, seed=0):
         (xx - centre[2]) / 6
     ) ** 2 <= 1
     on_grid = preset.voxel_steps((3.0, 2.04, 2.04))
-    steps = np.stack([targets.step_map(m, on_grid) for m in mask])[:, None]
+    steps = np.stack([stepmap.step_map(m, on_grid) for m in mask])[:, None]
     return image, torch.from_numpy(steps)
 
 
@@ -47,7 +47,7 @@ def measure(cfg, variant, device, steps, warmup, amp="auto", layout=None):
     """Median seconds per step, patches/s, peak memory (GiB) and parameters of one setting;
     `layout` None = `model.memory_format(device)`."""
     settings = TrainSettings.for_variant({**cfg, "targets": variant})
-    preset = targets.preset_from_settings({"preset": "paper"})
+    preset = presets.preset_from_settings({"preset": "paper"})
     channel_losses = list(preset.channel_losses) if variant == "stepwise" else ["dicefocal"]
     spec = model.network_spec(settings, len(channel_losses))
     layout = model.memory_format(device) if layout is None else layout

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
 import torch
 
-from stepseg import cli, infer, model, nifti, normalize
+from stepseg import cli, infer, model, nifti, normalize, presets
+from stepseg.settings import TrainSettings
 
 # an oblique, anisotropic grid: rotation about z by 30 degrees, one axis flipped
 ANGLE = np.deg2rad(30.0)
@@ -97,13 +98,20 @@ def test_grand_challenge_pairs_by_name_or_single_images(tmp_path):
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    spec = model.network_spec({"channels": [4, 8], "num_res_units": 1, "norm": "instance"}, 8, 2)
+    settings = TrainSettings.for_variant(
+        {"channels": [4, 8], "num_res_units": 1, "norm": "instance", "patch_size": PATCH}
+    )
+    info = model.ModelInfo(
+        settings=settings,
+        network=model.network_spec(settings, out_channels=8),
+        target_preset=presets.PAPER.to_dict(),
+    )
     torch.manual_seed(0)
-    net = model.build(spec)
+    net = model.build(info.network)
     with torch.no_grad():  # a bias so that the mask is neither empty nor full
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    model.save(path, net, spec, {"patch_size": PATCH, "zero_input_channel": False})
+    model.save(path, net, info)
     return path
 
 
@@ -260,7 +268,7 @@ def test_an_unexpected_error_is_logged_with_type_study_and_traceback(
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory in the sliding window")
 
-    monkeypatch.setattr(infer, "predict_volume", fail)
+    monkeypatch.setattr(infer, "predict_mask", fail)
     log_path = tmp_path / "predict.log"
     args = ["predict", "--model", str(model_path), *_single_study(tmp_path)]
     assert cli.main([*args, "--out", str(tmp_path / "p.mha"), "--log", str(log_path)]) == 1
@@ -271,3 +279,30 @@ def test_an_unexpected_error_is_logged_with_type_study_and_traceback(
         "Traceback (most recent call last):"
     ) in text
     assert not (tmp_path / "p.mha").exists()
+
+
+def test_several_studies_share_one_model_load(tmp_path, model_path, monkeypatch, capsys):
+    loads = []
+    real_load = model.load
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(model, "load", counting_load)
+    rng = np.random.default_rng(5)
+    for name in ("u1.mha", "u2.mha"):
+        for folder, image in (
+            ("pet", rng.gamma(2.0, 1.0, PATCH)),
+            ("ct", rng.normal(0, 200, PATCH)),
+        ):
+            path = tmp_path / "in" / "images" / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cli.write_image(nifti.Volume(image.astype(np.float32), AFFINE.copy()), path)
+    args = ["predict", "--model", str(model_path), "--device", "cpu", "--amp", "off"]
+    dirs = ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out")]
+    assert cli.main(args + dirs) == 0
+    assert loads == [model_path]
+    out = tmp_path / "out" / "images" / "automated-petct-lesion-segmentation"
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in printed] == [str(out / "u1.mha"), str(out / "u2.mha")]

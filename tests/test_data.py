@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepseg import data, nifti, store, targets
+from stepseg import channels, data, nifti, pack, presets, stepmap, tilestore
 from stepseg.distributed import DistContext
 
 AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
@@ -19,7 +19,7 @@ SMALL_PAPER = {
     "preset": "paper",
     "steps": [{"semi_axes_mm": [3.0, 2.04, 2.04], "iterations": 1}] * 6 + ["whole"],
 }
-SMALL = targets.preset_from_settings(SMALL_PAPER)
+SMALL = presets.preset_from_settings(SMALL_PAPER)
 CPU = torch.device("cpu")
 COMPACT = {"suv": torch.float16, "ct": torch.int16, "steps": torch.uint8}  # as stored
 
@@ -35,14 +35,14 @@ def make_split(tmp_path, target_settings, shapes):
         seg = np.zeros(shape, bool)
         if k % 2 == 0:
             seg[shape[0] // 2, 2:4, shape[2] - 3] = True
-        preset = targets.preset_from_settings(target_settings)
-        steps = targets.step_map(seg, preset.voxel_steps(SPACING))
+        preset = presets.preset_from_settings(target_settings)
+        steps = stepmap.step_map(seg, preset.voxel_steps(SPACING))
         for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
             nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
         arrays[study] = (suv.astype(np.float16), ct, steps)
     folders = [tmp_path / s for s in shapes]
     path = tmp_path / "train.lmdb"
-    store.pack_split(
+    pack.pack_split(
         list(shapes),
         [f / "SUV.nii.gz" for f in folders],
         [f / "CTres.nii.gz" for f in folders],
@@ -75,7 +75,7 @@ def expected_patch(arrays, origin, flips, preset=SMALL):
         padded = np.pad(array, pads, constant_values=fill)[box]
         axes = tuple(a for a, f in enumerate(flips) if f)
         out.append(np.flip(padded, axes) if axes else padded)
-    out[2] = targets.step_map(out[2], preset.voxel_steps(SPACING))
+    out[2] = stepmap.step_map(out[2], preset.voxel_steps(SPACING))
     return out
 
 
@@ -145,12 +145,12 @@ def organ_split(tmp_path_factory):
             seg[14, 44:46, 20] = True
             suv[seg] = 8.0
         ct = rng.integers(-1024, 1400, shape).astype(np.int16)
-        steps = targets.step_map(seg, SMALL.voxel_steps(SPACING))
+        steps = stepmap.step_map(seg, SMALL.voxel_steps(SPACING))
         for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
             nifti.save(nifti.Volume(array, AFFINE), tmp_path / study / f"{name}.nii.gz")
     path = tmp_path / "train.lmdb"
     folders = [tmp_path / s for s in names]
-    store.pack_split(
+    pack.pack_split(
         names,
         [f / "SUV.nii.gz" for f in folders],
         [f / "CTres.nii.gz" for f in folders],
@@ -300,10 +300,10 @@ def test_released_code_preset_and_expansion_of_a_batch(tmp_path):
         data.PatchDataset(path, PATCH, 4, 1.0, 1.0, seed=0)
     patch = (16, 32, 32)
     dataset = data.PatchDataset(path, patch, 4, 1.0, 1.0, seed=0)
-    assert dataset.preset == targets.RELEASED_CODE
+    assert dataset.preset == presets.RELEASED_CODE
     batch = next(iter(data.make_loader(dataset, batch_size=4, num_workers=0)))
     image, steps = data.device_batch(batch, torch.device("cpu"))
-    out = targets.expand(steps, image, dataset.preset)
+    out = channels.expand(steps, image, dataset.preset)
     assert out.shape == (4, 8, *patch)
     torch.testing.assert_close(out[:, 0], (steps[:, 0] == 0).float())
     has_lesion = (steps == 0).flatten(1).any(dim=1)
@@ -336,7 +336,7 @@ def test_loader_batches_are_compact_and_become_normalised_inputs(split):
 def test_bad_arguments_and_missing_database(tmp_path, split):
     with pytest.raises(ValueError, match="lesion_centre_fraction"):
         data.PatchDataset(split[0], PATCH, 4, 1.0, 1.5, seed=0)
-    with pytest.raises(store.StoreError, match=r"no data.mdb"):
+    with pytest.raises(tilestore.StoreError, match=r"no data.mdb"):
         data.PatchDataset(tmp_path / "missing.lmdb", PATCH, 4, 1.0, 0.5, seed=0)
 
 
@@ -349,11 +349,11 @@ def test_lesion_centred_crops_are_jittered_uniformly_up_to_the_fractions(tmp_pat
     for name, array in (
         ("SUV", np.ones(shape, np.float32)),
         ("CTres", np.zeros(shape, np.int16)),
-        ("steps", targets.step_map(seg, SMALL.voxel_steps(SPACING))),
+        ("steps", stepmap.step_map(seg, SMALL.voxel_steps(SPACING))),
     ):
         nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
     path = tmp_path / "one.lmdb"
-    store.pack_split(
+    pack.pack_split(
         ["PETCT_one"], [folder / "SUV.nii.gz"], [folder / "CTres.nii.gz"],
         [folder / "steps.nii.gz"], path,
         {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}, SMALL_PAPER,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from stepseg import distributed, model, nifti, store, targets, train
+from stepseg import distributed, model, nifti, pack, presets, stepmap, train
 from stepseg.atomic import atomic_file
 from stepseg.losses import StepwiseLoss
 from stepseg.settings import TrainSettings
@@ -218,8 +218,8 @@ def tiny_lmdbs(tmp_path_factory):
                 mask[5:8, 8:13, 8:13] = True
                 suv[mask] += 8.0
             ct = rng.normal(0, 100, shape).astype(np.float32)
-            steps = targets.step_map(
-                mask, targets.preset_from_settings(SMALL).voxel_steps((4, 4, 4))
+            steps = stepmap.step_map(
+                mask, presets.preset_from_settings(SMALL).voxel_steps((4, 4, 4))
             )
             arrays = (suv, ct, steps)
             paths = [root / study / f"{n}.nii.gz" for n in ("SUV", "CTres", "steps")]
@@ -227,7 +227,7 @@ def tiny_lmdbs(tmp_path_factory):
                 nifti.save(nifti.Volume(array, affine), path)
             columns.append(paths)
         out[split] = root / f"{split}.lmdb"
-        store.pack_split(
+        pack.pack_split(
             studies,
             *(list(col) for col in zip(*columns, strict=True)),
             out[split],

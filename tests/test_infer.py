@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import nibabel as nib
@@ -5,23 +6,35 @@ import numpy as np
 import pytest
 import torch
 
-from stepseg import infer, model, nifti, normalize
+from stepseg import infer, model, nifti, normalize, presets
 from stepseg.errors import StudyError
+from stepseg.settings import InferSettings, TrainSettings
 
 PATCH = [8, 16, 16]
-CFG = {"channels": [4, 8], "num_res_units": 1, "norm": "instance"}
-FP32 = {**infer.DEFAULTS, "amp": "off"}  # exact comparisons with the float32 network
+CFG = {"channels": [4, 8], "num_res_units": 1, "norm": "instance", "patch_size": PATCH}
+FP32 = InferSettings(amp="off")  # exact comparisons with the float32 network
+
+
+def _info(zero_channel=False) -> model.ModelInfo:
+    settings = TrainSettings.for_variant({**CFG, "zero_input_channel": zero_channel})
+    return model.ModelInfo(
+        settings=settings,
+        network=model.network_spec(settings, out_channels=8),
+        target_preset=presets.PAPER.to_dict(),
+    )
+
+
 AFFINE = np.array([[-4.0, 0, 0, 10.0], [0, -4.0, 0, 20.0], [0, 0, 3.0, -30.0], [0, 0, 0, 1]])
 
 
 def _checkpoint(path, zero_channel=False):
-    spec = model.network_spec(CFG, out_channels=8, in_channels=3 if zero_channel else 2)
+    info = _info(zero_channel)
     torch.manual_seed(0)
-    net = model.build(spec)
+    net = model.build(info.network)
     with torch.no_grad():  # a bias so the mask is neither empty nor full
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    model.save(path, net, spec, {"patch_size": PATCH, "zero_input_channel": zero_channel})
+    model.save(path, net, info)
     return net.eval()
 
 
@@ -54,7 +67,7 @@ def test_single_window_equals_the_network_on_the_normalised_volume(tmp_path):
         loaded, checkpoint, suv.array, ct.array, FP32, torch.device("cpu")
     )
     np.testing.assert_allclose(prob, _manual_probability(net, suv.array, ct.array), atol=1e-5)
-    mask = infer.predict_volume(path, suv, ct, {"amp": "off"})
+    mask = infer.predict_volume(path, suv, ct, FP32)
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, (prob >= 0.5).astype(np.uint8))
     assert 0 < mask.sum() < mask.size
@@ -70,7 +83,7 @@ def test_flip_tta_averages_the_flipped_predictions(tmp_path):
         checkpoint,
         suv.array,
         ct.array,
-        {**FP32, "flip_tta": True},
+        dataclasses.replace(FP32, flip_tta=True),
         torch.device("cpu"),
     )
     expected = _manual_probability(net, suv.array, ct.array, flips=((), (2,), (3,), (4,)))
@@ -93,7 +106,7 @@ def test_windows_are_normalised_one_by_one(tmp_path):
         checkpoint,
         scaled,
         ct.array,
-        {**FP32, "overlap": 0.0},
+        dataclasses.replace(FP32, overlap=0.0),
         torch.device("cpu"),
     )
     windows = torch.cat(seen)
@@ -114,7 +127,12 @@ def test_bf16_inference_on_the_cpu_follows_float32(tmp_path):
     assert model.autocast_dtype(torch.device("cpu"), "auto") == torch.bfloat16
     prob = {
         amp: infer.predict_probability(
-            net, checkpoint, suv.array, ct.array, {**FP32, "amp": amp}, torch.device("cpu")
+            net,
+            checkpoint,
+            suv.array,
+            ct.array,
+            dataclasses.replace(FP32, amp=amp),
+            torch.device("cpu"),
         )
         for amp in ("off", "auto")
     }
@@ -136,7 +154,7 @@ def test_volume_smaller_than_the_patch_is_padded_not_a_crash(tmp_path):
     path = tmp_path / "model.pt"
     _checkpoint(path, zero_channel=True)
     suv, ct = _volumes((5, 11, 30))
-    mask = infer.predict_volume(path, suv, ct, {"overlap": 0.5})
+    mask = infer.predict_volume(path, suv, ct, InferSettings(overlap=0.5))
     assert mask.shape == (5, 11, 30)
     assert mask.dtype == np.uint8
 
@@ -151,13 +169,13 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
         nifti.save(ct, tmp_path / study / "CTres.nii.gz")
     out = tmp_path / "pred" / "test"
     infer.predict_split(
-        path,
-        list(shapes),
-        [tmp_path / s / "SUV.nii.gz" for s in shapes],
-        [tmp_path / s / "CTres.nii.gz" for s in shapes],
-        out,
-        {},
-        1,
+        model_path=path,
+        studies=list(shapes),
+        suv_paths=[tmp_path / s / "SUV.nii.gz" for s in shapes],
+        ctres_paths=[tmp_path / s / "CTres.nii.gz" for s in shapes],
+        out_dir=out,
+        settings=InferSettings(),
+        threads=1,
     )
     assert sorted(p.name for p in out.iterdir()) == ["S1.nii.gz", "S2.nii.gz"]
     for study, (z, y, x) in shapes.items():
@@ -167,7 +185,15 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
         np.testing.assert_allclose(image.affine, AFFINE)
         assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1}
     with pytest.raises(ValueError, match="2 studies but 1 SUV and 2 CTres files"):
-        infer.predict_split(path, list(shapes), [tmp_path / "S1.nii.gz"], [1, 2], out, {}, 1)
+        infer.predict_split(
+            model_path=path,
+            studies=list(shapes),
+            suv_paths=[tmp_path / "S1.nii.gz"],
+            ctres_paths=[1, 2],
+            out_dir=out,
+            settings=InferSettings(),
+            threads=1,
+        )
 
 
 def _bad_study(folder, volume, value):
@@ -195,7 +221,15 @@ def test_predict_split_refuses_bad_inputs_before_loading_the_model(
     out = tmp_path / "pred"
     bad = re.escape(str(tmp_path / "S1" / f"{volume}.nii.gz"))
     with pytest.raises(StudyError, match=f"study S1, file {bad}: {message}"):
-        infer.predict_split(tmp_path / "no-model.pt", ["S1"], [suv_path], [ctres_path], out, {}, 1)
+        infer.predict_split(
+            model_path=tmp_path / "no-model.pt",
+            studies=["S1"],
+            suv_paths=[suv_path],
+            ctres_paths=[ctres_path],
+            out_dir=out,
+            settings=InferSettings(),
+            threads=1,
+        )
     assert not out.exists()
 
 
@@ -203,9 +237,15 @@ def test_a_wider_configured_ct_range_lets_the_study_through(tmp_path):
     suv_path, ctres_path = _bad_study(tmp_path, "CTres", 5000.0)
     with pytest.raises(FileNotFoundError, match=r"no-model\.pt does not exist"):
         infer.predict_split(
-            tmp_path / "no-model.pt", ["S1"], [suv_path], [ctres_path], tmp_path / "p", {}, 1,
+            model_path=tmp_path / "no-model.pt",
+            studies=["S1"],
+            suv_paths=[suv_path],
+            ctres_paths=[ctres_path],
+            out_dir=tmp_path / "p",
+            settings=InferSettings(),
+            threads=1,
             ct_hu_range=(-1100.0, 5000.0),
-        )  # fmt: skip
+        )
 
 
 def test_checkpoint_from_another_config_names_the_file(tmp_path):
@@ -221,7 +261,12 @@ def test_checkpoint_from_another_config_names_the_file(tmp_path):
 def test_foreign_file_is_refused_by_name(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match=r"other.pt is not a stepseg-model-1 model file"):
+    with pytest.raises(ValueError, match=r"other.pt is not a stepseg-model-2 model file"):
+        model.load(path, torch.device("cpu"))
+    # a model.pt of the first format (settings as a loose dict, no typed settings) is named
+    torch.save({"format": "stepseg-model-1", "state_dict": {}, "network": {}}, path)
+    with pytest.raises(ValueError, match=r"missing keys \['settings', 'target_preset'\], format "
+                       r"'stepseg-model-1'"):  # fmt: skip
         model.load(path, torch.device("cpu"))
     path.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"other.pt is not a readable stepseg model file"):
@@ -236,7 +281,7 @@ def test_cuda_inference_matches_the_cpu(tmp_path):
     probability = {}
     for device, amp in [("cpu", "off"), ("cuda", "off"), ("cuda", "auto")]:
         net, checkpoint = model.load(path, torch.device(device))
-        settings = {**infer.DEFAULTS, "amp": amp}
+        settings = InferSettings(amp=amp)
         probability[device, amp] = infer.predict_probability(
             net, checkpoint, suv.array, ct.array, settings, torch.device(device)
         )
@@ -285,9 +330,8 @@ def test_stitched_volume_is_the_input_everywhere(monkeypatch, shape, overlap, fl
     rng = np.random.default_rng(3)
     suv = rng.uniform(0.05, 0.95, shape).astype(np.float32)
     ct = rng.normal(0, 300, shape).astype(np.float32)
-    settings = {**infer.DEFAULTS, "overlap": overlap, "flip_tta": flip_tta, "sw_batch_size": 3}
-    checkpoint = {"patch_size": PATCH, "zero_input_channel": False}
-    prob = infer.predict_probability(CopyPet(), checkpoint, suv, ct, settings, torch.device("cpu"))
+    settings = InferSettings(overlap=overlap, flip_tta=flip_tta, sw_batch_size=3)
+    prob = infer.predict_probability(CopyPet(), _info(), suv, ct, settings, torch.device("cpu"))
     assert prob.shape == shape
     assert prob.dtype == np.float32
     np.testing.assert_allclose(prob, suv, atol=1e-5)
@@ -302,11 +346,8 @@ def test_overlapping_windows_are_blended_with_gaussian_weights(monkeypatch):
     shape = (8, 16, 40)
     suv = np.full(shape, 0.5, np.float32)
     ct = np.zeros(shape, np.float32)
-    settings = {**infer.DEFAULTS, "overlap": 0.5}
-    checkpoint = {"patch_size": PATCH, "zero_input_channel": False}
-    prob = infer.predict_probability(
-        WindowRamp(), checkpoint, suv, ct, settings, torch.device("cpu")
-    )
+    settings = InferSettings(overlap=0.5)
+    prob = infer.predict_probability(WindowRamp(), _info(), suv, ct, settings, torch.device("cpu"))
 
     # MONAI's gaussian window weights (z, y, x), floored at their smallest positive value
     weight = compute_importance_map(PATCH, mode="gaussian", sigma_scale=0.125).numpy()

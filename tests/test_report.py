@@ -349,9 +349,14 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
             f"""
             configfile: "config.yaml"
             report: "{REPO}/workflow/report/workflow.rst"
+            from stepseg import names
+            from stepseg.settings import ReportSettings
             EVAL_SPLITS = ["val", "test"]
+            SETTINGS = {{"report": ReportSettings.from_mapping(config["report"])}}
             def studies(split):
                 return {STUDIES!r}[split]
+            def nifti_paths(name, split):
+                return [f"results/nifti/{{s}}/{{name}}.nii.gz" for s in studies(split)]
             def trained_variants():
                 return {TRAINED!r}
             def all_variants():

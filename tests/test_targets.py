@@ -1,13 +1,20 @@
-"""Step maps and their expansion against an independent scipy reference of both presets."""
+"""Step maps, their expansion into channels and the targets stage against an independent scipy
+reference of both presets."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
-from stepseg import nifti, targets
+from stepseg import channels, nifti, presets, stepmap, targets
 from stepseg.errors import StudyError
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 SHAPE = (14, 40, 44)
 # the authors' grid: the released code's voxel radii hold here
 AUTHORS_SPACING = (3.0, 2.04, 2.04)
@@ -98,8 +105,8 @@ def image():
 @pytest.mark.parametrize("case", list(hand_made_masks()))
 def test_step_map_and_expansion_equal_the_channel_definitions(preset_name, case, image):
     mask = hand_made_masks()[case]
-    preset = targets.PRESETS[preset_name]
-    steps = targets.step_map(mask, preset.voxel_steps(AUTHORS_SPACING))
+    preset = presets.PRESETS[preset_name]
+    steps = stepmap.step_map(mask, preset.voxel_steps(AUTHORS_SPACING))
     assert steps.dtype == np.uint8
     schedule = RELEASED_STEPS if preset_name == "released_code" else PAPER_STEPS
     for k, reference in enumerate(reference_masks(mask, schedule)):
@@ -109,7 +116,7 @@ def test_step_map_and_expansion_equal_the_channel_definitions(preset_name, case,
 
     pet, ct = image
     image_t = torch.from_numpy(np.stack([pet, ct]))[None]
-    out = targets.expand(torch.from_numpy(steps)[None, None], image_t, preset)
+    out = channels.expand(torch.from_numpy(steps)[None, None], image_t, preset)
     assert out.shape == (1, 8, *SHAPE) and out.dtype == torch.float32
     for c, reference in enumerate(reference_channels(preset_name, mask, pet, ct)):
         np.testing.assert_allclose(out[0, c].numpy(), reference, atol=1e-6, err_msg=f"channel {c}")
@@ -122,20 +129,20 @@ def test_channels_grow_and_the_last_covers_the_image():
     big = np.zeros((40, 120, 120), bool)
     big[20, 60, 60] = True
     for m in (mask, big):
-        steps = targets.step_map(m, targets.PAPER.voxel_steps(AUTHORS_SPACING))
+        steps = stepmap.step_map(m, presets.PAPER.voxel_steps(AUTHORS_SPACING))
         covered = [int((steps <= k).sum()) for k in range(8)]
         assert covered == sorted(covered) and len(set(covered[:6])) == 6
         assert covered[-1] == m.size
-    assert targets.PAPER.n_channels == targets.RELEASED_CODE.n_channels == 8
-    assert targets.PAPER.channel_losses == ["dicefocal"] + ["mse"] * 7
-    assert targets.RELEASED_CODE.channel_losses == ["dicefocal"] * 2 + ["mse"] * 5 + ["none"]
+    assert presets.PAPER.n_channels == presets.RELEASED_CODE.n_channels == 8
+    assert presets.PAPER.channel_losses == ["dicefocal"] + ["mse"] * 7
+    assert presets.RELEASED_CODE.channel_losses == ["dicefocal"] * 2 + ["mse"] * 5 + ["none"]
 
 
 @pytest.mark.parametrize("preset_name", ["paper", "released_code"])
 def test_random_crops_of_random_masks_equal_dilating_the_crop(preset_name, image):
     """The released code's construction restated: crop first, then dilate the crop's own mask
     with scipy (outside the crop is background); a crop without lesion gets all-zero channels."""
-    preset = targets.PRESETS[preset_name]
+    preset = presets.PRESETS[preset_name]
     schedule = RELEASED_STEPS if preset_name == "released_code" else PAPER_STEPS
     pet, ct = image
     rng = np.random.default_rng(7)
@@ -149,10 +156,10 @@ def test_random_crops_of_random_masks_equal_dilating_the_crop(preset_name, image
         )
         crop = study[z : z + SHAPE[0], y : y + SHAPE[1], x : x + SHAPE[2]]
         lesion_free_crops += not crop.any()
-        steps = targets.step_map(crop, preset.voxel_steps(AUTHORS_SPACING))
+        steps = stepmap.step_map(crop, preset.voxel_steps(AUTHORS_SPACING))
         for k, reference in enumerate(reference_masks(crop, schedule)):
             np.testing.assert_array_equal(steps <= k, reference, err_msg=f"step {k}")
-        out = targets.expand(
+        out = channels.expand(
             torch.from_numpy(steps)[None, None], torch.from_numpy(np.stack([pet, ct]))[None], preset
         )
         for c, reference in enumerate(reference_channels(preset_name, crop, pet, ct)):
@@ -164,56 +171,11 @@ def test_random_crops_of_random_masks_equal_dilating_the_crop(preset_name, image
 def test_lesion_free_crop_of_a_lesion_study_has_all_zero_channels(image):
     mask = hand_made_masks()["single voxel"]
     crop = mask[:, :, :6]  # far from the lesion
-    steps = targets.step_map(crop, targets.PAPER.voxel_steps(AUTHORS_SPACING))
+    steps = stepmap.step_map(crop, presets.PAPER.voxel_steps(AUTHORS_SPACING))
     pet, ct = image
     img = torch.from_numpy(np.stack([pet[:, :, :6], ct[:, :, :6]]))[None]
-    out = targets.expand(torch.from_numpy(steps)[None, None], img, targets.PAPER)
+    out = channels.expand(torch.from_numpy(steps)[None, None], img, presets.PAPER)
     assert (steps == 255).all() and not out.any()
-
-
-def test_radii_in_mm_follow_the_grid():
-    assert targets.RELEASED_CODE.voxel_steps(AUTHORS_SPACING)[:3] == tuple(
-        targets.VoxelStep(axes, n) for axes, n in RELEASED_STEPS
-    )
-    # 4.5 mm voxels: 3 / 4.5 = 0.67 -> 1, 4.08 / 4.5 = 0.91 -> 1, 8.16 / 4.5 = 1.81 -> 2
-    coarse = targets.RELEASED_CODE.voxel_steps((4.5, 4.5, 4.5))
-    assert [s.semi_axes for s in coarse] == [(1, 1, 1), (1, 1, 1), (1, 2, 2), None]
-
-
-def test_a_schedule_that_covers_the_patch_is_refused():
-    targets.PAPER.check_fits(AUTHORS_SPACING, (32, 160, 160))
-    targets.PAPER.check_fits((4.5, 4.5, 4.5), (32, 48, 48))
-    wide = targets.preset_from_settings(
-        {"preset": "paper", "steps": [{"semi_axes_mm": [30, 30, 30], "iterations": 4}, "whole"],
-         "channels": [{"step": 0, "fill": "one", "loss": "dicefocal"}, {"step": 1}, {"step": 2}]}
-    )  # fmt: skip
-    # 30 / 4.5 = 6.67 -> 7 voxels, 4 iterations: 28 voxels from a lesion voxel
-    wide.check_fits((4.5, 4.5, 4.5), (16, 16, 30))  # x not covered from the patch's edge
-    with pytest.raises(ValueError, match=r"reaches \[28, 28, 28\] voxels .* covers a whole patch"):
-        wide.check_fits((4.5, 4.5, 4.5), (16, 16, 29))
-
-
-def test_custom_schedule_from_settings():
-    settings = {
-        "preset": "released_code",
-        "steps": [{"semi_axes_mm": [0, 2, 2], "iterations": 1}, "whole"],
-        "channels": [
-            {"step": 0, "fill": "one", "loss": "dicefocal"},
-            {"step": 1, "fill": "pet"},
-            {"step": 2, "fill": "ct", "hollow": True},
-        ],
-    }
-    preset = targets.preset_from_settings(settings)
-    assert preset.n_channels == 3 and preset.steps[-1].whole
-    mask = np.zeros((3, 5, 5), bool)
-    mask[1, 2, 2] = True
-    steps = targets.step_map(mask, preset.voxel_steps((2.0, 2.0, 2.0)))
-    assert (steps[1, 1:4, 2] == [1, 0, 1]).all() and steps[0, 2, 2] == 2
-    assert targets.Preset.from_dict(preset.to_dict()) == preset
-    with pytest.raises(ValueError, match="uses step 9"):
-        targets.preset_from_settings({"preset": "paper", "channels": [{"step": 9}]})
-    with pytest.raises(ValueError, match="not one of"):
-        targets.preset_from_settings({"preset": "nnunet"})
 
 
 def write_inputs(folder, seg, suv=None, ct=None, suv_affine=None):
@@ -274,3 +236,22 @@ def test_bad_inputs_name_the_study_and_file(tmp_path, problem, message):
         )
     assert "study PETCT_bad" in str(error.value) and ".nii.gz" in str(error.value)
     assert not (tmp_path / "steps.nii.gz").exists()
+
+
+@pytest.mark.parametrize("module", ["stepseg.targets", "stepseg.qc"])
+def test_the_targets_stage_does_not_import_torch(module):
+    """The targets rule runs in envs/io.yaml, which has no torch."""
+    code = (
+        f"import sys, {module}\n"
+        f"print({module}.__file__)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    path, imported = result.stdout.splitlines()
+    assert Path(path).is_relative_to(SRC) and imported == "[]"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepseg import losses, model, nifti, store, targets, train
+from stepseg import losses, model, nifti, pack, presets, stepmap, train
 from stepseg.settings import SettingsError, TrainSettings
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
@@ -43,7 +43,7 @@ def _study(root, study, shape, lesion_at=None, seed=0):
         z, y, x = lesion_at
         mask[z - 1 : z + 2, y - 2 : y + 3, x - 2 : x + 3] = True
         suv[mask] += 8.0
-    steps = targets.step_map(mask, targets.preset_from_settings(TARGETS).voxel_steps((4, 4, 4)))
+    steps = stepmap.step_map(mask, presets.preset_from_settings(TARGETS).voxel_steps((4, 4, 4)))
     paths = [root / study / f"{n}.nii.gz" for n in ("SUV", "CTres", "steps")]
     for path, array in zip(paths, (suv, ct, steps), strict=True):
         nifti.save(nifti.Volume(array, AFFINE), path)
@@ -66,7 +66,7 @@ def lmdbs(tmp_path_factory):
     for split, studies in specs.items():
         paths = [_study(root, s, shape, at, seed=i) for i, (s, shape, at) in enumerate(studies)]
         out[split] = root / f"{split}.lmdb"
-        store.pack_split(
+        pack.pack_split(
             [s for s, *_ in studies],
             *(list(col) for col in zip(*paths, strict=True)) if paths else ([], [], []),
             out[split],
@@ -118,7 +118,7 @@ def test_stepwise_training_writes_model_and_log(lmdbs, tmp_path):
     assert net(torch.zeros(1, 2, 8, 16, 16)).shape == (1, 8, 8, 16, 16)
     rows = _rows(log_csv)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    names = losses.StepwiseLoss(targets.PAPER.channel_losses, _settings()).term_names
+    names = losses.StepwiseLoss(presets.PAPER.channel_losses, _settings()).term_names
     for column in ["loss", "lr", "seconds", "val_dice", *names, *(f"s_{n}" for n in names)]:
         assert column in rows[0], column
     # each term's gradient at the last shared feature map, once an epoch
@@ -232,7 +232,7 @@ def test_small_lesion_region_is_everything_but_the_largest_lesions():
 
 def test_channel_regions_follow_the_preset():
     steps = torch.tensor([0, 1, 2, 3, 255], dtype=torch.uint8).view(1, 1, 1, 1, 5)
-    regions = train.channel_regions(steps, targets.RELEASED_CODE)
+    regions = train.channel_regions(steps, presets.RELEASED_CODE)
     # ch2 (step 1): lesion and step 1; ch4 (step 2, a hollow target): its full dilated mask,
     # lesion included, as the released code's aux_mask_list; ch1, ch7: no region
     assert regions[0, 2, 0, 0].tolist() == [True, True, False, False, False]
@@ -293,7 +293,7 @@ def test_a_network_overfits_one_lesion_study(tmp_path, variant):
     lmdb = {}
     for split in ("train", "val"):  # the same study: overfitting is the point
         lmdb[split] = tmp_path / f"{split}.lmdb"
-        store.pack_split(
+        pack.pack_split(
             ["L"], [paths[0]], [paths[1]], [paths[2]], lmdb[split],
             {"codec": "gzip", "tile_shape": [8, 16, 16]}, TARGETS,
         )  # fmt: skip

@@ -16,11 +16,10 @@ import numpy as np
 
 from stepseg import nifti
 from stepseg.errors import StudyError
+from stepseg.settings import ChecksSettings
 
-# Plausible CT numbers after rescale: air is -1000 (-1024 where scanners fill outside the field of
-# view), dense bone and contrast stay far below 4000. Scanners that pad with -2048 or -3024, or
-# extended-scale CT of metal implants, need `checks.ct_hu_range` in the config widened.
-CT_HU_RANGE: tuple[float, float] = (-1100.0, 4000.0)
+# The default plausible CT range (`checks.ct_hu_range`); see ChecksSettings for why.
+CT_HU_RANGE: tuple[float, float] = ChecksSettings().ct_hu_range
 
 
 def ct_hu_range(config: Mapping[str, Any]) -> tuple[float, float]:
@@ -29,8 +28,7 @@ def ct_hu_range(config: Mapping[str, Any]) -> tuple[float, float]:
     Read by the entry scripts from the whole config rather than passed as a rule parameter: the
     range decides only whether a job fails, never what it writes, so it is no rerun trigger.
     """
-    low, high = config.get("checks", {}).get("ct_hu_range", CT_HU_RANGE)
-    return (float(low), float(high))
+    return ChecksSettings.from_mapping(config.get("checks", {})).ct_hu_range
 
 
 def _non_finite(study: str, name: str, array: np.ndarray, path: str | Path) -> None:

@@ -21,7 +21,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
@@ -29,6 +28,7 @@ import SimpleITK as sitk  # noqa: N813 (the conventional name)
 from stepseg import checks, logs, nifti
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
+from stepseg.settings import InferSettings
 
 log = logging.getLogger("stepseg.cli")
 
@@ -109,29 +109,6 @@ def study_name(suv_path: Path) -> str:
     return suv_path.name.split(".")[0]
 
 
-def predict_study(
-    model: Path,
-    suv_path: Path,
-    ctres_path: Path,
-    out_path: Path,
-    settings: dict[str, Any],
-    device: str | None,
-    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
-) -> int:
-    """Predict one study and write the uint8 mask on the SUV grid; return its voxel count.
-    Inputs that fail `stepseg.checks` are refused before the model is loaded."""
-    from stepseg import infer  # torch and MONAI load only when a prediction is asked for
-
-    study = study_name(suv_path)
-    suv = read_image(suv_path, study)
-    ctres = read_image(ctres_path, study)
-    checks.check_suv_ctres(study, (suv_path, suv), (ctres_path, ctres), ct_hu_range)
-    mask = infer.predict_volume(model, suv, ctres, settings, device=device, study=study)
-    write_image(nifti.Volume(mask.astype(np.uint8), suv.affine), out_path)
-    log.info("%s: %d lesion voxels -> %s", study, int(mask.sum()), out_path)
-    return int(mask.sum())
-
-
 def grand_challenge_pairs(input_dir: Path, output_dir: Path) -> list[tuple[Path, Path, Path]]:
     """(SUV, CTres, output) paths of the container layout; see the module docstring."""
     pets = {p.name: p for p in sorted((input_dir / GC_PET).glob("*.mha"))}
@@ -171,9 +148,14 @@ def check_outputs(paths: Sequence[Path], force: bool) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    settings: dict[str, Any] = {"flip_tta": args.flip_tta, "amp": args.amp}
-    if args.overlap is not None:
-        settings["overlap"] = args.overlap
+    """Predict every study with one model, loaded once (`stepseg.infer.predict_studies`): inputs
+    that fail `stepseg.checks` and unusable outputs are refused before the model is loaded."""
+    from stepseg import infer  # torch and MONAI load only when a prediction is asked for
+
+    chosen = {"flip_tta": args.flip_tta, "amp": args.amp, "overlap": args.overlap}
+    settings = InferSettings.from_mapping(
+        {key: value for key, value in chosen.items() if value is not None}, "stepseg predict"
+    )
     single = [args.suv, args.ctres, args.out]
     if any(single) and not all(single):
         raise SystemExit("stepseg predict: --suv, --ctres and --out go together")
@@ -182,21 +164,25 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         pairs = grand_challenge_pairs(Path(args.input_dir), Path(args.output_dir))
     check_outputs([out for _, _, out in pairs], args.force)
-    for suv, ctres, out in pairs:
-        log.info("study %s: %s + %s -> %s", study_name(suv), suv, ctres, out)
+    studies = [infer.StudyFiles(study_name(suv), suv, ctres, out) for suv, ctres, out in pairs]
+    masks = infer.predict_studies(
+        Path(args.model), studies, settings,
+        device=args.device, ct_hu_range=tuple(args.ct_hu_range),
+        read=read_image, write=write_image,
+    )  # fmt: skip
+    for study in studies:  # `masks` predicts one study per step
+        log.info("study %s: %s + %s -> %s", study.study, study.suv, study.ctres, study.out)
         try:
-            voxels = predict_study(
-                Path(args.model), suv, ctres, out, settings, args.device, tuple(args.ct_hu_range)
-            )
+            voxels = next(masks)
         except CLEAR_ERRORS:
             raise
         except Exception as exc:  # unexpected: the log still says which study and why
             log.error(
                 "stepseg predict failed on study %s, file %s: %s: %s",
-                study_name(suv), suv, type(exc).__name__, exc, exc_info=exc,
+                study.study, study.suv, type(exc).__name__, exc, exc_info=exc,
             )  # fmt: skip
             return 1
-        print(f"{out}\t{voxels} lesion voxels")
+        print(f"{study.out}\t{voxels} lesion voxels")
     return 0
 
 
@@ -219,13 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output-dir", default="/output", help="container output root")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
     predict.add_argument(
-        "--overlap", type=float, help="sliding-window overlap (default: stepseg.infer.DEFAULTS)"
+        "--overlap",
+        type=float,
+        help=f"sliding-window overlap (default: {InferSettings().overlap})",
     )
     predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
     predict.add_argument(
         "--amp",
         choices=("auto", "bf16", "fp16", "off"),  # stepseg.model.AMP_MODES, without importing torch
-        default="auto",
+        default=InferSettings().amp,
         help="autocast: auto = bf16 on a GPU or a CPU that runs it natively (default: auto)",
     )
     predict.add_argument(

@@ -11,9 +11,10 @@ cropped back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,24 +23,31 @@ from torch.nn import functional
 
 from stepseg import checks, model, nifti, normalize
 from stepseg.errors import StudyError
+from stepseg.names import AIR_HU
+from stepseg.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
-AIR_HU = -1024.0
-DEFAULTS: dict[str, Any] = {
-    "overlap": 0.5,
-    "flip_tta": False,
-    "sw_batch_size": 2,
-    "threshold": 0.5,
-    "amp": "auto",
-}
+
+class StudyFiles(NamedTuple):
+    """One study to predict: its id (named in every message), its inputs and the mask to write."""
+
+    study: str
+    suv: Path
+    ctres: Path
+    out: Path
+
+
+Read = Callable[[Path, str], nifti.Volume]  # (path, study) -> volume, failures naming both
+Write = Callable[[nifti.Volume, Path], None]
+READ_NIFTI: Read = partial(nifti.load, dtype=np.float32)
 
 
 def predict_volume(
     model_path: str | Path,
     suv: nifti.Volume,
     ctres: nifti.Volume,
-    settings: Mapping[str, Any],
+    settings: InferSettings,
     device: str | torch.device | None = None,
     study: str = "study",
 ) -> np.ndarray:
@@ -48,23 +56,35 @@ def predict_volume(
         raise StudyError(
             study, f"SUV shape {suv.array.shape} and CTres shape {ctres.array.shape} differ"
         )
-    cfg = {**DEFAULTS, **settings}
     dev = model.resolve_device(device)
-    net, checkpoint = model.load(model_path, dev)
-    probability = predict_probability(net, checkpoint, suv.array, ctres.array, cfg, dev)
-    return (probability >= float(cfg["threshold"])).astype(np.uint8)
+    net, info = model.load(model_path, dev)
+    return predict_mask(net, info, suv.array, ctres.array, settings, dev)
+
+
+def predict_mask(
+    net: torch.nn.Module,
+    info: model.ModelInfo,
+    suv: np.ndarray,
+    ct_hu: np.ndarray,
+    settings: InferSettings,
+    device: torch.device,
+) -> np.ndarray:
+    """Binary lesion mask (z, y, x) uint8: the lesion probability >= `settings.threshold`."""
+    probability = predict_probability(net, info, suv, ct_hu, settings, device)
+    return (probability >= settings.threshold).astype(np.uint8)
 
 
 def predict_probability(
     net: torch.nn.Module,
-    checkpoint: Mapping[str, Any],
+    info: model.ModelInfo,
     suv: np.ndarray,
     ct_hu: np.ndarray,
-    settings: Mapping[str, Any],
+    settings: InferSettings,
     device: torch.device,
 ) -> np.ndarray:
-    """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume."""
-    roi = checkpoint.settings.patch_size
+    """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume; the window
+    is the model's training patch."""
+    roi = info.settings.patch_size
     shape = suv.shape
     raw = torch.stack(
         [
@@ -73,9 +93,9 @@ def predict_probability(
         ]
     )[None]
     raw, crop = _pad_to(raw, roi)
-    zero_channel = checkpoint.settings.zero_input_channel
-    amp_dtype = model.autocast_dtype(device, str(settings["amp"]))
-    flips = [()] + ([(2,), (3,), (4,)] if settings["flip_tta"] else [])
+    zero_channel = info.settings.zero_input_channel
+    amp_dtype = model.autocast_dtype(device, settings.amp)
+    flips = [()] + ([(2,), (3,), (4,)] if settings.flip_tta else [])
 
     def window_probability(windows: torch.Tensor) -> torch.Tensor:
         # MONAI hands the windows over on sw_device: normalised there, each on its own
@@ -94,9 +114,9 @@ def predict_probability(
         prob = sliding_window_inference(
             raw,
             roi_size=roi,
-            sw_batch_size=int(settings["sw_batch_size"]),
+            sw_batch_size=settings.sw_batch_size,
             predictor=window_probability,
-            overlap=float(settings["overlap"]),
+            overlap=settings.overlap,
             mode="gaussian",
             sw_device=device,
             device="cpu",
@@ -121,13 +141,60 @@ def _pad_to(raw: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, tupl
     return torch.cat([suv, ct], dim=1), crop
 
 
+def predict_studies(
+    model_path: str | Path,
+    studies: Sequence[StudyFiles],
+    settings: InferSettings,
+    *,
+    device: str | torch.device | None = None,
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
+    read: Read = READ_NIFTI,
+    write: Write = nifti.save,
+) -> Iterator[int]:
+    """Predict `studies` with one model, loaded once: each study's mask (uint8, SUV grid) is
+    written to its `out`; the iterator yields the masks' voxel counts, one study per step.
+
+    Every study's inputs pass `stepseg.checks` before the model is loaded, here, not at the first
+    step, so that a failing one is named with its file before any work. The rule (`predict_split`)
+    and `stepseg predict` both predict through this; `read` and `write` are the file formats'.
+    """
+    for files in studies:  # every input, before any work
+        _read_inputs(files, ct_hu_range, read)
+    dev = model.resolve_device(device)
+    net, info = model.load(model_path, dev)
+
+    def masks() -> Iterator[int]:
+        for files in studies:
+            suv, ctres = _read_inputs(files, ct_hu_range, read)
+            mask = predict_mask(net, info, suv.array, ctres.array, settings, dev)
+            write(nifti.Volume(mask, suv.affine), files.out)
+            log.info(
+                "%s: %d lesion voxels (%.2f ml) predicted with %s",
+                files.study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,
+            )  # fmt: skip
+            yield int(mask.sum())
+
+    return masks()
+
+
+def _read_inputs(
+    files: StudyFiles, ct_hu_range: tuple[float, float], read: Read
+) -> tuple[nifti.Volume, nifti.Volume]:
+    """SUV and CTres of one study after `stepseg.checks` (one grid, plausible values)."""
+    suv = read(files.suv, files.study)
+    ctres = read(files.ctres, files.study)
+    checks.check_suv_ctres(files.study, (files.suv, suv), (files.ctres, ctres), ct_hu_range)
+    return suv, ctres
+
+
 def predict_split(
+    *,
     model_path: str | Path,
     studies: Sequence[str],
     suv_paths: Sequence[str | Path],
     ctres_paths: Sequence[str | Path],
     out_dir: str | Path,
-    settings: Mapping[str, Any],
+    settings: InferSettings,
     threads: int,
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
@@ -135,35 +202,19 @@ def predict_split(
 
     One process per model and split instead of one per study: importing torch and MONAI and
     loading the model took about three times as long as predicting one 128 x 88 x 88 study on
-    a CPU, so per-study jobs spent most of the inference phase starting up. Every study's
-    inputs pass `stepseg.checks` before the model is loaded; a failing one is named with its file.
+    a CPU, so per-study jobs spent most of the inference phase starting up.
     """
     if not len(studies) == len(suv_paths) == len(ctres_paths):
         raise ValueError(
             f"{len(studies)} studies but {len(suv_paths)} SUV and {len(ctres_paths)} CTres files"
         )
-
-    def inputs(study: str, suv_path: str | Path, ctres_path: str | Path) -> tuple:
-        suv = nifti.load(suv_path, study, np.float32)
-        ctres = nifti.load(ctres_path, study, np.float32)
-        checks.check_suv_ctres(study, (Path(suv_path), suv), (Path(ctres_path), ctres), ct_hu_range)
-        return suv, ctres
-
-    studies_and_paths = list(zip(studies, suv_paths, ctres_paths, strict=True))
-    for study, suv_path, ctres_path in studies_and_paths:  # every input, before any work
-        inputs(study, suv_path, ctres_path)
-    torch.set_num_threads(max(1, int(threads)))
-    cfg = {**DEFAULTS, **settings}
-    device = model.resolve_device(None)
-    net, checkpoint = model.load(model_path, device)
     out_dir = Path(out_dir)
+    files = [
+        StudyFiles(study, Path(suv), Path(ctres), out_dir / f"{study}.nii.gz")
+        for study, suv, ctres in zip(studies, suv_paths, ctres_paths, strict=True)
+    ]
+    torch.set_num_threads(max(1, int(threads)))
+    predictions = predict_studies(model_path, files, settings, ct_hu_range=ct_hu_range)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for study, suv_path, ctres_path in studies_and_paths:
-        suv, ctres = inputs(study, suv_path, ctres_path)
-        probability = predict_probability(net, checkpoint, suv.array, ctres.array, cfg, device)
-        mask = (probability >= float(cfg["threshold"])).astype(np.uint8)
-        nifti.save(nifti.Volume(mask, suv.affine), out_dir / f"{study}.nii.gz", dtype=np.uint8)
-        log.info(
-            "%s: %d lesion voxels (%.2f ml) predicted with %s",
-            study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,
-        )  # fmt: skip
+    for _ in predictions:
+        pass

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stepseg import data, distributed, losses, model, schedule, store, targets
+from stepseg import channels, data, distributed, losses, model, presets, schedule, tilestore
 from stepseg.atomic import atomic_file
 from stepseg.settings import TrainSettings
 
@@ -111,7 +111,7 @@ class _Step:
     criterion: losses.StepwiseLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    preset: targets.Preset
+    preset: presets.Preset
     settings: TrainSettings
     ctx: distributed.DistContext
     amp_dtype: torch.dtype | None
@@ -128,10 +128,10 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
     torch.set_num_threads(max(1, job.threads // ctx.world_size))
     device = ctx.device
     amp_dtype = model.autocast_dtype(device, settings.amp)
-    meta = store.TileStore(job.train_lmdb).meta
+    meta = tilestore.TileStore(job.train_lmdb).meta
     if not meta["studies"]:
         raise TrainingError(f"training split {job.train_lmdb} holds no study: nothing to train on")
-    preset = targets.preset_from_settings(meta["targets"])
+    preset = presets.preset_from_settings(meta["targets"])
     channel_losses = (
         list(preset.channel_losses) if settings.targets == "stepwise" else ["dicefocal"]
     )
@@ -183,7 +183,7 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
     train_set = _dataset(job.train_lmdb, settings, seed=settings.seed, validation=False)
     if len(train_set) == 0:
         raise TrainingError(f"training split {job.train_lmdb} yields no patch: nothing to train on")
-    has_val = bool(store.TileStore(job.val_lmdb).studies)
+    has_val = bool(tilestore.TileStore(job.val_lmdb).studies)
     val_set = (
         _dataset(job.val_lmdb, settings, seed=10_000 + settings.seed, validation=True)
         if has_val
@@ -258,7 +258,7 @@ def _dataset(
 
 def covering_samples(lmdb_path: str | Path, patch_size: Sequence[int]) -> int:
     """Patches whose voxels add up to the split's voxels: "an epoch goes through all images"."""
-    tiles = store.TileStore(lmdb_path)
+    tiles = tilestore.TileStore(lmdb_path)
     voxels = sum(math.prod(tiles.study_meta(s)["shape"]) for s in tiles.studies)
     tiles.close()
     return math.ceil(voxels / math.prod(patch_size))
@@ -349,16 +349,16 @@ def term_gradient_norms(
 
 
 def _targets(
-    steps: torch.Tensor, image: torch.Tensor, preset: targets.Preset, settings: TrainSettings
+    steps: torch.Tensor, image: torch.Tensor, preset: presets.Preset, settings: TrainSettings
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Targets for the variant: all preset channels (stepwise) or the lesion mask only (plain)."""
-    target = targets.expand(steps, image, preset)
+    target = channels.expand(steps, image, preset)
     if settings.targets == "plain":
         return target[:, :1], None
     return target, channel_regions(steps, preset) if settings.masked_mse else None
 
 
-def channel_regions(steps: torch.Tensor, preset: targets.Preset) -> torch.Tensor:
+def channel_regions(steps: torch.Tensor, preset: presets.Preset) -> torch.Tensor:
     """Each channel's dilated mask (B, C, D, H, W) bool, for the released code's masked MSE.
 
     The full dilated mask, lesion included, also for hollow channels: the released code's

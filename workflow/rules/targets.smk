@@ -16,8 +16,8 @@ rule targets:
     benchmark:
         "results/benchmarks/targets/{study}.tsv"
     conda:
-        # stepseg.targets also holds the torch expansion used in training
-        "../../envs/torch.yaml"
+        # numpy, scipy, nibabel and matplotlib: the stage imports no torch (tests/test_targets.py)
+        "../../envs/io.yaml"
     params:
         targets=config["targets"],
     script:

@@ -1,6 +1,7 @@
 """Entry script: whole-body sliding-window inference of one split's studies with one model."""
 
 from stepseg import checks, devices, infer, logs
+from stepseg.settings import InferSettings
 
 # each GPU job takes cards of its own (CUDA_VISIBLE_DEVICES); a no-op without GPUs
 with (
@@ -13,7 +14,7 @@ with (
         suv_paths=snakemake.input.suv,
         ctres_paths=snakemake.input.ctres,
         out_dir=snakemake.output[0],
-        settings=snakemake.params.settings,
+        settings=InferSettings.from_mapping(snakemake.params.settings),
         threads=snakemake.threads,
         ct_hu_range=checks.ct_hu_range(snakemake.config),
     )

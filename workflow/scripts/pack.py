@@ -1,9 +1,9 @@
 """Entry script: pack one split's studies into an LMDB of compressed 3-D tiles."""
 
-from stepseg import checks, logs, store
+from stepseg import checks, logs, pack
 
 with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
-    store.pack_split(
+    pack.pack_split(
         studies=snakemake.params.studies,
         suv_paths=snakemake.input.suv,
         ctres_paths=snakemake.input.ctres,

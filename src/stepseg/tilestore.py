@@ -1,79 +1,48 @@
-"""One split's studies in an LMDB of compressed 3-D tiles, read patch by patch.
+"""The LMDB layout of a packed split and its reader, `TileStore`.
 
 Layout (format version 4): the volumes of a study (SUV as float16, CT as int16 HU, step map as
 uint8) are cut into tiles of `tile_shape` (z, y, x); the three tiles at one position form one
-LMDB value under the key `{study}/{tz}/{ty}/{tx}`: a compressed pickle (compress-pickle, codec
-configurable) of `{"suv": ..., "ct": ..., "steps": ...}`, each a 3-D array or, for a constant
-tile (air), its value. Reading a 32x160x160 patch therefore decompresses only the tiles it
-touches, never whole slices, and costs one look-up and one unpickle per position for all three
-volumes: per-volume values (version 2) took three, and the loader a third more CPU time per patch
-(bench/loader.py: 14-16 ms against 11-12 ms, of which 7-8 ms is the DataLoader's own transfer).
-`{study}/meta` holds the study's shape, spacing, affine, a lesion voxel index and a hot voxel index
-(SUV >= `hot_suv_min` outside lesions: the physiological uptake that crops learn to reject),
-`__meta__` the format version, codec, tile shape, dtypes, normalisation and target settings; both
-metadata records are uncompressed pickles, so they are readable before the codec is known.
+LMDB value under the key `{study}/{tz}/{ty}/{tx}`: a compressed pickle (`stepseg.codec`, codec
+configurable) of `{"suv": ..., "ct": ..., "steps": ...}` (`encode_record`), each a 3-D array or,
+for a constant tile (air), its value. Reading a 32x160x160 patch therefore decompresses only the
+tiles it touches, never whole slices, and costs one look-up and one unpickle per position for all
+three volumes: per-volume values (version 2) took three, and the loader a third more CPU time per
+patch (bench/loader.py: 14-16 ms against 11-12 ms, of which 7-8 ms is the DataLoader's own
+transfer). `{study}/meta` holds the study's shape, spacing, affine, a lesion voxel index and a hot
+voxel index (SUV >= `hot_suv_min` outside lesions: the physiological uptake that crops learn to
+reject), `__meta__` the format version, codec, tile shape, dtypes, normalisation and target
+settings; both metadata records are uncompressed pickles, so they are readable before the codec
+is known. `stepseg.pack` writes it.
 
 Every value is stored behind the CRC32 of its key and its bytes (`seal`), verified on every read
 (`unseal`): LMDB checks its own pages but not the values, and a flipped byte inside a plain tile
 would otherwise be read as a voxel off by thousands of HU, a NaN or a negative SUV. Covering the
 key also refuses a value that landed under another key. The check costs about 0.8 ms per MB
 (bench/loader.py prints the read time with and without it).
-
-Values are unpickled by a restricted unpickler that accepts numpy arrays, dtypes and scalars and
-plain Python types only, so a tampered database cannot run code. The database is built in a
-temporary directory and renamed when complete (`stepseg.atomic.atomic_dir`), and `__meta__` is
-written last: a killed job never leaves a valid-looking LMDB.
 """
 
 from __future__ import annotations
 
-import bz2
-import io
 import itertools
-import logging
-import lzma
 import os
-import pickle
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
-import compress_pickle
 import lmdb
-import nibabel as nib
 import numpy as np
-from compress_pickle.picklers.base import BasePicklerIO
-from compress_pickle.picklers.registry import get_known_picklers, register_pickler
 
-from stepseg import LMDB_FORMAT_VERSION, checks, nifti
-from stepseg.atomic import atomic_dir
+from stepseg import LMDB_FORMAT_VERSION
+from stepseg.codec import decode, encode
 from stepseg.errors import StudyError
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = LMDB_FORMAT_VERSION
 META_KEY = b"__meta__"
 DTYPES = {"suv": np.float16, "ct": np.int16, "steps": np.uint8}
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-INT16_RANGE = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
-PICKLER = "stepseg_restricted"
 CHECKSUM = struct.Struct("<I")  # CRC32 of key and payload, in front of the payload
 REPACK = "delete it and re-pack (the pack rule rebuilds it)"
-
-
-# compress-pickle codecs and the keyword that sets their compression level
-def _gunzip(data: bytes | memoryview) -> bytes:
-    """One-shot gunzip into a buffer of the exact size (the gzip trailer's ISIZE field)."""
-    size = int.from_bytes(data[-4:], "little")
-    return zlib.decompress(data, wbits=31, bufsize=max(size, 1))
-
-
-LEVEL_KEYWORD = {"gzip": "compresslevel", "bz2": "compresslevel", "lzma": "preset"}
-DECOMPRESS = {"gzip": _gunzip, "bz2": bz2.decompress, "lzma": lzma.decompress, None: bytes}
-MAGIC = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "lzma": b"\xfd7zXZ"}
-CODECS = ["gzip", "bz2", "lzma", None]
 
 Box = tuple[slice, slice, slice]
 
@@ -84,47 +53,6 @@ class StoreError(RuntimeError):
     def __init__(self, path: str | Path, message: str) -> None:
         self.path = Path(path)
         super().__init__(f"LMDB {self.path}: {message}")
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain Python values; any other global is refused."""
-
-    ALLOWED = frozenset(
-        (module, name)
-        for core in ("numpy._core", "numpy.core")
-        for module, name in (
-            (f"{core}.multiarray", "_reconstruct"),
-            (f"{core}.multiarray", "scalar"),
-            (f"{core}.numeric", "_frombuffer"),
-        )
-    ) | {("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
-        return super().find_class(module, name)
-
-
-class _RestrictedPicklerIO(BasePicklerIO):
-    """compress-pickle adapter: plain pickle (protocol 5) out, `RestrictedUnpickler` in."""
-
-    def dump(self, obj: Any, stream: IO[bytes], **kwargs: Any) -> None:
-        stream.write(pickle.dumps(obj, protocol=5, **kwargs))
-
-    def load(self, stream: IO[bytes], **kwargs: Any) -> Any:
-        return RestrictedUnpickler(stream, **kwargs).load()
-
-
-if PICKLER not in get_known_picklers():
-    register_pickler(PICKLER, _RestrictedPicklerIO)
-
-
-def encode(obj: Any, codec: str | None, level: int | None = None) -> bytes:
-    """Compressed pickle of `obj` (compress-pickle; codec None = a plain pickle)."""
-    if codec not in DECOMPRESS:
-        raise ValueError(f"unsupported codec {codec!r}; choose one of {CODECS}")
-    kwargs = {LEVEL_KEYWORD[codec]: level} if level is not None and codec in LEVEL_KEYWORD else {}
-    return compress_pickle.dumps(obj, compression=codec, pickler_method=PICKLER, **kwargs)
 
 
 def encode_record(
@@ -148,21 +76,6 @@ def encode_record(
         return plain
     packed = encode(record, codec, level)
     return packed if len(packed) <= max_ratio * len(plain) else plain
-
-
-def decode(data: bytes | memoryview) -> Any:
-    """Inverse of `encode` through the restricted unpickler; the codec is read off the magic
-    bytes, so plain and compressed values can sit side by side.
-
-    Compressed values are the files compress-pickle writes (gzip, bz2 or xz around a pickle),
-    decompressed in one call rather than through compress-pickle's file object, which reads in
-    small chunks and takes about twice as long per tile.
-    """
-    head = bytes(data[:6])
-    for codec, magic in MAGIC.items():
-        if head.startswith(magic):
-            return RestrictedUnpickler(io.BytesIO(DECOMPRESS[codec](data))).load()
-    return RestrictedUnpickler(io.BytesIO(data)).load()
 
 
 class ChecksumError(ValueError):
@@ -203,85 +116,6 @@ def study_meta_key(study: str) -> bytes:
     return f"{study}/meta".encode()
 
 
-def pack_split(
-    studies: Sequence[str],
-    suv_paths: Sequence[str | Path],
-    ctres_paths: Sequence[str | Path],
-    steps_paths: Sequence[str | Path],
-    out_dir: str | Path,
-    pack_settings: dict[str, Any],
-    target_settings: dict[str, Any],
-    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
-) -> None:
-    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`; a study
-    with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split."""
-    if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
-        raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
-    codec = pack_settings.get("codec", "gzip")
-    level = pack_settings.get("level")
-    max_ratio = float(pack_settings.get("max_compressed_ratio", 0.05))
-    tile_shape = tuple(int(t) for t in pack_settings.get("tile_shape", (16, 64, 64)))
-    index_max = int(pack_settings.get("lesion_index_max", 4096))
-    hot_suv_min = float(pack_settings.get("hot_suv_min", 3.0))
-    hot_index_max = int(pack_settings.get("hot_index_max", 4096))
-    with atomic_dir(out_dir) as tmp:
-        env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
-        try:
-            for study, suv_path, ct_path, steps_path in zip(
-                studies, suv_paths, ctres_paths, steps_paths, strict=True
-            ):
-                volumes, meta = _load_study(
-                    study,
-                    (suv_path, ct_path, steps_path),
-                    index_max,
-                    hot_suv_min,
-                    hot_index_max,
-                    ct_hu_range,
-                )
-                with env.begin(write=True) as txn:
-                    for index, box in iter_tiles(meta["shape"], tile_shape):
-                        tiles = {n: np.ascontiguousarray(a[box]) for n, a in volumes.items()}
-                        key = tile_key(study, index)
-                        txn.put(key, seal(key, encode_record(tiles, codec, level, max_ratio)))
-                    key = study_meta_key(study)
-                    txn.put(key, seal(key, encode(meta, None)))
-                log.info(
-                    "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
-                    study,
-                    meta["shape"],
-                    meta["lesion_voxel_count"],
-                    meta["hot_voxel_count"],
-                )
-            store_meta = {
-                "format_version": FORMAT_VERSION,
-                "codec": codec,
-                "max_compressed_ratio": max_ratio,
-                "tile_shape": tile_shape,
-                "dtypes": {name: np.dtype(dtype).str for name, dtype in DTYPES.items()},
-                "normalisation": {
-                    "ct": "(clip(HU, -1000, 1000) + 1000) / 500",
-                    "pet": "z(log2(SUV + 1)) / 2 + 1, z over SUV > 0.14, std >= 0.01",
-                },
-                "targets": dict(target_settings),
-                "hot_suv_min": hot_suv_min,
-                "studies": list(studies),
-            }
-            with env.begin(write=True) as txn:
-                txn.put(META_KEY, seal(META_KEY, encode(store_meta, None)))
-            env.sync()
-        finally:
-            env.close()
-        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        log.info("LMDB of %d studies: %.1f MB", len(studies), size / 1e6)
-
-
-def _map_size(suv_paths: Sequence[str | Path]) -> int:
-    """An upper bound of the database size: every tile stored plain (5 bytes a voxel) plus
-    pickle and page overhead. LMDB files grow only as pages are used, so this costs no disk."""
-    voxels = sum(int(np.prod(nib.load(p).shape)) for p in suv_paths if Path(p).is_file())
-    return int(voxels * len(DTYPES) * 2 * 1.25) + (1 << 28)
-
-
 def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:
     """(tile index, box) for every tile of a volume, in key order."""
     for index in itertools.product(*(range(n) for n in tile_grid(shape, tile_shape))):
@@ -292,77 +126,6 @@ def iter_tiles(shape: Sequence[int], tile_shape: Sequence[int]) -> Any:
                 for i, t, n in zip(index, tile_shape, shape, strict=True)
             ),
         )
-
-
-def _load_study(
-    study: str,
-    paths: tuple[str | Path, str | Path, str | Path],
-    index_max: int,
-    hot_suv_min: float,
-    hot_index_max: int,
-    ct_hu_range: tuple[float, float],
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Volumes and study metadata from the (SUV, CTres, steps) files at `paths`."""
-    suv_path, ct_path, steps_path = (Path(p) for p in paths)
-    suv = nifti.load(suv_path, study, dtype=np.float32)
-    ct = nifti.load(ct_path, study)
-    steps = nifti.load(steps_path, study)
-    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "steps": (steps_path, steps)})
-    checks.check_suv_ctres(study, (suv_path, suv), (ct_path, ct), ct_hu_range)
-    if not np.array_equal(steps.array, steps.array.astype(np.uint8)):
-        raise StudyError(study, "step map is not uint8", steps_path)
-    suv16 = _to_float16(study, suv.array, suv_path)
-    ct16 = _to_int16(study, ct.array, ct_path)
-    lesion_mask = steps.array == 0
-    hot_mask = (suv.array >= hot_suv_min) & ~lesion_mask
-    rng = np.random.default_rng(zlib.crc32(study.encode()))
-    lesion = _voxel_index(lesion_mask, index_max, rng)
-    hot = _voxel_index(hot_mask, hot_index_max, rng)
-    meta = {
-        "shape": tuple(int(n) for n in suv.array.shape),
-        "spacing_zyx": suv.spacing_zyx,
-        "affine": suv.affine,
-        "has_lesions": bool(len(lesion)),
-        "lesion_voxel_count": int(lesion_mask.sum()),
-        "lesion_voxels": lesion,
-        "hot_voxel_count": int(hot_mask.sum()),
-        "hot_voxels": hot,
-        "suv_max": float(suv.array.max()),
-    }
-    volumes = {"suv": suv16, "ct": ct16, "steps": steps.array.astype(np.uint8)}
-    return volumes, meta
-
-
-def _voxel_index(mask: np.ndarray, index_max: int, rng: np.random.Generator) -> np.ndarray:
-    """(z, y, x) of the voxels of `mask` as uint16, a uniform random subset of at most
-    `index_max` in scan order: enough crop centres without storing whole organs."""
-    voxels = np.argwhere(mask)
-    if len(voxels) > index_max:
-        voxels = voxels[np.sort(rng.choice(len(voxels), index_max, replace=False))]
-    return voxels.astype(np.uint16)
-
-
-def _to_float16(study: str, suv: np.ndarray, path: str | Path) -> np.ndarray:
-    """float16 keeps SUV to a relative 5e-4 (0.03 at SUV 50); values above 65504 are clipped."""
-    over = int((suv > FLOAT16_MAX).sum())
-    if over:
-        log.warning(
-            "study %s (%s): %d SUV voxels above %.0f clipped for float16 storage",
-            study,
-            path,
-            over,
-            FLOAT16_MAX,
-        )
-    return np.minimum(suv, FLOAT16_MAX).astype(np.float16)
-
-
-def _to_int16(study: str, ct: np.ndarray, path: str | Path) -> np.ndarray:
-    """CT in whole HU (CTres is interpolated, so fractions of a HU are rounding noise)."""
-    rounded = np.rint(ct.astype(np.float32))
-    outside = int(((rounded < INT16_RANGE[0]) | (rounded > INT16_RANGE[1])).sum())
-    if outside:
-        log.warning("study %s (%s): %d CT voxels outside int16 clipped", study, path, outside)
-    return np.clip(rounded, *INT16_RANGE).astype(np.int16)
 
 
 _ENVIRONMENTS: dict[tuple[str, int], lmdb.Environment] = {}

@@ -1,4 +1,5 @@
-"""LMDB packing: round trip, metadata, atomicity, the restricted unpickler and bad databases."""
+"""The tile store as packed and read: round trip, metadata, atomicity, the restricted unpickler
+and bad databases."""
 
 import gzip
 import logging
@@ -10,7 +11,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from stepseg import nifti, store, targets
+from stepseg import codec, nifti, pack, presets, stepmap, tilestore
 from stepseg.errors import StudyError
 
 AFFINE = np.array([[-2.04, 0, 0, 400.0], [0, -2.04, 0, 300.0], [0, 0, 3.0, -900.0], [0, 0, 0, 1]])
@@ -35,14 +36,14 @@ def make_study(folder, shape, seed, lesion=True, suv_max=None):
     folder.mkdir(parents=True, exist_ok=True)
     nifti.save(nifti.Volume(suv, AFFINE), folder / "SUV.nii.gz")
     nifti.save(nifti.Volume(ct, AFFINE), folder / "CTres.nii.gz")
-    steps = targets.step_map(seg, targets.RELEASED_CODE.voxel_steps((3.0, 2.04, 2.04)))
+    steps = stepmap.step_map(seg, presets.RELEASED_CODE.voxel_steps((3.0, 2.04, 2.04)))
     nifti.save(nifti.Volume(steps, AFFINE), folder / "steps.nii.gz")
     return suv, ct, steps
 
 
-def pack(tmp_path, folders, out="train.lmdb", settings=PACK):
+def pack_studies(tmp_path, folders, out="train.lmdb", settings=PACK):
     names = [f.name for f in folders]
-    store.pack_split(
+    pack.pack_split(
         names,
         [f / "SUV.nii.gz" for f in folders],
         [f / "CTres.nii.gz" for f in folders],
@@ -62,7 +63,7 @@ def packed(tmp_path_factory):
         name: make_study(tmp_path / name, shape, seed, lesion=(name == "PETCT_a"))
         for seed, (name, shape) in enumerate(shapes.items())
     }
-    return pack(tmp_path, [tmp_path / name for name in shapes]), data
+    return pack_studies(tmp_path, [tmp_path / name for name in shapes]), data
 
 
 def full_box(shape):
@@ -71,10 +72,10 @@ def full_box(shape):
 
 def test_round_trip_equals_the_nifti_data(packed):
     path, data = packed
-    reader = store.TileStore(path)
+    reader = tilestore.TileStore(path)
     for study, (suv, ct, steps) in data.items():
         volumes = reader.read_patch(study, full_box(suv.shape))
-        assert {name: v.dtype for name, v in volumes.items()} == store.DTYPES
+        assert {name: v.dtype for name, v in volumes.items()} == tilestore.DTYPES
         np.testing.assert_array_equal(volumes["suv"], suv.astype(np.float16))
         rel = np.abs(volumes["suv"] - suv) / np.maximum(suv, 1e-3)
         assert rel.max() <= 2**-11  # float16 precision
@@ -105,9 +106,9 @@ def test_round_trip_equals_the_nifti_data(packed):
 
 def test_metadata(packed):
     path, data = packed
-    reader = store.TileStore(path)
+    reader = tilestore.TileStore(path)
     meta = reader.meta
-    assert meta["format_version"] == store.FORMAT_VERSION == 4
+    assert meta["format_version"] == tilestore.FORMAT_VERSION == 4
     assert meta["studies"] == ["PETCT_a", "PETCT_b"]
     assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
     assert meta["targets"] == TARGETS and "log2" in meta["normalisation"]["pet"]
@@ -123,7 +124,7 @@ def test_metadata(packed):
 
 def test_hot_voxel_index_holds_high_uptake_outside_lesions(packed, tmp_path):
     path, data = packed
-    reader = store.TileStore(path)
+    reader = tilestore.TileStore(path)
     assert reader.meta["hot_suv_min"] == 3.0  # the default
     for study, (suv, _, steps) in data.items():
         meta = reader.study_meta(study)
@@ -136,37 +137,43 @@ def test_hot_voxel_index_holds_high_uptake_outside_lesions(packed, tmp_path):
     # the lesion (SUV 12) is hot but never a hard negative; a cap keeps a random subset
     folder = tmp_path / "PETCT_a"
     suv, _, steps = make_study(folder, (21, 37, 45), 0)
-    capped = store.TileStore(pack(tmp_path, [folder], settings={**PACK, "hot_index_max": 10}))
+    capped = tilestore.TileStore(
+        pack_studies(tmp_path, [folder], settings={**PACK, "hot_index_max": 10})
+    )
     meta = capped.study_meta("PETCT_a")
     assert len(meta["hot_voxels"]) == 10 and meta["hot_voxel_count"] > 10
     assert all(steps[tuple(v)] != 0 and suv[tuple(v)] >= 3.0 for v in meta["hot_voxels"])
-    raised = store.TileStore(pack(tmp_path, [folder], "high.lmdb", {**PACK, "hot_suv_min": 5.0}))
+    raised = tilestore.TileStore(
+        pack_studies(tmp_path, [folder], "high.lmdb", {**PACK, "hot_suv_min": 5.0})
+    )
     assert raised.study_meta("PETCT_a")["hot_voxel_count"] == int(((suv >= 5) & (steps != 0)).sum())
 
 
 def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(packed):
     path, data = packed
-    env = store.TileStore(path).open()  # the process's shared read-only handle
+    env = tilestore.TileStore(path).open()  # the process's shared read-only handle
     kinds = {"constant": 0, "plain": 0, "gzip": 0}
     positions = set()
     record_bytes = 0
     with env.begin() as txn:
         for key, value in txn.cursor():
             record_bytes += len(key) + len(value)
-            if key == store.META_KEY or key.endswith(b"/meta"):
+            if key == tilestore.META_KEY or key.endswith(b"/meta"):
                 continue
             study, *index = key.decode().split("/")
             positions.add((study, *map(int, index)))
-            payload = store.unseal(key, value)
-            record = store.decode(payload)
-            assert list(record) == list(store.DTYPES)
+            payload = tilestore.unseal(key, value)
+            record = codec.decode(payload)
+            assert list(record) == list(tilestore.DTYPES)
             for tile in record.values():
                 if isinstance(tile, np.ndarray):
                     kinds["gzip" if payload[:2] == b"\x1f\x8b" else "plain"] += 1
                 else:
                     kinds["constant"] += 1
     assert all(kinds.values()), kinds
-    grids = {study: store.tile_grid(arrays[0].shape, (8, 16, 16)) for study, arrays in data.items()}
+    grids = {
+        study: tilestore.tile_grid(arrays[0].shape, (8, 16, 16)) for study, arrays in data.items()
+    }
     assert positions == {
         (study, z, y, x)
         for study, (nz, ny, nx) in grids.items()
@@ -188,9 +195,9 @@ def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(pac
 def test_float16_overflow_is_clipped_with_a_log(tmp_path, caplog):
     make_study(tmp_path / "PETCT_hot", (8, 16, 16), 3, suv_max=70000.0)
     with caplog.at_level(logging.WARNING):
-        path = pack(tmp_path, [tmp_path / "PETCT_hot"])
+        path = pack_studies(tmp_path, [tmp_path / "PETCT_hot"])
     assert "PETCT_hot" in caplog.text and "clipped" in caplog.text
-    value = store.TileStore(path).read_patch("PETCT_hot", (slice(0, 1),) * 3)["suv"]
+    value = tilestore.TileStore(path).read_patch("PETCT_hot", (slice(0, 1),) * 3)["suv"]
     assert float(value[0, 0, 0]) == 65504.0
 
 
@@ -215,7 +222,7 @@ def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
     nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "PETCT_bad" / "SUV.nii.gz")
     nifti.save(nifti.Volume(ct, AFFINE), tmp_path / "PETCT_bad" / "CTres.nii.gz")
     with pytest.raises(StudyError, match=message) as error:
-        pack(tmp_path, [tmp_path / "PETCT_ok", tmp_path / "PETCT_bad"])
+        pack_studies(tmp_path, [tmp_path / "PETCT_ok", tmp_path / "PETCT_bad"])
     assert f"study PETCT_bad, file {tmp_path / 'PETCT_bad'}" in str(error.value)
     assert not any(p.name.startswith(("train.lmdb", ".train.lmdb")) for p in tmp_path.iterdir())
 
@@ -234,13 +241,13 @@ def test_malicious_pickle_is_refused(packed, tmp_path):
 
     payload = gzip.compress(pickle.dumps(Exploit(), protocol=5))
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global"):
-        store.decode(payload)
+        codec.decode(payload)
     path, env = _writable_copy(packed[0], tmp_path / "tampered.lmdb")
     with env.begin(write=True) as txn:  # with a valid checksum: the unpickler must refuse it
-        txn.put(b"PETCT_a/0/0/0", store.seal(b"PETCT_a/0/0/0", payload))
+        txn.put(b"PETCT_a/0/0/0", tilestore.seal(b"PETCT_a/0/0/0", payload))
     env.close()
     with pytest.raises(StudyError, match=r"study PETCT_a.*refusing to unpickle global"):
-        store.TileStore(path).read_patch("PETCT_a", (slice(0, 2),) * 3)
+        tilestore.TileStore(path).read_patch("PETCT_a", (slice(0, 2),) * 3)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -250,12 +257,12 @@ def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
         txn.delete(b"PETCT_b/0/1/0")
         # a record of the wrong shape (e.g. another study's) and one without the step tile,
         # both with valid checksums
-        record = store.decode(store.unseal(b"PETCT_a/0/0/0", txn.get(b"PETCT_a/0/0/0")))
-        txn.put(b"PETCT_b/0/0/1", store.seal(b"PETCT_b/0/0/1", store.encode(record, None)))
-        bare = store.encode({"suv": 0.0, "ct": -1000}, None)
-        txn.put(b"PETCT_b/0/0/0", store.seal(b"PETCT_b/0/0/0", bare))
+        record = codec.decode(tilestore.unseal(b"PETCT_a/0/0/0", txn.get(b"PETCT_a/0/0/0")))
+        txn.put(b"PETCT_b/0/0/1", tilestore.seal(b"PETCT_b/0/0/1", codec.encode(record, None)))
+        bare = codec.encode({"suv": 0.0, "ct": -1000}, None)
+        txn.put(b"PETCT_b/0/0/0", tilestore.seal(b"PETCT_b/0/0/0", bare))
     env.close()
-    reader = store.TileStore(path)
+    reader = tilestore.TileStore(path)
     with pytest.raises(StudyError, match=r"study PETCT_b.*missing tile PETCT_b/0/1/0"):
         reader.read_patch("PETCT_b", (slice(0, 9), slice(16, 20), slice(0, 18)))
     with pytest.raises(
@@ -281,30 +288,30 @@ def test_other_format_version_asks_for_a_repack(packed, tmp_path, sealed):
     """Versions up to 3 stored values without a checksum; a later one will have its own."""
     path, env = _writable_copy(packed[0], tmp_path / "old.lmdb")
     with env.begin(write=True) as txn:
-        meta = store.decode(store.unseal(store.META_KEY, txn.get(store.META_KEY)))
-        value = store.encode({**meta, "format_version": 5 if sealed else 3}, None)
-        txn.put(store.META_KEY, store.seal(store.META_KEY, value) if sealed else value)
+        meta = codec.decode(tilestore.unseal(tilestore.META_KEY, txn.get(tilestore.META_KEY)))
+        value = codec.encode({**meta, "format_version": 5 if sealed else 3}, None)
+        txn.put(tilestore.META_KEY, tilestore.seal(tilestore.META_KEY, value) if sealed else value)
     env.close()
     with pytest.raises(
-        store.StoreError,
+        tilestore.StoreError,
         match=rf"old.lmdb: format version {5 if sealed else 3}, expected 4: written by another "
         r"stepseg version; delete it and re-pack \(the pack rule rebuilds it\)",
     ):
-        _ = store.TileStore(path).meta
+        _ = tilestore.TileStore(path).meta
 
 
 def test_empty_missing_and_corrupt_databases(tmp_path):
-    with pytest.raises(store.StoreError, match=r"no data.mdb"):
-        _ = store.TileStore(tmp_path / "nothing.lmdb").meta
+    with pytest.raises(tilestore.StoreError, match=r"no data.mdb"):
+        _ = tilestore.TileStore(tmp_path / "nothing.lmdb").meta
     empty = tmp_path / "empty.lmdb"
     lmdb.open(str(empty), subdir=True).close()
-    with pytest.raises(store.StoreError, match="empty or incompletely written"):
-        _ = store.TileStore(empty).meta
+    with pytest.raises(tilestore.StoreError, match="empty or incompletely written"):
+        _ = tilestore.TileStore(empty).meta
     corrupt = tmp_path / "corrupt.lmdb"
     corrupt.mkdir()
     (corrupt / "data.mdb").write_bytes(os.urandom(64 * 1024))
-    with pytest.raises(store.StoreError, match=r"corrupt.lmdb"):
-        _ = store.TileStore(corrupt).meta
+    with pytest.raises(tilestore.StoreError, match=r"corrupt.lmdb"):
+        _ = tilestore.TileStore(corrupt).meta
 
 
 def test_encode_record_choices():
@@ -313,28 +320,28 @@ def test_encode_record_choices():
         "ct": np.full((4, 16, 16), -1000, np.int16),
         "steps": np.full((4, 16, 16), 7, np.uint8),
     }
-    constant = store.encode_record(air, "gzip", 1, 0.35)
+    constant = tilestore.encode_record(air, "gzip", 1, 0.35)
     assert constant[:1] == b"\x80"  # nothing to compress
-    assert store.decode(constant) == {"suv": 0.0, "ct": -1000, "steps": 7}
+    assert codec.decode(constant) == {"suv": 0.0, "ct": -1000, "steps": 7}
     rng = np.random.default_rng(0)
     noise = rng.integers(-1000, 1000, (4, 16, 16)).astype(np.int16)
     body = {"suv": noise.astype(np.float16), "ct": noise, "steps": np.zeros_like(noise, np.uint8)}
     body["steps"][0, 0, 0] = 1
-    plain = store.encode_record(body, "gzip", 1, 0.35)
+    plain = tilestore.encode_record(body, "gzip", 1, 0.35)
     assert plain[:1] == b"\x80"  # noise compresses poorly: all three plain, steps included
-    decoded = store.decode(plain)
+    decoded = codec.decode(plain)
     for name, tile in body.items():
         np.testing.assert_array_equal(decoded[name], tile)
         assert decoded[name].dtype == tile.dtype
-    assert store.encode_record(body, "gzip", 1, 1.0)[:2] == b"\x1f\x8b"
+    assert tilestore.encode_record(body, "gzip", 1, 1.0)[:2] == b"\x1f\x8b"
     edge = {**air, "suv": air["suv"].copy()}
     edge["suv"][1, 2, 3] = 2.5
-    packed = store.encode_record(edge, "gzip", 1, 0.35)
+    packed = tilestore.encode_record(edge, "gzip", 1, 0.35)
     assert packed[:2] == b"\x1f\x8b"
-    assert store.decode(packed)["ct"] == -1000
-    np.testing.assert_array_equal(store.decode(packed)["suv"], edge["suv"])
+    assert codec.decode(packed)["ct"] == -1000
+    np.testing.assert_array_equal(codec.decode(packed)["suv"], edge["suv"])
     with pytest.raises(ValueError, match="unsupported codec"):
-        store.encode(noise, "lz5")
+        codec.encode(noise, "lz5")
 
 
 def _rewrite(path: Path, key: bytes, change) -> None:
@@ -355,7 +362,7 @@ def test_flipped_byte_in_a_value_names_study_and_tile(packed, tmp_path):
     env.close()
     key = b"PETCT_a/1/1/1"  # inside the body: a plain (uncompressed) record
     _rewrite(path, key, lambda value: _flip(value, len(value) // 2))
-    reader = store.TileStore(path)
+    reader = tilestore.TileStore(path)
     with pytest.raises(
         StudyError,
         match=rf"study PETCT_a, file {tmp_path / 'flipped.lmdb'}: tile PETCT_a/1/1/1: checksum "
@@ -365,7 +372,7 @@ def test_flipped_byte_in_a_value_names_study_and_tile(packed, tmp_path):
         reader.read_patch("PETCT_a", (slice(8, 9), slice(16, 17), slice(16, 17)))
     # tiles that do not touch it still read, and unchecked the flip goes unnoticed
     reader.read_patch("PETCT_a", (slice(0, 8), slice(0, 16), slice(0, 16)))
-    unchecked = store.TileStore(path, verify_checksums=False)
+    unchecked = tilestore.TileStore(path, verify_checksums=False)
     unchecked.read_patch("PETCT_a", (slice(8, 16), slice(16, 32), slice(16, 32)))
 
 
@@ -375,20 +382,22 @@ def test_a_valid_value_under_another_key_is_refused(packed, tmp_path):
         txn.put(b"PETCT_a/0/0/1", txn.get(b"PETCT_a/0/0/0"))
     env.close()
     with pytest.raises(StudyError, match=r"tile PETCT_a/0/0/1: checksum mismatch"):
-        store.TileStore(path).read_patch("PETCT_a", (slice(0, 1), slice(0, 1), slice(16, 17)))
+        tilestore.TileStore(path).read_patch("PETCT_a", (slice(0, 1), slice(0, 1), slice(16, 17)))
 
 
 def test_corrupt_metadata_records_are_refused(packed, tmp_path):
     path, env = _writable_copy(packed[0], tmp_path / "meta.lmdb")
     env.close()
     _rewrite(path, b"PETCT_b/meta", lambda value: _flip(value, 40))
-    reader = store.TileStore(path)
+    reader = tilestore.TileStore(path)
     with pytest.raises(StudyError, match=r"study PETCT_b, .*: metadata record: checksum mismatch"):
         reader.study_meta("PETCT_b")
     reader.close()
-    _rewrite(path, store.META_KEY, lambda value: _flip(value, 60))
-    with pytest.raises(store.StoreError, match=r"meta.lmdb: __meta__ record: checksum mismatch"):
-        _ = store.TileStore(path).meta
+    _rewrite(path, tilestore.META_KEY, lambda value: _flip(value, 60))
+    with pytest.raises(
+        tilestore.StoreError, match=r"meta.lmdb: __meta__ record: checksum mismatch"
+    ):
+        _ = tilestore.TileStore(path).meta
 
 
 OUTCOMES = {0: "original", 1: "silently different", 2: "clear error", 3: "other exception"}
@@ -402,7 +411,7 @@ def _read_everything_in_a_child(path: Path, data: dict, verify: bool) -> str:
     if pid == 0:  # pragma: no cover (the child)
         code = 3
         try:
-            reader = store.TileStore(path, verify_checksums=verify)
+            reader = tilestore.TileStore(path, verify_checksums=verify)
             same = True
             for study, (suv, ct, steps) in data.items():
                 volumes = reader.read_patch(study, full_box(suv.shape))
@@ -410,7 +419,7 @@ def _read_everything_in_a_child(path: Path, data: dict, verify: bool) -> str:
                 same &= np.array_equal(volumes["ct"], ct)
                 same &= np.array_equal(volumes["steps"], steps)
             code = 0 if same else 1
-        except (StudyError, store.StoreError):
+        except (StudyError, tilestore.StoreError):
             code = 2
         finally:
             os._exit(code)

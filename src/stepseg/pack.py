@@ -1,0 +1,191 @@
+"""The pack stage: one split's studies written into an LMDB of compressed tiles
+(`stepseg.tilestore` describes the layout and reads it).
+
+A study is checked before it is stored (`stepseg.checks`: non-finite or negative SUV, implausible
+CTres, a step map that is not uint8 fail the split), SUV is stored as float16 and CT as whole HU
+in int16. The database is built in a temporary directory and renamed when complete
+(`stepseg.atomic.atomic_dir`), and `__meta__` is written last: a killed job never leaves a
+valid-looking LMDB.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import nibabel as nib
+import numpy as np
+
+from stepseg import checks, nifti
+from stepseg.atomic import atomic_dir
+from stepseg.codec import encode
+from stepseg.errors import StudyError
+from stepseg.tilestore import (
+    DTYPES,
+    FORMAT_VERSION,
+    META_KEY,
+    encode_record,
+    iter_tiles,
+    seal,
+    study_meta_key,
+    tile_key,
+)
+
+log = logging.getLogger(__name__)
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+INT16_RANGE = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
+
+
+def pack_split(
+    studies: Sequence[str],
+    suv_paths: Sequence[str | Path],
+    ctres_paths: Sequence[str | Path],
+    steps_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    pack_settings: dict[str, Any],
+    target_settings: dict[str, Any],
+    ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
+) -> None:
+    """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`; a study
+    with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split."""
+    if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
+        raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
+    codec = pack_settings.get("codec", "gzip")
+    level = pack_settings.get("level")
+    max_ratio = float(pack_settings.get("max_compressed_ratio", 0.05))
+    tile_shape = tuple(int(t) for t in pack_settings.get("tile_shape", (16, 64, 64)))
+    index_max = int(pack_settings.get("lesion_index_max", 4096))
+    hot_suv_min = float(pack_settings.get("hot_suv_min", 3.0))
+    hot_index_max = int(pack_settings.get("hot_index_max", 4096))
+    with atomic_dir(out_dir) as tmp:
+        env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
+        try:
+            for study, suv_path, ct_path, steps_path in zip(
+                studies, suv_paths, ctres_paths, steps_paths, strict=True
+            ):
+                volumes, meta = _load_study(
+                    study,
+                    (suv_path, ct_path, steps_path),
+                    index_max,
+                    hot_suv_min,
+                    hot_index_max,
+                    ct_hu_range,
+                )
+                with env.begin(write=True) as txn:
+                    for index, box in iter_tiles(meta["shape"], tile_shape):
+                        tiles = {n: np.ascontiguousarray(a[box]) for n, a in volumes.items()}
+                        key = tile_key(study, index)
+                        txn.put(key, seal(key, encode_record(tiles, codec, level, max_ratio)))
+                    key = study_meta_key(study)
+                    txn.put(key, seal(key, encode(meta, None)))
+                log.info(
+                    "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
+                    study,
+                    meta["shape"],
+                    meta["lesion_voxel_count"],
+                    meta["hot_voxel_count"],
+                )
+            store_meta = {
+                "format_version": FORMAT_VERSION,
+                "codec": codec,
+                "max_compressed_ratio": max_ratio,
+                "tile_shape": tile_shape,
+                "dtypes": {name: np.dtype(dtype).str for name, dtype in DTYPES.items()},
+                "normalisation": {
+                    "ct": "(clip(HU, -1000, 1000) + 1000) / 500",
+                    "pet": "z(log2(SUV + 1)) / 2 + 1, z over SUV > 0.14, std >= 0.01",
+                },
+                "targets": dict(target_settings),
+                "hot_suv_min": hot_suv_min,
+                "studies": list(studies),
+            }
+            with env.begin(write=True) as txn:
+                txn.put(META_KEY, seal(META_KEY, encode(store_meta, None)))
+            env.sync()
+        finally:
+            env.close()
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        log.info("LMDB of %d studies: %.1f MB", len(studies), size / 1e6)
+
+
+def _map_size(suv_paths: Sequence[str | Path]) -> int:
+    """An upper bound of the database size: every tile stored plain (5 bytes a voxel) plus
+    pickle and page overhead. LMDB files grow only as pages are used, so this costs no disk."""
+    voxels = sum(int(np.prod(nib.load(p).shape)) for p in suv_paths if Path(p).is_file())
+    return int(voxels * len(DTYPES) * 2 * 1.25) + (1 << 28)
+
+
+def _load_study(
+    study: str,
+    paths: tuple[str | Path, str | Path, str | Path],
+    index_max: int,
+    hot_suv_min: float,
+    hot_index_max: int,
+    ct_hu_range: tuple[float, float],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Volumes and study metadata from the (SUV, CTres, steps) files at `paths`."""
+    suv_path, ct_path, steps_path = (Path(p) for p in paths)
+    suv = nifti.load(suv_path, study, dtype=np.float32)
+    ct = nifti.load(ct_path, study)
+    steps = nifti.load(steps_path, study)
+    nifti.check_same_grid(study, {"SUV": (suv_path, suv), "steps": (steps_path, steps)})
+    checks.check_suv_ctres(study, (suv_path, suv), (ct_path, ct), ct_hu_range)
+    if not np.array_equal(steps.array, steps.array.astype(np.uint8)):
+        raise StudyError(study, "step map is not uint8", steps_path)
+    suv16 = _to_float16(study, suv.array, suv_path)
+    ct16 = _to_int16(study, ct.array, ct_path)
+    lesion_mask = steps.array == 0
+    hot_mask = (suv.array >= hot_suv_min) & ~lesion_mask
+    rng = np.random.default_rng(zlib.crc32(study.encode()))
+    lesion = _voxel_index(lesion_mask, index_max, rng)
+    hot = _voxel_index(hot_mask, hot_index_max, rng)
+    meta = {
+        "shape": tuple(int(n) for n in suv.array.shape),
+        "spacing_zyx": suv.spacing_zyx,
+        "affine": suv.affine,
+        "has_lesions": bool(len(lesion)),
+        "lesion_voxel_count": int(lesion_mask.sum()),
+        "lesion_voxels": lesion,
+        "hot_voxel_count": int(hot_mask.sum()),
+        "hot_voxels": hot,
+        "suv_max": float(suv.array.max()),
+    }
+    volumes = {"suv": suv16, "ct": ct16, "steps": steps.array.astype(np.uint8)}
+    return volumes, meta
+
+
+def _voxel_index(mask: np.ndarray, index_max: int, rng: np.random.Generator) -> np.ndarray:
+    """(z, y, x) of the voxels of `mask` as uint16, a uniform random subset of at most
+    `index_max` in scan order: enough crop centres without storing whole organs."""
+    voxels = np.argwhere(mask)
+    if len(voxels) > index_max:
+        voxels = voxels[np.sort(rng.choice(len(voxels), index_max, replace=False))]
+    return voxels.astype(np.uint16)
+
+
+def _to_float16(study: str, suv: np.ndarray, path: str | Path) -> np.ndarray:
+    """float16 keeps SUV to a relative 5e-4 (0.03 at SUV 50); values above 65504 are clipped."""
+    over = int((suv > FLOAT16_MAX).sum())
+    if over:
+        log.warning(
+            "study %s (%s): %d SUV voxels above %.0f clipped for float16 storage",
+            study,
+            path,
+            over,
+            FLOAT16_MAX,
+        )
+    return np.minimum(suv, FLOAT16_MAX).astype(np.float16)
+
+
+def _to_int16(study: str, ct: np.ndarray, path: str | Path) -> np.ndarray:
+    """CT in whole HU (CTres is interpolated, so fractions of a HU are rounding noise)."""
+    rounded = np.rint(ct.astype(np.float32))
+    outside = int(((rounded < INT16_RANGE[0]) | (rounded > INT16_RANGE[1])).sum())
+    if outside:
+        log.warning("study %s (%s): %d CT voxels outside int16 clipped", study, path, outside)
+    return np.clip(rounded, *INT16_RANGE).astype(np.int16)
