@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stepseg import channels, data, nifti, pack, targets, tilestore
 from stepseg.normalize import normalize_batch
+from stepseg.settings import PackSettings
 
 SPACING = (3.0, 2.04, 2.04)
 
@@ -297,13 +298,15 @@ def main() -> None:
         lmdb_path = work / "train.lmdb"
         t = time.perf_counter()
         pack.pack_split(
-            [f.name for f in folders],
-            [f / "SUV.nii.gz" for f in folders],
-            [f / "CTres.nii.gz" for f in folders],
-            [f / "steps.nii.gz" for f in folders],
-            lmdb_path,
-            {"codec": args.codec, "level": args.level, "tile_shape": list(args.tile)},
-            settings,
+            studies=[f.name for f in folders],
+            suv_paths=[f / "SUV.nii.gz" for f in folders],
+            ctres_paths=[f / "CTres.nii.gz" for f in folders],
+            steps_paths=[f / "steps.nii.gz" for f in folders],
+            out_dir=lmdb_path,
+            settings=PackSettings.from_mapping(
+                {"codec": args.codec, "level": args.level, "tile_shape": list(args.tile)}
+            ),
+            target_settings=settings,
         )
         pack_seconds = time.perf_counter() - t
         checked_ms = patch_read_ms(lmdb_path, patch, args.reads, verify=True)

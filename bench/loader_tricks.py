@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import affine_for, cpu_seconds, synthetic_study
 
 from stepseg import data, nifti, pack, targets
+from stepseg.settings import PackSettings
 
 VARIANTS = {
     "as is": (True, True),
@@ -60,13 +61,15 @@ def build_lmdb(work: Path, studies: int, depth: int, size: int, preset: str) -> 
         )
     lmdb_path = work / "train.lmdb"
     pack.pack_split(
-        [f.name for f in folders],
-        [f / "SUV.nii.gz" for f in folders],
-        [f / "CTres.nii.gz" for f in folders],
-        [f / "steps.nii.gz" for f in folders],
-        lmdb_path,
-        {"codec": "gzip", "level": 1, "tile_shape": [16, 64, 64]},
-        {"preset": preset},
+        studies=[f.name for f in folders],
+        suv_paths=[f / "SUV.nii.gz" for f in folders],
+        ctres_paths=[f / "CTres.nii.gz" for f in folders],
+        steps_paths=[f / "steps.nii.gz" for f in folders],
+        out_dir=lmdb_path,
+        settings=PackSettings.from_mapping(
+            {"codec": "gzip", "level": 1, "tile_shape": [16, 64, 64]}
+        ),
+        target_settings={"preset": preset},
     )
     return lmdb_path
 

@@ -9,6 +9,7 @@ import torch
 
 from stepseg import channels, data, nifti, pack, presets, stepmap, tilestore
 from stepseg.distributed import DistContext
+from stepseg.settings import PackSettings
 
 AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
 SPACING = (3.0, 2.04, 2.04)  # (z, y, x) of AFFINE
@@ -43,13 +44,15 @@ def make_split(tmp_path, target_settings, shapes):
     folders = [tmp_path / s for s in shapes]
     path = tmp_path / "train.lmdb"
     pack.pack_split(
-        list(shapes),
-        [f / "SUV.nii.gz" for f in folders],
-        [f / "CTres.nii.gz" for f in folders],
-        [f / "steps.nii.gz" for f in folders],
-        path,
-        {"codec": "gzip", "level": 1, "tile_shape": [4, 16, 16]},
-        target_settings,
+        studies=list(shapes),
+        suv_paths=[f / "SUV.nii.gz" for f in folders],
+        ctres_paths=[f / "CTres.nii.gz" for f in folders],
+        steps_paths=[f / "steps.nii.gz" for f in folders],
+        out_dir=path,
+        settings=PackSettings.from_mapping(
+            {"codec": "gzip", "level": 1, "tile_shape": [4, 16, 16]}
+        ),
+        target_settings=target_settings,
     )
     return path, arrays
 
@@ -151,13 +154,15 @@ def organ_split(tmp_path_factory):
     path = tmp_path / "train.lmdb"
     folders = [tmp_path / s for s in names]
     pack.pack_split(
-        names,
-        [f / "SUV.nii.gz" for f in folders],
-        [f / "CTres.nii.gz" for f in folders],
-        [f / "steps.nii.gz" for f in folders],
-        path,
-        {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32], "hot_suv_min": 3.0},
-        SMALL_PAPER,
+        studies=names,
+        suv_paths=[f / "SUV.nii.gz" for f in folders],
+        ctres_paths=[f / "CTres.nii.gz" for f in folders],
+        steps_paths=[f / "steps.nii.gz" for f in folders],
+        out_dir=path,
+        settings=PackSettings.from_mapping(
+            {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32], "hot_suv_min": 3.0}
+        ),
+        target_settings=SMALL_PAPER,
     )
     return path
 
@@ -354,10 +359,16 @@ def test_lesion_centred_crops_are_jittered_uniformly_up_to_the_fractions(tmp_pat
         nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
     path = tmp_path / "one.lmdb"
     pack.pack_split(
-        ["PETCT_one"], [folder / "SUV.nii.gz"], [folder / "CTres.nii.gz"],
-        [folder / "steps.nii.gz"], path,
-        {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}, SMALL_PAPER,
-    )  # fmt: skip
+        studies=["PETCT_one"],
+        suv_paths=[folder / "SUV.nii.gz"],
+        ctres_paths=[folder / "CTres.nii.gz"],
+        steps_paths=[folder / "steps.nii.gz"],
+        out_dir=path,
+        settings=PackSettings.from_mapping(
+            {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}
+        ),
+        target_settings=SMALL_PAPER,
+    )
     dataset = data.PatchDataset(
         path, PATCH, 600, 1.0, 1.0, seed=0, crop_jitter=(0.9375, 2 / 3, 2 / 3)
     )

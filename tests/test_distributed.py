@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from stepseg import distributed, model, nifti, pack, presets, stepmap, train
 from stepseg.atomic import atomic_file
 from stepseg.losses import StepwiseLoss
-from stepseg.settings import TrainSettings
+from stepseg.settings import PackSettings, TrainSettings
 
 N_SAMPLES = 16
 GLOBAL_BATCH = 4
@@ -227,12 +227,15 @@ def tiny_lmdbs(tmp_path_factory):
                 nifti.save(nifti.Volume(array, affine), path)
             columns.append(paths)
         out[split] = root / f"{split}.lmdb"
+        suv, ctres, steps = (list(col) for col in zip(*columns, strict=True))
         pack.pack_split(
-            studies,
-            *(list(col) for col in zip(*columns, strict=True)),
-            out[split],
-            {"codec": "gzip", "tile_shape": [8, 16, 16]},
-            SMALL,
+            studies=studies,
+            suv_paths=suv,
+            ctres_paths=ctres,
+            steps_paths=steps,
+            out_dir=out[split],
+            settings=PackSettings.from_mapping({"codec": "gzip", "tile_shape": [8, 16, 16]}),
+            target_settings=SMALL,
         )
     return out
 

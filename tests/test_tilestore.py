@@ -13,6 +13,7 @@ import pytest
 
 from stepseg import codec, nifti, pack, presets, stepmap, tilestore
 from stepseg.errors import StudyError
+from stepseg.settings import PackSettings
 
 AFFINE = np.array([[-2.04, 0, 0, 400.0], [0, -2.04, 0, 300.0], [0, 0, 3.0, -900.0], [0, 0, 0, 1]])
 PACK = {"codec": "gzip", "level": 1, "tile_shape": [8, 16, 16], "max_compressed_ratio": 0.35}
@@ -44,13 +45,13 @@ def make_study(folder, shape, seed, lesion=True, suv_max=None):
 def pack_studies(tmp_path, folders, out="train.lmdb", settings=PACK):
     names = [f.name for f in folders]
     pack.pack_split(
-        names,
-        [f / "SUV.nii.gz" for f in folders],
-        [f / "CTres.nii.gz" for f in folders],
-        [f / "steps.nii.gz" for f in folders],
-        tmp_path / out,
-        settings,
-        TARGETS,
+        studies=names,
+        suv_paths=[f / "SUV.nii.gz" for f in folders],
+        ctres_paths=[f / "CTres.nii.gz" for f in folders],
+        steps_paths=[f / "steps.nii.gz" for f in folders],
+        out_dir=tmp_path / out,
+        settings=PackSettings.from_mapping(settings),
+        target_settings=TARGETS,
     )
     return tmp_path / out
 
@@ -111,7 +112,7 @@ def test_metadata(packed):
     assert meta["format_version"] == tilestore.FORMAT_VERSION == 4
     assert meta["studies"] == ["PETCT_a", "PETCT_b"]
     assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
-    assert meta["targets"] == TARGETS and "log2" in meta["normalisation"]["pet"]
+    assert meta["targets"] == TARGETS and "normalisation" not in meta
     a = reader.study_meta("PETCT_a")
     assert a["shape"] == (21, 37, 45) and a["has_lesions"] and a["lesion_voxel_count"] == 3
     np.testing.assert_allclose(a["affine"], AFFINE)

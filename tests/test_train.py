@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stepseg import losses, model, nifti, pack, presets, stepmap, train
-from stepseg.settings import SettingsError, TrainSettings
+from stepseg.settings import PackSettings, SettingsError, TrainSettings
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
 # the paper preset's eight channels with one-voxel steps: its own radii would cover patches this
@@ -66,12 +66,15 @@ def lmdbs(tmp_path_factory):
     for split, studies in specs.items():
         paths = [_study(root, s, shape, at, seed=i) for i, (s, shape, at) in enumerate(studies)]
         out[split] = root / f"{split}.lmdb"
+        suv, ctres, steps = (list(c) for c in zip(*paths, strict=True)) if paths else ([], [], [])
         pack.pack_split(
-            [s for s, *_ in studies],
-            *(list(col) for col in zip(*paths, strict=True)) if paths else ([], [], []),
-            out[split],
-            {"codec": "gzip", "tile_shape": [8, 16, 16]},
-            TARGETS,
+            studies=[s for s, *_ in studies],
+            suv_paths=suv,
+            ctres_paths=ctres,
+            steps_paths=steps,
+            out_dir=out[split],
+            settings=PackSettings.from_mapping({"codec": "gzip", "tile_shape": [8, 16, 16]}),
+            target_settings=TARGETS,
         )
     return out
 
@@ -294,9 +297,14 @@ def test_a_network_overfits_one_lesion_study(tmp_path, variant):
     for split in ("train", "val"):  # the same study: overfitting is the point
         lmdb[split] = tmp_path / f"{split}.lmdb"
         pack.pack_split(
-            ["L"], [paths[0]], [paths[1]], [paths[2]], lmdb[split],
-            {"codec": "gzip", "tile_shape": [8, 16, 16]}, TARGETS,
-        )  # fmt: skip
+            studies=["L"],
+            suv_paths=[paths[0]],
+            ctres_paths=[paths[1]],
+            steps_paths=[paths[2]],
+            out_dir=lmdb[split],
+            settings=PackSettings.from_mapping({"codec": "gzip", "tile_shape": [8, 16, 16]}),
+            target_settings=TARGETS,
+        )
     settings = {
         **SETTINGS,
         "targets": variant,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from stepseg import checks, nifti
 from stepseg.atomic import atomic_dir
 from stepseg.codec import encode
 from stepseg.errors import StudyError
+from stepseg.settings import PackSettings
 from stepseg.tilestore import (
     DTYPES,
     FORMAT_VERSION,
@@ -42,26 +43,24 @@ INT16_RANGE = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
 
 
 def pack_split(
+    *,
     studies: Sequence[str],
     suv_paths: Sequence[str | Path],
     ctres_paths: Sequence[str | Path],
     steps_paths: Sequence[str | Path],
     out_dir: str | Path,
-    pack_settings: dict[str, Any],
-    target_settings: dict[str, Any],
+    settings: PackSettings,
+    target_settings: Mapping[str, Any],
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
     """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`; a study
-    with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split."""
+    with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split.
+    `target_settings` (the config's `targets`) is stored for training to build its preset."""
     if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
         raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
-    codec = pack_settings.get("codec", "gzip")
-    level = pack_settings.get("level")
-    max_ratio = float(pack_settings.get("max_compressed_ratio", 0.05))
-    tile_shape = tuple(int(t) for t in pack_settings.get("tile_shape", (16, 64, 64)))
-    index_max = int(pack_settings.get("lesion_index_max", 4096))
-    hot_suv_min = float(pack_settings.get("hot_suv_min", 3.0))
-    hot_index_max = int(pack_settings.get("hot_index_max", 4096))
+    codec, level, max_ratio = settings.codec, settings.level, settings.max_compressed_ratio
+    tile_shape = settings.tile_shape
+    hot_suv_min = settings.hot_suv_min
     with atomic_dir(out_dir) as tmp:
         env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
         try:
@@ -71,9 +70,9 @@ def pack_split(
                 volumes, meta = _load_study(
                     study,
                     (suv_path, ct_path, steps_path),
-                    index_max,
+                    settings.lesion_index_max,
                     hot_suv_min,
-                    hot_index_max,
+                    settings.hot_index_max,
                     ct_hu_range,
                 )
                 with env.begin(write=True) as txn:
@@ -96,10 +95,6 @@ def pack_split(
                 "max_compressed_ratio": max_ratio,
                 "tile_shape": tile_shape,
                 "dtypes": {name: np.dtype(dtype).str for name, dtype in DTYPES.items()},
-                "normalisation": {
-                    "ct": "(clip(HU, -1000, 1000) + 1000) / 500",
-                    "pet": "z(log2(SUV + 1)) / 2 + 1, z over SUV > 0.14, std >= 0.01",
-                },
                 "targets": dict(target_settings),
                 "hot_suv_min": hot_suv_min,
                 "studies": list(studies),

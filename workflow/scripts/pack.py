@@ -1,6 +1,7 @@
 """Entry script: pack one split's studies into an LMDB of compressed 3-D tiles."""
 
 from stepseg import checks, logs, pack
+from stepseg.settings import PackSettings
 
 with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
     pack.pack_split(
@@ -9,7 +10,7 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         ctres_paths=snakemake.input.ctres,
         steps_paths=snakemake.input.steps,
         out_dir=snakemake.output[0],
-        pack_settings=snakemake.params.pack,
+        settings=PackSettings.from_mapping(snakemake.params.pack),
         target_settings=snakemake.params.targets,
         ct_hu_range=checks.ct_hu_range(snakemake.config),
     )
