@@ -52,6 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from stepseg.distributed import DistContext, rank_batches
+from stepseg.names import AIR_HU
 from stepseg.normalize import normalize_batch
 from stepseg.presets import Preset, preset_from_settings
 from stepseg.stepmap import NEVER, step_map
@@ -60,7 +61,6 @@ from stepseg.tilestore import DTYPES, TileStore
 log = logging.getLogger(__name__)
 
 PAD_SUV = 0.0
-PAD_HU = -1024
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 TORCH_DTYPES = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, dtype in DTYPES.items()}
 PREFETCH_FACTOR = 4  # batches in flight per worker
@@ -198,7 +198,7 @@ class PatchDataset(Dataset):
         padded = any(s.stop - s.start != p for s, p in zip(inside, self.patch_size, strict=True))
         flip = tuple(slice(None, None, -1 if f else 1) for f in flips)
         region = tuple(slice(s.start - o, s.stop - o) for s, o in zip(inside, origin, strict=True))
-        fills = {"suv": PAD_SUV, "ct": PAD_HU, "steps": NEVER}
+        fills = {"suv": PAD_SUV, "ct": AIR_HU, "steps": NEVER}
         views = {}
         for name, fill in fills.items():
             if padded:
