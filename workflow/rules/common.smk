@@ -24,6 +24,7 @@ os.environ.update(
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 import stepseg  # noqa: E402  (the bare package: no numpy, no torch)
 import stepseg.devices  # noqa: E402  (standard library only)
+import stepseg.sources  # noqa: E402  (standard library only until a source is used)
 from stepseg import names  # noqa: E402  (standard library only)
 from stepseg.settings import (  # noqa: E402  (standard library only)
     ConvertSettings,
@@ -103,6 +104,32 @@ def _studies_by_split(path, inode, mtime_ns, size):
     for split in SPLITS:
         by_split[split] = tuple(sorted(table.loc[table["split"] == split, "study_id"]))
     return by_split
+
+
+def study_identity(wildcards):
+    """What results/raw/{study} holds depends on: the study's manifest row (series UIDs, image
+    counts, source folders), never its split, plus the source settings that shape its files.
+
+    Per study, so that adding a patient to download.tcia.patient_ids fetches only the new
+    studies. Reads the manifest through the checkpoint: a job asking before it exists waits.
+    """
+    path = checkpoints.manifest.get().output[0]
+    version = os.stat(path)
+    row = _manifest_rows(
+        path, version.st_ino, version.st_mtime_ns, version.st_size
+    ).get(wildcards.study)
+    if row is None:
+        raise ValueError(f"study {wildcards.study} is not in the manifest {path}")
+    return stepseg.sources.study_identity(SOURCE, config["download"][SOURCE], row)
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest_rows(path, inode, mtime_ns, size):
+    """{study id: manifest row}; the file version is part of the cache key only."""
+    import stepseg.manifest
+
+    table = stepseg.manifest.read(path)
+    return {row["study_id"]: row for row in table.to_dict("records")}
 
 
 def trained_variants():
