@@ -36,10 +36,51 @@ from stepseg.settings import (  # noqa: E402  (standard library only)
     TrainSettings,
 )
 
-# The GPU rules ask for cards only where this machine has some (/dev/nvidia<k>): on a CPU-only
-# workstation the `gpu` limit of profiles/default would otherwise run them one at a time.
-# profiles/slurm sets the GPU rules' resources itself (the submit host may have no card).
-HAS_GPUS = bool(stepseg.devices.installed_gpus())
+
+def jobs_run_here():
+    """Whether jobs run on this machine (local executor) rather than on cluster or cloud nodes.
+
+    Asked when a job's resources are evaluated, after Snakemake chose its executor. A dry run
+    (-n) swaps the chosen executor for Snakemake's `dryrun` one, which counts as local; Snakemake
+    (9.x, snakemake/api.py) then still forces `use_threads` for a non-local chosen executor, so
+    that flag tells a dry run of a cluster profile from a local one (tests/test_workflow.py checks
+    both against profiles/slurm and profiles/default).
+    """
+    if not workflow.local_exec:
+        return False
+    if workflow.dryrun and workflow.execution_settings.use_threads:
+        return False
+    return True
+
+
+def gpus_per_process(device):
+    """GPUs for each process of a train or infer job: `compute.gpus`, or for `auto` 1 wherever
+    jobs run on other machines (a cluster's login node has no say) and, where they run here,
+    1 only if this machine has a card (/dev/nvidia<k>): on a CPU-only workstation a `gpu` request
+    would run them one at a time under profiles/default's `gpu` limit. None for `device: cpu`.
+    """
+    if device == "cpu":
+        return 0
+    setting = config["compute"]["gpus"]
+    if setting != "auto":
+        return int(setting)
+    if not jobs_run_here():
+        return 1
+    return 1 if stepseg.devices.installed_gpus() else 0
+
+
+def train_gpus(wildcards):
+    """A train job's `gpu` resource: one card per DDP process (`train.processes`)."""
+    settings = variant_settings(wildcards)
+    return settings.get("processes", 1) * gpus_per_process(
+        settings.get("device", "auto")
+    )
+
+
+def infer_gpus(wildcards):
+    """An infer job's `gpu` resource: one card, unless the model's variant trains on the CPU."""
+    settings = variant_settings(wildcards)
+    return gpus_per_process(settings.get("device", "auto"))
 
 
 # Every stage's typed settings, built once when the workflow starts: an unknown key, a wrong type
