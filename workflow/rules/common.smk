@@ -40,7 +40,9 @@ from stepseg.settings import (  # noqa: E402  (standard library only)
 def jobs_run_here():
     """Whether jobs run on this machine (local executor) rather than on cluster or cloud nodes.
 
-    Asked when a job's resources are evaluated, after Snakemake chose its executor. A dry run
+    Asked when a job's resources are evaluated, after Snakemake chose its executor. On a SLURM
+    node the job's own Snakemake (executor slurm-jobstep) is non-local too, so it computes the
+    same `gpu` as the login node and hands it to srun (--gpus). A dry run
     (-n) swaps the chosen executor for Snakemake's `dryrun` one, which counts as local; Snakemake
     (9.x, snakemake/api.py) then still forces `use_threads` for a non-local chosen executor, so
     that flag tells a dry run of a cluster profile from a local one (tests/test_workflow.py checks
@@ -152,16 +154,28 @@ def study_identity(wildcards):
     counts, source folders), never its split, plus the source settings that shape its files.
 
     Per study, so that adding a patient to download.tcia.patient_ids fetches only the new
-    studies. Reads the manifest through the checkpoint: a job asking before it exists waits.
+    studies. The manifest file is read directly when it lists the study: asked through the
+    checkpoint before Snakemake counts it as done (a first DAG pass, e.g. for a target like
+    results/nifti/<study>/SUV.nii.gz), the param would be <TBD>, which Snakemake takes for a
+    changed param and reruns the conversion. Without the file or the study, the job waits for
+    the checkpoint and is built again after it (the manifest is its input).
     """
-    path = checkpoints.manifest.get().output[0]
-    version = os.stat(path)
-    row = _manifest_rows(
-        path, version.st_ino, version.st_mtime_ns, version.st_size
-    ).get(wildcards.study)
+    row = _manifest_row(checkpoints.manifest.rule.output[0], wildcards.study)
     if row is None:
-        raise ValueError(f"study {wildcards.study} is not in the manifest {path}")
+        path = checkpoints.manifest.get().output[0]
+        row = _manifest_row(path, wildcards.study)
+        if row is None:
+            raise ValueError(f"study {wildcards.study} is not in the manifest {path}")
     return stepseg.sources.study_identity(SOURCE, config["download"][SOURCE], row)
+
+
+def _manifest_row(path, study):
+    """The study's manifest row, None without the file or the study."""
+    if not os.path.exists(path):
+        return None
+    version = os.stat(path)
+    rows = _manifest_rows(path, version.st_ino, version.st_mtime_ns, version.st_size)
+    return rows.get(study)
 
 
 @functools.lru_cache(maxsize=1)
