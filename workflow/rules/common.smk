@@ -73,16 +73,13 @@ def gpus_per_process(device):
 
 def train_gpus(wildcards):
     """A train job's `gpu` resource: one card per DDP process (`train.processes`)."""
-    settings = variant_settings(wildcards)
-    return settings.get("processes", 1) * gpus_per_process(
-        settings.get("device", "auto")
-    )
+    settings = TRAINED[wildcards.trained]
+    return settings.processes * gpus_per_process(settings.device)
 
 
 def infer_gpus(wildcards):
     """An infer job's `gpu` resource: one card, unless the model's variant trains on the CPU."""
-    settings = variant_settings(wildcards)
-    return gpus_per_process(settings.get("device", "auto"))
+    return gpus_per_process(TRAINED[wildcards.trained].device)
 
 
 # Every stage's typed settings, built once when the workflow starts: an unknown key, a wrong type
