@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from stepseg import manifest
+from stepseg import manifest, sources
 
 FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -46,3 +46,79 @@ def test_duplicate_study_ids_are_refused():
     records = [*cohort(3), {"study_id": "P000_0", "patient_id": "P999", "has_lesions": False}]
     with pytest.raises(ValueError, match="duplicate study ids in the cohort: \\['P000_0'\\]"):
         manifest.assign_splits(records, FRACTIONS, seed=0)
+
+
+TCIA_ROW = {
+    "study_id": "PETCT_aaa_1",
+    "patient_id": "PETCT_aaa",
+    "split": "train",
+    "has_lesions": True,
+    "ct_series": "2.000000-CT-00001",
+    "ct_series_uid": "1.2.3.1",
+    "ct_series_images": "40",
+    "study_uid": "1.2.3",
+}
+TCIA_SETTINGS = {
+    "base_url": "http://127.0.0.1:1/",
+    "collection": "FDG-PET-CT-Lesions",
+    "patient_ids": ["PETCT_aaa"],
+    "verify_md5": False,
+    "timeout_s": 60,
+    "max_attempts": 6,
+    "backoff_s": 1.0,
+    "cache_dir": "results/.partial/tcia",
+}
+FETCH_ONLY = {"verify_md5", "timeout_s", "max_attempts", "backoff_s", "cache_dir"}
+
+
+def test_study_identity_is_the_row_without_split_and_lesion_status():
+    """A tcia study's download reruns on new series, not on a new split, clinical table or
+    fetch setting: its identity is the manifest row without split and has_lesions, no setting."""
+    identity = sources.study_identity("tcia", TCIA_SETTINGS, TCIA_ROW)
+    assert identity == {
+        "row": {
+            "ct_series": "2.000000-CT-00001",
+            "ct_series_images": "40",
+            "ct_series_uid": "1.2.3.1",
+            "patient_id": "PETCT_aaa",
+            "study_id": "PETCT_aaa_1",
+            "study_uid": "1.2.3",
+        },
+        "settings": {},
+    }
+    moved = {**TCIA_ROW, "split": "test", "has_lesions": False}
+    slower = {**TCIA_SETTINGS, "timeout_s": 5, "max_attempts": 1, "verify_md5": True}
+    assert sources.study_identity("tcia", slower, moved) == identity
+    other_series = {**TCIA_ROW, "ct_series_uid": "1.2.3.9"}
+    assert sources.study_identity("tcia", TCIA_SETTINGS, other_series) != identity
+
+
+def test_listing_settings_leave_out_how_series_are_fetched():
+    listing = sources.listing_settings("tcia", TCIA_SETTINGS)
+    assert listing == {k: v for k, v in TCIA_SETTINGS.items() if k not in FETCH_ONLY}
+    assert set(listing) == {"base_url", "collection", "patient_ids"}
+    local = {"path": "/data/dicom", "link": "copy"}
+    assert sources.listing_settings("dicom_dir", local) == local
+
+
+@pytest.mark.parametrize(
+    ("source", "settings", "shaping"),
+    [
+        # every generator setting enters every study's images or DICOM UIDs
+        ("synthetic", {"seed": 7, "n_patients": 8, "pet_noise": 0.12}, None),
+        ("dicom_dir", {"path": "/data/dicom", "link": "copy"}, {"link": "copy"}),
+        ("nifti_dir", {"path": "/data/nifti"}, {}),
+    ],
+)
+def test_study_identity_keeps_the_settings_that_shape_a_studys_files(source, settings, shaping):
+    row = {"study_id": "P_1", "patient_id": "P", "split": "val", "has_lesions": False}
+    identity = sources.study_identity(source, settings, row)
+    assert identity == {
+        "row": {"patient_id": "P", "study_id": "P_1"},
+        "settings": settings if shaping is None else shaping,
+    }
+
+
+def test_unknown_source_is_refused():
+    with pytest.raises(ValueError, match=r"unknown download\.source 'ftp'"):
+        sources.study_identity("ftp", {}, {})

@@ -2,7 +2,9 @@
 
 Every job must be an sbatch job: the test collects the SLURM job ids from Snakemake's log, prints
 them, and asks the controller that each one exists and COMPLETED. The run happens in a temporary
-working directory, so the checkout's results/ is never touched.
+working directory, so the checkout's results/ is never touched. The node has no GPU: the run says
+`compute: {gpus: 0}`, and the GPU requests of train and infer (`compute: {gpus: auto}` with the
+SLURM executor) are checked on the sbatch calls the controller refuses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,13 +47,14 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 def node_profile(workdir: Path) -> Path:
     """profiles/slurm as shipped, adapted to the test node the way a user adapts it to a site.
 
-    The node has 2 CPUs, ~20 GB and no GPU: GPU rules run on the CPU (gpu=0), and no job asks
-    for more CPUs or memory than the node has, or sbatch would refuse it. Status checks start
-    after 2 s instead of 20 s (still far below the node's MinJobAge of 7200 s).
+    The node has 2 CPUs and ~20 GB: no job asks for more CPUs or memory than the node has, or
+    sbatch would refuse it (its lack of a GPU is the config's business: `compute: {gpus: 0}`).
+    Status checks start after 2 s instead of 20 s (still far below the node's MinJobAge of
+    7200 s).
     """
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     for rule in ("train", "infer"):
-        profile["set-resources"][rule].update(gpu=0, mem_mb=6000)
+        profile["set-resources"][rule].update(mem_mb=6000)
     profile["set-threads"] = {rule: 2 for rule in profile["set-threads"]}
     profile["slurm-init-seconds-before-status-checks"] = 2
     directory = workdir / "node-profile"
@@ -59,18 +63,26 @@ def node_profile(workdir: Path) -> Path:
     return directory
 
 
-def run_on_slurm(workdir: Path, profile: Path, *targets: str) -> list[str]:
-    """Run Snakemake with the SLURM executor; return the SLURM job ids it submitted."""
-    result = subprocess.run(
+def snakemake_on_slurm(
+    workdir: Path, profile: Path, *args: str, configs: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Snakemake with the SLURM executor on `workdir` (tiny.yaml, short.yaml, then `configs`)."""
+    configfiles = [str(workdir / name) for name in ("tiny.yaml", "short.yaml", *configs)]
+    return subprocess.run(
         [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-         "--configfile", str(workdir / "tiny.yaml"), str(workdir / "short.yaml"),
          "--workflow-profile", str(profile),
-         *targets],
+         *args,  # targets too: after --configfile they would be read as config files
+         "--configfile", *configfiles],
         capture_output=True,
         text=True,
         timeout=1800,
         check=False,
     )  # fmt: skip
+
+
+def run_on_slurm(workdir: Path, profile: Path, *targets: str) -> list[str]:
+    """Run Snakemake with the SLURM executor; return the SLURM job ids it submitted."""
+    result = snakemake_on_slurm(workdir, profile, *targets)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
     assert "Using workflow specific profile" in output and str(profile) in output
@@ -82,7 +94,17 @@ def run_on_slurm(workdir: Path, profile: Path, *targets: str) -> list[str]:
     return job_ids
 
 
-def test_workflow_jobs_are_slurm_jobs(tmp_path, capsys):
+@dataclass(frozen=True)
+class SlurmRun:
+    workdir: Path
+    profile: Path
+    job_ids: list[str]
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory) -> SlurmRun:
+    """The whole workflow (default target: the report) run on SLURM, on the CPU."""
+    tmp_path = tmp_path_factory.mktemp("slurm")
     workdir = tmp_path / "work"
     workdir.mkdir()
     shutil.copytree(ROOT / "config", workdir / "config")
@@ -97,13 +119,16 @@ def test_workflow_jobs_are_slurm_jobs(tmp_path, capsys):
             "patch_size": [16, 32, 32],
             "channels": [4, 8],
             "num_res_units": 0,
-        }
+        },
+        "compute": {"gpus": 0},  # the test node has no GPU
     }
     (workdir / "short.yaml").write_text(yaml.safe_dump(short))
     profile = node_profile(tmp_path)
+    return SlurmRun(workdir, profile, run_on_slurm(workdir, profile))
 
-    job_ids = run_on_slurm(workdir, profile)  # the default target: the report
 
+def test_workflow_jobs_are_slurm_jobs(slurm_run, capsys):
+    workdir, job_ids = slurm_run.workdir, slurm_run.job_ids
     with capsys.disabled():  # the CI log shows the real sbatch job ids
         print(f"\nSLURM job ids of the workflow's {len(job_ids)} jobs: {' '.join(job_ids)}")
     assert len(set(job_ids)) == len(job_ids)
@@ -118,3 +143,48 @@ def test_workflow_jobs_are_slurm_jobs(tmp_path, capsys):
         for name in NIFTI_NAMES:
             assert (workdir / "results" / "nifti" / study / f"{name}.nii.gz").stat().st_size > 0
     assert "Dice" in (workdir / "results" / "report" / "results.md").read_text()
+
+
+SBATCH_REFUSED = re.compile(
+    r"SLURM sbatch failed\. The error message was '([^']*)'\.\n\s+sbatch call:\n\s+(sbatch [^\n]*)"
+)
+
+
+def refused_sbatch_calls(output: str) -> list[tuple[str, str]]:
+    """(sbatch's error, the sbatch call) of every submission the controller refused."""
+    return SBATCH_REFUSED.findall(output)
+
+
+@pytest.mark.parametrize(
+    ("change", "args", "gpus"),
+    [
+        # train: one GPU per DDP process of the variant (here 2); the model is then out of date
+        (
+            {"train": {"variants": {"stepwise": {"targets": "stepwise", "seeds": [0],
+                                                 "processes": 2}}}},
+            ["results/models/stepwise-seed0/model.pt"],
+            2,
+        ),
+        # infer: one GPU, requested again for an existing model
+        ({}, ["results/predictions/plain-seed0/val", "--forcerun", "infer"], 1),
+    ],
+    ids=["train", "infer"],
+)  # fmt: skip
+def test_gpu_jobs_ask_slurm_for_their_gpus(slurm_run, change, args, gpus):
+    """With `compute: {gpus: auto}` (the shipped default) the SLURM executor asks sbatch for the
+    job's GPUs although the submit host has none. The test node has none either, so the
+    controller refuses the submission at once, and its error report shows the sbatch call."""
+    name = f"gpus-{gpus}.yaml"
+    (slurm_run.workdir / name).write_text(yaml.safe_dump({"compute": {"gpus": "auto"}, **change}))
+    result = snakemake_on_slurm(slurm_run.workdir, slurm_run.profile, *args, configs=(name,))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-8000:]
+    refused = refused_sbatch_calls(output)
+    assert refused, output[-8000:]
+    # the job and each of the profile's 2 retries: one submission each, all refused the same way
+    assert len(refused) == 3, output[-8000:]
+    for error, call in refused:
+        assert error == "sbatch: error: Invalid generic resource (gres) specification", call
+        assert f" --gpus={gpus} " in call, call
+        assert "--gres" not in call, call
+    assert not SUBMITTED.findall(output)

@@ -6,10 +6,13 @@ would rerun, which is exactly what a user sees after editing config.yaml.
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +22,7 @@ import pytest
 import yaml
 from reference.geometry import assert_ctres_geometry
 
-from stepseg import manifest, nifti
+from stepseg import devices, manifest, nifti
 
 pytestmark = pytest.mark.slow
 
@@ -199,6 +202,8 @@ RERUN_SCOPES = {
         {"download": {"tcia": {"timeout_s": 5}}},
         lambda c: {},
     ),
+    # where jobs run, not what they compute: resources are no rerun trigger
+    "compute: GPUs": ({"compute": {"gpus": 1}}, lambda c: {}),
 }
 
 
@@ -319,3 +324,194 @@ def test_tcia_source_against_a_local_server_gives_the_same_results(run, tmp_path
     pd.testing.assert_frame_equal(
         ours_report.drop(columns="data"), their_report.drop(columns="data")
     )
+
+
+# A job header as Snakemake prints it when it starts the job (and in a dry run).
+JOB_HEADER = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):$", re.MULTILINE)
+# A job header and its indented lines (input, output, ..., wildcards, resources).
+JOB_BLOCK = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n((?:[ \t]+.*(?:\n|$))*)", re.M)
+
+
+def ran_jobs(output: str) -> dict[str, int]:
+    """Rule -> jobs a real run executed (the job headers it printed), without rule `all`."""
+    counts = Counter(JOB_HEADER.findall(output))
+    counts.pop("all", None)
+    return dict(counts)
+
+
+def job_wildcards(output: str, rule: str) -> list[str]:
+    """The `wildcards:` line of every job of `rule` the run printed, sorted."""
+    return sorted(
+        re.search(r"^\s+wildcards: (.*)$", body, re.MULTILINE).group(1)
+        for name, body in JOB_BLOCK.findall(output)
+        if name == rule
+    )
+
+
+def study_file_times(workdir: Path, studies: set[str]) -> dict[str, int]:
+    """mtime (ns) of each study's raw folder and converted SUV: a rerun download or conversion
+    rewrites them (Snakemake deletes the outputs before it runs a job)."""
+    return {
+        str(path.relative_to(workdir)): path.stat().st_mtime_ns
+        for study in studies
+        for path in (
+            workdir / "results" / "raw" / study,
+            workdir / "results" / "nifti" / study / "SUV.nii.gz",
+        )
+    }
+
+
+def test_split_change_real_run_fetches_and_converts_nothing(run, tmp_path):
+    """A real run after a new split seed, up to both LMDBs: the manifest is rewritten and only
+    studies new to training or validation get step maps; no study is fetched or converted."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(run, workdir, symlinks=True)  # copy2 keeps the times Snakemake compares
+    studies = set(manifest.read(run / "results" / "manifest.tsv")["study_id"])
+    before = study_file_times(workdir, studies)
+    change = {"split": {"seed": 1}}
+    output = snakemake(
+        workdir, "results/lmdb/train.lmdb", "results/lmdb/val.lmdb", overrides=change
+    )
+    new_train_val = split_studies(workdir, ["train", "val"]) - split_studies(run, ["train", "val"])
+    assert new_train_val  # seed 1 moves studies into training on this cohort
+    assert ran_jobs(output) == {"manifest": 1, "targets": len(new_train_val), "pack": 2}
+    assert job_wildcards(output, "targets") == sorted(f"study={s}" for s in new_train_val)
+    assert study_file_times(workdir, studies) == before
+
+
+@dataclass(frozen=True)
+class TciaRun:
+    """The tiny cohort fetched over the NBIA stand-in and converted, all patients but one."""
+
+    workdir: Path
+    server: object  # tcia_server.NbiaTestServer, serving the finished run's DICOM series
+    change: dict  # the config that made it (source tcia, the server, the patient subset)
+    left_out: str  # the patient not fetched
+
+
+def nifti_targets(studies: set[str]) -> list[str]:
+    """One converted file per study: asking for it runs the study's download and conversion."""
+    return [f"results/nifti/{study}/SUV.nii.gz" for study in sorted(studies)]
+
+
+@pytest.fixture(scope="module")
+def tcia_run(run, tmp_path_factory) -> Iterator[TciaRun]:
+    from tcia_server import NbiaTestServer
+
+    table = manifest.read(run / "results" / "manifest.tsv")
+    patients = sorted(set(table["patient_id"]))
+    # the patient with a follow-up study, so that "only its studies" means more than one
+    left_out = table["patient_id"].value_counts().sort_index().idxmax()
+    workdir = tmp_path_factory.mktemp("tcia-subset")
+    shutil.copytree(ROOT / "config", workdir / "config")
+    shutil.copy(ROOT / "tests" / "data" / "tiny.yaml", workdir / "tiny.yaml")
+    with NbiaTestServer.from_dicom_tree(run / "results" / "raw") as server:
+        tcia = {
+            "base_url": server.base_url,
+            "timeout_s": 10,
+            "patient_ids": [p for p in patients if p != left_out],
+        }
+        change = {"download": {"source": "tcia", "tcia": tcia}}
+        fetched = set(table.loc[table["patient_id"] != left_out, "study_id"])
+        snakemake(workdir, *nifti_targets(fetched), overrides=change, timeout_s=600)
+        yield TciaRun(workdir, server, change, left_out)
+
+
+def test_tcia_fetch_settings_rerun_nothing(tcia_run, tmp_path):
+    """How series are fetched (timeouts, retries, checksums, the partial-download cache) is read
+    by the job from the config: changing all of it reruns not even the manifest."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(tcia_run.workdir, workdir, symlinks=True)
+    studies = set(manifest.read(workdir / "results" / "manifest.tsv")["study_id"])
+    before = study_file_times(workdir, studies)
+    change = copy.deepcopy(tcia_run.change)
+    change["download"]["tcia"].update(
+        timeout_s=5, max_attempts=2, backoff_s=0.5, verify_md5=True, cache_dir="results/.other"
+    )
+    output = snakemake(workdir, *nifti_targets(studies), overrides=change, timeout_s=300)
+    assert "Nothing to be done" in output
+    assert ran_jobs(output) == {}
+    assert study_file_times(workdir, studies) == before
+
+
+def test_tcia_added_patient_fetches_and_converts_only_its_studies(run, tcia_run, tmp_path):
+    """Adding a patient to patient_ids rewrites the manifest (new splits) and fetches, from the
+    server, exactly the new patient's series; no other study is fetched or converted again."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(tcia_run.workdir, workdir, symlinks=True)
+    old = set(manifest.read(workdir / "results" / "manifest.tsv")["study_id"])
+    before = study_file_times(workdir, old)
+    change = copy.deepcopy(tcia_run.change)
+    change["download"]["tcia"]["patient_ids"].append(tcia_run.left_out)
+    everyone = manifest.read(run / "results" / "manifest.tsv")
+    added = set(everyone.loc[everyone["patient_id"] == tcia_run.left_out, "study_id"])
+    assert len(added) == 2 and not added & old
+    tcia_run.server.requests.clear()
+
+    output = snakemake(workdir, *nifti_targets(old | added), overrides=change, timeout_s=600)
+
+    assert ran_jobs(output) == {"manifest": 1, "download": 2, "convert": 2}
+    assert job_wildcards(output, "download") == sorted(f"study={s}" for s in added)
+    assert job_wildcards(output, "convert") == sorted(f"study={s}" for s in added)
+    table = manifest.read(workdir / "results" / "manifest.tsv").set_index("study_id")
+    added_series = {
+        table.at[study, f"{column}_uid"]
+        for study in added
+        for column in ("ct_series", "pet_series", "seg_series")
+    }
+    fetched = {uid for endpoint, uid, _ in tcia_run.server.requests if endpoint == "getImage"}
+    assert fetched == added_series and len(fetched) == 6
+    assert study_file_times(workdir, old) == before
+
+
+def gpu_requests(output: str) -> dict[str, int]:
+    """'<rule> <wildcards>' -> the `gpu` resource of every train and infer job a dry run shows."""
+    requests = {}
+    for rule, body in JOB_BLOCK.findall(output):
+        if rule in ("train", "infer"):
+            wildcards = re.search(r"^\s+wildcards: (.*)$", body, re.MULTILINE).group(1)
+            shown = re.search(r"^\s+resources: .*\bgpu=(\d+)", body, re.MULTILINE)
+            requests[f"{rule} {wildcards}"] = int(shown.group(1)) if shown else 0
+    return requests
+
+
+def expected_gpus(stepwise_train: int, stepwise_infer: int, plain: int) -> dict[str, int]:
+    return {
+        "train trained=stepwise-seed0": stepwise_train,
+        "train trained=plain-seed0": plain,
+        **{
+            f"infer trained={variant}, eval_split={split}": gpus
+            for variant, gpus in (("stepwise-seed0", stepwise_infer), ("plain-seed0", plain))
+            for split in ("val", "test")
+        },
+    }
+
+
+SLURM = ("--workflow-profile", str(ROOT / "profiles" / "slurm"))
+HERE = 1 if devices.installed_gpus() else 0  # this machine's cards decide for local jobs
+STEPWISE = {"targets": "stepwise", "seeds": [0]}
+# (profile arguments, config change) -> GPUs of (stepwise train, stepwise infer, plain)
+GPU_REQUESTS = {
+    # the login node has no card, the cluster's nodes do: one GPU per process, one per infer job
+    "slurm, auto": (SLURM, None, (1, 1, 1)),
+    "slurm, 2 DDP processes": (
+        SLURM,
+        {"train": {"variants": {"stepwise": {**STEPWISE, "processes": 2}}}},
+        (2, 1, 1),
+    ),
+    "slurm, CPU-only cluster": (SLURM, {"compute": {"gpus": 0}}, (0, 0, 0)),
+    "slurm, a CPU variant": (
+        SLURM,
+        {"train": {"variants": {"plain": {"targets": "plain", "seeds": [0], "device": "cpu"}}}},
+        (1, 1, 0),
+    ),
+    "this machine, auto": ((), None, (HERE, HERE, HERE)),
+    "this machine, gpus 1": ((), {"compute": {"gpus": 1}}, (1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize(("profile", "change", "gpus"), GPU_REQUESTS.values(), ids=GPU_REQUESTS)
+def test_gpu_requests_follow_config_and_executor(run, profile, change, gpus):
+    """The dry run shows each train and infer job's `gpu` (sbatch --gpus on SLURM)."""
+    dry_run = snakemake(run, "--dry-run", "--forcerun", "train", *profile, overrides=change)
+    assert gpu_requests(dry_run) == expected_gpus(*gpus)

@@ -24,6 +24,7 @@ os.environ.update(
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 import stepseg  # noqa: E402  (the bare package: no numpy, no torch)
 import stepseg.devices  # noqa: E402  (standard library only)
+import stepseg.sources  # noqa: E402  (standard library only until a source is used)
 from stepseg import names  # noqa: E402  (standard library only)
 from stepseg.settings import (  # noqa: E402  (standard library only)
     ConvertSettings,
@@ -35,10 +36,50 @@ from stepseg.settings import (  # noqa: E402  (standard library only)
     TrainSettings,
 )
 
-# The GPU rules ask for cards only where this machine has some (/dev/nvidia<k>): on a CPU-only
-# workstation the `gpu` limit of profiles/default would otherwise run them one at a time.
-# profiles/slurm sets the GPU rules' resources itself (the submit host may have no card).
-HAS_GPUS = bool(stepseg.devices.installed_gpus())
+
+def jobs_run_here():
+    """Whether jobs run on this machine (local executor) rather than on cluster or cloud nodes.
+
+    Asked when a job's resources are evaluated, after Snakemake chose its executor. On a SLURM
+    node the job's own Snakemake (executor slurm-jobstep) is non-local too, so it computes the
+    same `gpu` as the login node and hands it to srun (--gpus). A dry run
+    (-n) swaps the chosen executor for Snakemake's `dryrun` one, which counts as local; Snakemake
+    (9.x, snakemake/api.py) then still forces `use_threads` for a non-local chosen executor, so
+    that flag tells a dry run of a cluster profile from a local one (tests/test_workflow.py checks
+    both against profiles/slurm and profiles/default).
+    """
+    if not workflow.local_exec:
+        return False
+    if workflow.dryrun and workflow.execution_settings.use_threads:
+        return False
+    return True
+
+
+def gpus_per_process(device):
+    """GPUs for each process of a train or infer job: `compute.gpus`, or for `auto` 1 wherever
+    jobs run on other machines (a cluster's login node has no say) and, where they run here,
+    1 only if this machine has a card (/dev/nvidia<k>): on a CPU-only workstation a `gpu` request
+    would run them one at a time under profiles/default's `gpu` limit. None for `device: cpu`.
+    """
+    if device == "cpu":
+        return 0
+    setting = config["compute"]["gpus"]
+    if setting != "auto":
+        return int(setting)
+    if not jobs_run_here():
+        return 1
+    return 1 if stepseg.devices.installed_gpus() else 0
+
+
+def train_gpus(wildcards):
+    """A train job's `gpu` resource: one card per DDP process (`train.processes`)."""
+    settings = TRAINED[wildcards.trained]
+    return settings.processes * gpus_per_process(settings.device)
+
+
+def infer_gpus(wildcards):
+    """An infer job's `gpu` resource: one card, unless the model's variant trains on the CPU."""
+    return gpus_per_process(TRAINED[wildcards.trained].device)
 
 
 # Every stage's typed settings, built once when the workflow starts: an unknown key, a wrong type
@@ -103,6 +144,44 @@ def _studies_by_split(path, inode, mtime_ns, size):
     for split in SPLITS:
         by_split[split] = tuple(sorted(table.loc[table["split"] == split, "study_id"]))
     return by_split
+
+
+def study_identity(wildcards):
+    """What results/raw/{study} holds depends on: the study's manifest row (series UIDs, image
+    counts, source folders), never its split, plus the source settings that shape its files.
+
+    Per study, so that adding a patient to download.tcia.patient_ids fetches only the new
+    studies. The manifest file is read directly when it lists the study: asked through the
+    checkpoint before Snakemake counts it as done (a first DAG pass, e.g. for a target like
+    results/nifti/<study>/SUV.nii.gz), the param would be <TBD>, which Snakemake takes for a
+    changed param and reruns the conversion. Without the file or the study, the job waits for
+    the checkpoint and is built again after it (the manifest is its input).
+    """
+    row = _manifest_row(checkpoints.manifest.rule.output[0], wildcards.study)
+    if row is None:
+        path = checkpoints.manifest.get().output[0]
+        row = _manifest_row(path, wildcards.study)
+        if row is None:
+            raise ValueError(f"study {wildcards.study} is not in the manifest {path}")
+    return stepseg.sources.study_identity(SOURCE, config["download"][SOURCE], row)
+
+
+def _manifest_row(path, study):
+    """The study's manifest row, None without the file or the study."""
+    if not os.path.exists(path):
+        return None
+    version = os.stat(path)
+    rows = _manifest_rows(path, version.st_ino, version.st_mtime_ns, version.st_size)
+    return rows.get(study)
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest_rows(path, inode, mtime_ns, size):
+    """{study id: manifest row}; the file version is part of the cache key only."""
+    import stepseg.manifest
+
+    table = stepseg.manifest.read(path)
+    return {row["study_id"]: row for row in table.to_dict("records")}
 
 
 def trained_variants():

@@ -15,7 +15,7 @@ rule infer:
     # than predicting a study on a CPU; profiles/slurm sets a cluster job's CPUs
     threads: model_job_threads()
     resources:
-        gpu=1 if HAS_GPUS else 0,
+        gpu=infer_gpus,
     params:
         studies=lambda wc: studies(wc.eval_split),
         settings=SETTINGS["infer"].to_dict(),

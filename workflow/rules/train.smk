@@ -13,7 +13,7 @@ rule train:
         "../../envs/torch.yaml"
     threads: model_job_threads()
     resources:
-        gpu=lambda wc: variant_settings(wc).get("processes", 1) if HAS_GPUS else 0,
+        gpu=train_gpus,
     params:
         settings=variant_settings,
         state_dir=lambda wc: f"results/train_state/{wc.trained}",
