@@ -54,6 +54,7 @@ def test_a_variant_may_override_any_train_key():
          r"0 is less than or equal to the minimum of 0"),
         (lambda c: c["split"].update(train=0), r"0 is less than or equal to the minimum of 0"),
         (lambda c: c.update(checks={"ct_hu_range": [-1100]}), r"\[-1100\] is too short"),
+        (lambda c: c["compute"].update(gpus=2), r"2 is not one of \['auto', 0, 1\]"),
     ],
 )  # fmt: skip
 def test_bad_settings_stop_the_workflow_at_start_up(change, message):

@@ -20,6 +20,8 @@ from stepseg.settings import (
     PackSettings,
     ReportSettings,
     SettingsError,
+    SyntheticSettings,
+    TciaSettings,
     ThresholdSettings,
     TrainSettings,
 )
@@ -45,9 +47,12 @@ def shipped(overlay: str | None = None) -> dict:
 @pytest.mark.parametrize("overlay", [None, "config/paper.yaml", "config/long.yaml"])
 def test_every_shipped_config_gives_every_stage_its_settings(overlay):
     config = shipped(overlay)
-    for kind in STAGES:
-        built = kind.from_mapping(config[kind.section]).to_dict()
-        for key, value in config[kind.section].items():
+    sections = {kind: config[kind.section] for kind in STAGES}
+    sections[SyntheticSettings] = config["download"]["synthetic"]
+    sections[TciaSettings] = config["download"]["tcia"]
+    for kind, section in sections.items():
+        built = kind.from_mapping(section).to_dict()
+        for key, value in section.items():
             assert built[key] == value, f"{kind.section}.{key}"
     for variant, spec in config["train"]["variants"].items():
         for seed in spec["seeds"]:

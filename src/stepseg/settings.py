@@ -99,6 +99,55 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SyntheticSettings(Settings):
+    """The embedded synthetic cohort (stepseg.synthetic): every key shapes the studies' bytes."""
+
+    section: ClassVar[str] = "download.synthetic"
+    seed: int
+    n_patients: int
+    repeat_fraction: float
+    lesion_fraction: float
+    pet_shape: tuple[int, int, int]
+    pet_spacing_mm: tuple[float, float, float]
+    ct_shape: tuple[int, int, int]
+    ct_spacing_mm: tuple[float, float, float]
+    pet_fwhm_mm: float = 6.5
+    pet_noise: float = 0.12
+    lesion_volume_ml: tuple[float, float] = (0.5, 60.0)
+    lesions_per_study: tuple[int, int] = (1, 6)
+
+    def __post_init__(self) -> None:
+        for key in ("lesion_volume_ml", "lesions_per_study"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high:
+                raise SettingsError(
+                    f"download.synthetic.{key} must be [low, high] with 0 < low <= high"
+                )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TciaSettings(Settings):
+    """The FDG-PET-CT-Lesions collection over TCIA's NBIA API (stepseg.sources.tcia)."""
+
+    section: ClassVar[str] = "download.tcia"
+    base_url: str
+    collection: str
+    patient_ids: tuple[str, ...] = ()
+    limit: int = 0
+    manifest_file: str = ""
+    clinical_file: str = ""
+    verify_md5: bool = False
+    timeout_s: float = 60.0
+    max_attempts: int = 6
+    backoff_s: float = 1.0
+    cache_dir: str = "results/.partial/tcia"
+
+    def __post_init__(self) -> None:
+        if not self.base_url.endswith("/"):  # endpoints are joined onto it
+            object.__setattr__(self, "base_url", self.base_url + "/")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ChecksSettings(Settings):
     """Inputs refused by convert, pack, infer and `stepseg predict` (stepseg.checks)."""
 

@@ -28,7 +28,6 @@ import shutil
 import time
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -36,6 +35,7 @@ import requests
 import urllib3
 
 from stepseg.errors import StudyError
+from stepseg.settings import TciaSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,34 +56,6 @@ class UnsafeArchiveError(ValueError):
 
 class _TransientError(Exception):
     """A transient failure (5xx, timeout, cut connection, corrupt archive): try again."""
-
-
-@dataclass(frozen=True)
-class TciaSettings:
-    """The `download.tcia` config section, with defaults for the optional keys."""
-
-    base_url: str
-    collection: str
-    patient_ids: tuple[str, ...] = ()
-    limit: int = 0
-    manifest_file: str = ""
-    clinical_file: str = ""
-    verify_md5: bool = False
-    timeout_s: float = 60.0
-    max_attempts: int = 6
-    backoff_s: float = 1.0
-    cache_dir: str = "results/.partial/tcia"
-
-    @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> TciaSettings:
-        unknown = set(settings) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown download.tcia settings: {sorted(unknown)}")
-        values = dict(settings)
-        values["patient_ids"] = tuple(values.get("patient_ids") or ())
-        if not values["base_url"].endswith("/"):
-            values["base_url"] += "/"
-        return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,16 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from stepseg.settings import SyntheticSettings
 from stepseg.synthetic import phantom
 from stepseg.synthetic.phantom import Lesion
 
-# Keys the config may omit; the shipped config/config.yaml lists them all.
-DEFAULTS: dict[str, Any] = {
-    "pet_fwhm_mm": 6.5,
-    "pet_noise": 0.12,
-    "lesion_volume_ml": [0.5, 60.0],
-    "lesions_per_study": [1, 6],
-}
 F18_HALF_LIFE_S = 6586.2
 
 
@@ -59,13 +53,9 @@ class StudyPlan:
 
 
 def settings_with_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings with the optional keys filled in; inverted ranges are refused."""
-    merged = {**DEFAULTS, **settings}
-    for key in ("lesion_volume_ml", "lesions_per_study"):
-        low, high = merged[key]
-        if not 0 < low <= high:
-            raise ValueError(f"download.synthetic.{key} must be [low, high] with 0 < low <= high")
-    return merged
+    """The checked settings with the optional keys filled in (`SyntheticSettings`), as the plain
+    values the generator and the UIDs' hash read; inverted ranges are refused."""
+    return SyntheticSettings.from_mapping(settings).to_dict()
 
 
 def rng_for(settings: Mapping[str, Any], *keys: int) -> np.random.Generator:
