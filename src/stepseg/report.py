@@ -417,6 +417,8 @@ def coronal_mip(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def plot_case(
+    *,
+    study: str,
     suv_path: str | Path,
     seg_path: str | Path,
     pred_path: str | Path,
@@ -425,7 +427,6 @@ def plot_case(
     dpi: int,
 ) -> None:
     """Coronal SUV MIP with the projected outlines of the ground truth and the prediction."""
-    study = Path(seg_path).parent.name
     suv = nifti.load(suv_path, study, np.float32)
     seg = nifti.load(seg_path, study)
     pred = nifti.load(pred_path, study)
@@ -569,7 +570,15 @@ def write_report(
         )
         suv, seg = test_images[study]
         prediction = test_predictions[best][study]
-        plot_case(suv, seg, prediction, title, outputs.cases[case], dpi)
+        plot_case(
+            study=study,
+            suv_path=suv,
+            seg_path=seg,
+            pred_path=prediction,
+            title=title,
+            out_png=outputs.cases[case],
+            dpi=dpi,
+        )
 
     figures = [
         ("Per-study metric distributions", outputs.distributions),
