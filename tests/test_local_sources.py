@@ -15,6 +15,7 @@ from tcia_server import write_tiny_study
 
 from stepseg import manifest, sources
 from stepseg.errors import StudyError
+from stepseg.names import NIFTI_NAMES
 from stepseg.sources import local
 
 SPLIT = {"seed": 0, "train": 0.5, "val": 0.25, "test": 0.25}
@@ -138,7 +139,7 @@ def test_nifti_dir_fetch_and_link_make_symlinks_not_copies(release, tmp_path):
     row = local.nifti_dir.list_studies({"path": str(release)})[1]
     raw = tmp_path / "raw" / "PETCT_0a_2"
     local.nifti_dir.fetch_study({"path": str(release)}, row, raw)
-    outputs = {n: tmp_path / "nifti" / "PETCT_0a_2" / f"{n}.nii.gz" for n in local.NIFTI_NAMES}
+    outputs = {n: tmp_path / "nifti" / "PETCT_0a_2" / f"{n}.nii.gz" for n in NIFTI_NAMES}
     local.link_nifti_study("PETCT_0a_2", raw, outputs)
     source = Path(row["nifti_dir"])
     for name, path in outputs.items():

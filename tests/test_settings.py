@@ -15,8 +15,10 @@ from snakemake.utils import update_config
 from stepseg.settings import (
     RECIPES,
     ConvertSettings,
+    DicomDirSettings,
     EvaluateSettings,
     InferSettings,
+    NiftiDirSettings,
     PackSettings,
     ReportSettings,
     SettingsError,
@@ -50,6 +52,8 @@ def test_every_shipped_config_gives_every_stage_its_settings(overlay):
     sections = {kind: config[kind.section] for kind in STAGES}
     sections[SyntheticSettings] = config["download"]["synthetic"]
     sections[TciaSettings] = config["download"]["tcia"]
+    sections[DicomDirSettings] = config["download"]["dicom_dir"]
+    sections[NiftiDirSettings] = config["download"]["nifti_dir"]
     for kind, section in sections.items():
         built = kind.from_mapping(section).to_dict()
         for key, value in section.items():

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from stepseg import manifest
+from stepseg.names import NIFTI_NAMES
 
 # requires("slurm"): skipped without a controller, failed instead under STEPSEG_REQUIRE=slurm
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.requires("slurm")]
@@ -29,7 +30,6 @@ SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
 DONE = re.compile(r"^(\d+) of (\d+) steps \(100%\) done", re.MULTILINE)
 LOCAL = re.compile(r"^local(?:rule|checkpoint) \w+:$", re.MULTILINE)
-NIFTI_NAMES = ["CT", "PET", "SUV", "CTres", "SEG"]
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stepseg import names
 from stepseg.atomic import atomic_file
 
-SPLITS = ("train", "val", "test")
+SPLITS = names.SPLITS
 COLUMNS = [
     "study_id",
     "patient_id",

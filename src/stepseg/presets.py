@@ -107,25 +107,24 @@ class Preset:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preset:
+        """The preset of `to_dict` (a model file's, an LMDB's) or of configured steps and
+        channels; keys left out take the dataclasses' defaults."""
         steps = tuple(
             DilationStep(
-                semi_axes_mm=None if s.get("semi_axes_mm") is None else _zyx(s["semi_axes_mm"]),
-                iterations=int(s.get("iterations", 1)),
+                **{
+                    **s,
+                    "semi_axes_mm": None
+                    if s.get("semi_axes_mm") is None
+                    else _zyx(s["semi_axes_mm"]),
+                }
             )
             for s in data["steps"]
         )
         channels = tuple(
-            Channel(
-                step=c.get("step"),
-                fill=c.get("fill", "one"),
-                hollow=bool(c.get("hollow", False)),
-                loss=c.get("loss", "mse"),
-                window=None if c.get("window") is None else tuple(map(float, c["window"])),
-                window_scale=float(c.get("window_scale", 1.0)),
-            )
+            Channel(**{**c, "window": None if c.get("window") is None else _pair(c["window"])})
             for c in data["channels"]
         )
-        preset = cls(name=str(data.get("name", "custom")), steps=steps, channels=channels)
+        preset = cls(name=str(data["name"]), steps=steps, channels=channels)
         preset.validate()
         return preset
 
@@ -157,6 +156,11 @@ class Preset:
 def _zyx(values: Any) -> tuple[float, float, float]:
     z, y, x = (float(v) for v in values)
     return (z, y, x)
+
+
+def _pair(values: Any) -> tuple[float, float]:
+    low, high = (float(v) for v in values)
+    return (low, high)
 
 
 _WHOLE = DilationStep(semi_axes_mm=None)
@@ -224,7 +228,7 @@ PRESETS = {preset.name: preset for preset in (PAPER, RELEASED_CODE)}
 
 def preset_from_settings(settings: dict[str, Any]) -> Preset:
     """The configured preset; `steps` / `channels` in the settings replace the preset's own."""
-    name = settings.get("preset", "paper")
+    name = settings["preset"]
     if name not in PRESETS:
         raise ValueError(f"targets.preset {name!r} is not one of {sorted(PRESETS)}")
     data = PRESETS[name].to_dict()

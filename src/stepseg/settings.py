@@ -148,6 +148,24 @@ class TciaSettings(Settings):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DicomDirSettings(Settings):
+    """A local DICOM tree in any folder layout (stepseg.sources.local)."""
+
+    section: ClassVar[str] = "download.dicom_dir"
+    path: str = ""
+    # how the study's files reach results/raw/{study}
+    link: Literal["symlink", "copy"] = "symlink"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NiftiDirSettings(Settings):
+    """The autoPET NIfTI release, <path>/<patient>/<study>/*.nii.gz (stepseg.sources.local)."""
+
+    section: ClassVar[str] = "download.nifti_dir"
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ChecksSettings(Settings):
     """Inputs refused by convert, pack, infer and `stepseg predict` (stepseg.checks)."""
 

@@ -33,11 +33,12 @@ from pydicom.errors import InvalidDicomError
 
 from stepseg import nifti
 from stepseg.errors import StudyError
+from stepseg.names import NIFTI_NAMES
+from stepseg.settings import DicomDirSettings, NiftiDirSettings
 from stepseg.sources import tcia
 
 log = logging.getLogger(__name__)
 
-NIFTI_NAMES = ("CT", "PET", "SUV", "CTres", "SEG")
 LISTING_TAGS = [
     "PatientID",
     "StudyInstanceUID",
@@ -49,13 +50,12 @@ LISTING_TAGS = [
     "SeriesDescription",
 ]
 REQUIRED_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-LINK_MODES = ("symlink", "copy")
 # autoPET/TCIA study folders start with the study date, MM-DD-YYYY
 FOLDER_DATE = re.compile(r"^(\d{2})-(\d{2})-(\d{4})")
 
 
-def _source(settings: Mapping[str, Any], source: str) -> Path:
-    path = str(settings.get("path") or "")
+def _source(settings: DicomDirSettings | NiftiDirSettings, source: str) -> Path:
+    path = settings.path
     if not path or not Path(path).is_dir():
         raise ValueError(f"download.{source}.path {path!r} is not a directory")
     return Path(path)
@@ -124,7 +124,7 @@ def _seg_has_lesions(study: str, files: list[Path]) -> bool:
 
 
 def _list_dicom_dir(settings: Mapping[str, Any]) -> list[dict]:
-    series = scan_dicom_tree(_source(settings, "dicom_dir"))
+    series = scan_dicom_tree(_source(DicomDirSettings.from_mapping(settings), "dicom_dir"))
     rows = list(series.values())
     records = tcia.group_series(rows, tcia.visit_numbers(rows))
     for record in records:
@@ -137,9 +137,7 @@ def _list_dicom_dir(settings: Mapping[str, Any]) -> list[dict]:
 
 
 def _fetch_dicom_dir(settings: Mapping[str, Any], row: Mapping[str, Any], out_dir: Path) -> None:
-    mode = str(settings.get("link", "symlink"))
-    if mode not in LINK_MODES:
-        raise ValueError(f"download.dicom_dir.link must be one of {LINK_MODES}, not {mode!r}")
+    mode = DicomDirSettings.from_mapping(settings).link
     study = str(row["study_id"])
     for modality, column in tcia.MODALITY_COLUMNS.items():
         folders = str(row[f"{column}_dirs"]).split(os.pathsep)
@@ -176,7 +174,7 @@ def _folder_date(name: str) -> str:
 
 
 def _list_nifti_dir(settings: Mapping[str, Any]) -> list[dict]:
-    root = _source(settings, "nifti_dir")
+    root = _source(NiftiDirSettings.from_mapping(settings), "nifti_dir")
     folders = sorted(p.parent for p in root.rglob("SUV.nii.gz"))
     if not folders:
         raise ValueError(f"no <patient>/<study>/SUV.nii.gz under download.nifti_dir.path {root}")
