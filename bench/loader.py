@@ -238,6 +238,21 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def pack_folders(
+    folders: list[Path], lmdb_path: Path, settings: PackSettings, target_settings: dict
+) -> None:
+    """Pack study folders (SUV, CTres and steps NIfTI files each) into one LMDB."""
+    pack.pack_split(
+        studies=[f.name for f in folders],
+        suv_paths=[f / "SUV.nii.gz" for f in folders],
+        ctres_paths=[f / "CTres.nii.gz" for f in folders],
+        steps_paths=[f / "steps.nii.gz" for f in folders],
+        out_dir=lmdb_path,
+        settings=settings,
+        target_settings=target_settings,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=3)
@@ -297,16 +312,13 @@ def main() -> None:
         )
         lmdb_path = work / "train.lmdb"
         t = time.perf_counter()
-        pack.pack_split(
-            studies=[f.name for f in folders],
-            suv_paths=[f / "SUV.nii.gz" for f in folders],
-            ctres_paths=[f / "CTres.nii.gz" for f in folders],
-            steps_paths=[f / "steps.nii.gz" for f in folders],
-            out_dir=lmdb_path,
-            settings=PackSettings.from_mapping(
+        pack_folders(
+            folders,
+            lmdb_path,
+            PackSettings.from_mapping(
                 {"codec": args.codec, "level": args.level, "tile_shape": list(args.tile)}
             ),
-            target_settings=settings,
+            settings,
         )
         pack_seconds = time.perf_counter() - t
         checked_ms = patch_read_ms(lmdb_path, patch, args.reads, verify=True)

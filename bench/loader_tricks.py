@@ -31,9 +31,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loader import affine_for, cpu_seconds, synthetic_study
+from loader import affine_for, cpu_seconds, pack_folders, synthetic_study
 
-from stepseg import data, nifti, pack, targets
+from stepseg import data, nifti, targets
 from stepseg.settings import PackSettings
 
 VARIANTS = {
@@ -60,16 +60,11 @@ def build_lmdb(work: Path, studies: int, depth: int, size: int, preset: str) -> 
             {"preset": preset},
         )
     lmdb_path = work / "train.lmdb"
-    pack.pack_split(
-        studies=[f.name for f in folders],
-        suv_paths=[f / "SUV.nii.gz" for f in folders],
-        ctres_paths=[f / "CTres.nii.gz" for f in folders],
-        steps_paths=[f / "steps.nii.gz" for f in folders],
-        out_dir=lmdb_path,
-        settings=PackSettings.from_mapping(
-            {"codec": "gzip", "level": 1, "tile_shape": [16, 64, 64]}
-        ),
-        target_settings={"preset": preset},
+    pack_folders(
+        folders,
+        lmdb_path,
+        PackSettings.from_mapping({"codec": "gzip", "level": 1, "tile_shape": [16, 64, 64]}),
+        {"preset": preset},
     )
     return lmdb_path
 

@@ -126,24 +126,27 @@ def studies(split=None):
     but parses the table once per version of the file: the input functions of the pack, evaluate
     and report jobs ask dozens of times while the DAG is built.
     """
-    path = checkpoints.manifest.get().output[0]
-    version = os.stat(path)
-    by_split = _studies_by_split(
-        path, version.st_ino, version.st_mtime_ns, version.st_size
-    )
+    _, by_split = _manifest(checkpoints.manifest.get().output[0])
     return list(by_split[split])
 
 
+def _manifest(path):
+    """({study id: manifest row}, {split or None: sorted study ids}) of the manifest file."""
+    version = os.stat(path)
+    return _parse_manifest(path, version.st_ino, version.st_mtime_ns, version.st_size)
+
+
 @functools.lru_cache(maxsize=1)
-def _studies_by_split(path, inode, mtime_ns, size):
-    """{split or None: sorted study ids}; the file version is part of the cache key only."""
+def _parse_manifest(path, inode, mtime_ns, size):
+    """`_manifest`, parsed once per version of the file (the version is the cache key only)."""
     import stepseg.manifest
 
     table = stepseg.manifest.read(path)
-    by_split = {None: tuple(sorted(table["study_id"]))}
+    rows = {row["study_id"]: row for row in table.to_dict("records")}
+    by_split = {None: tuple(sorted(rows))}
     for split in SPLITS:
         by_split[split] = tuple(sorted(table.loc[table["split"] == split, "study_id"]))
-    return by_split
+    return rows, by_split
 
 
 def study_identity(wildcards):
@@ -170,18 +173,8 @@ def _manifest_row(path, study):
     """The study's manifest row, None without the file or the study."""
     if not os.path.exists(path):
         return None
-    version = os.stat(path)
-    rows = _manifest_rows(path, version.st_ino, version.st_mtime_ns, version.st_size)
+    rows, _ = _manifest(path)
     return rows.get(study)
-
-
-@functools.lru_cache(maxsize=1)
-def _manifest_rows(path, inode, mtime_ns, size):
-    """{study id: manifest row}; the file version is part of the cache key only."""
-    import stepseg.manifest
-
-    table = stepseg.manifest.read(path)
-    return {row["study_id"]: row for row in table.to_dict("records")}
 
 
 def trained_variants():
