@@ -181,6 +181,88 @@ def test_markdown_table1_and_ablation(written):
     assert "stepwise-seed0, the variant with the highest validation Dice" in text
 
 
+# Per-study (dice, fpv_ml, fnv_ml) with FPV and FNV different in every row of Table 1; T3 has
+# no lesions (Dice and FNV undefined). Means by hand under TABLE1.
+DISTINCT = {
+    "val": {
+        "stepwise-seed0": [(0.9, 0.5, 0.25), (0.8, 1.5, 0.75)],
+        "plain-seed0": [(0.6, 2.0, 0.5), (0.4, 4.0, 1.5)],
+        "threshold": [(0.3, 6.0, 2.0), (0.1, 8.0, 4.0)],
+    },
+    "test": {
+        "stepwise-seed0": [(0.95, 0.2, 0.1), (0.85, 0.4, 0.3), (np.nan, 0.9, np.nan)],
+        "plain-seed0": [(0.7, 1.0, 0.6), (0.5, 2.0, 1.0), (np.nan, 6.0, np.nan)],
+        "threshold": [(0.2, 10.0, 5.0), (0.3, 12.0, 7.0), (np.nan, 14.0, np.nan)],
+    },
+}
+TABLE1_COLUMNS = [
+    "Set",
+    "Result",
+    "DSC",
+    "False Positive (ml)",
+    "False Negative (ml)",
+    "Studies (with lesions)",
+]
+TABLE1 = {  # (set, result): DSC, FPV, FNV, studies
+    ("Validation set", "Liu et al. 2022 (paper): their validation set of 40 patients"): (
+        "0.80", "1.87", "1.14", "n/a"),
+    ("Validation set", "ours: plain-seed0, our synthetic val split"): (
+        "0.500", "3.00", "1.00", "2 (2)"),
+    ("Validation set", "ours: stepwise-seed0, our synthetic val split"): (
+        "0.850", "1.00", "0.50", "2 (2)"),
+    ("Validation set", "ours: threshold, our synthetic val split"): (
+        "0.200", "7.00", "3.00", "2 (2)"),
+    ("Preliminary test set",
+     "Liu et al. 2022 (paper): the autoPET 2022 challenge's preliminary test set"): (
+        "0.92", "0.89", "0.53", "n/a"),
+    ("Preliminary test set",
+     "ours: plain-seed0, our synthetic test split (not the challenge's test set)"): (
+        "0.600", "3.00", "0.80", "3 (2)"),
+    ("Preliminary test set",
+     "ours: stepwise-seed0, our synthetic test split (not the challenge's test set)"): (
+        "0.900", "0.50", "0.20", "3 (2)"),
+    ("Preliminary test set",
+     "ours: threshold, our synthetic test split (not the challenge's test set)"): (
+        "0.250", "12.00", "6.00", "3 (2)"),
+}  # fmt: skip
+
+
+def markdown_section(text: str, title: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table under `## {title}`, each as {column header: cell}."""
+    section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    header, rule, *rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert set(rule) <= {"|", "-"}
+    cells = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in [header, *rows]]
+    return [dict(zip(cells[0], row, strict=True)) for row in cells[1:]]
+
+
+def test_markdown_table1_puts_each_value_under_its_header(tmp_path):
+    """Table 1 read back from results.md's text (`markdown_page`) by column header, with FPV
+    and FNV distinct in every row: a table whose FPV and FNV columns are swapped fails."""
+    metrics_csvs = {}
+    for split, by_variant in DISTINCT.items():
+        for variant, values in by_variant.items():
+            path = tmp_path / variant / f"{split}_per_study.csv"
+            path.parent.mkdir(exist_ok=True)
+            frame = pd.DataFrame(values, columns=["dice", "fpv_ml", "fnv_ml"])
+            frame.insert(0, "study", [f"{split[0].upper()}{k + 1}" for k in range(len(values))])
+            frame.insert(1, "has_lesions", frame["dice"].notna())
+            for column in metrics.PER_STUDY_COLUMNS[5:]:
+                frame[column] = 1.0
+            frame.to_csv(path, index=False)
+            metrics_csvs[(variant, split)] = path
+    tables = report.compute_tables(
+        report.load_per_study(metrics_csvs), cases=["best"], data_source="synthetic"
+    )
+    page = report.markdown_page(
+        report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic"), []
+    )
+    rows = markdown_section(page, "Table 1 layout: the paper's numbers and ours")
+    assert [list(row) for row in rows] == [TABLE1_COLUMNS] * len(TABLE1)
+    assert {(row["Set"], row["Result"]): tuple(row.values())[2:] for row in rows} == TABLE1
+    assert [(row["Set"], row["Result"]) for row in rows] == list(TABLE1)
+
+
 def test_html_table_is_standalone(written):
     _, _, outs = written
     page = outs.html.read_text()

@@ -168,16 +168,6 @@ def test_random_crops_of_random_masks_equal_dilating_the_crop(preset_name, image
     assert 1 <= lesion_free_crops <= 15
 
 
-def test_lesion_free_crop_of_a_lesion_study_has_all_zero_channels(image):
-    mask = hand_made_masks()["single voxel"]
-    crop = mask[:, :, :6]  # far from the lesion
-    steps = stepmap.step_map(crop, presets.PAPER.voxel_steps(AUTHORS_SPACING))
-    pet, ct = image
-    img = torch.from_numpy(np.stack([pet[:, :, :6], ct[:, :, :6]]))[None]
-    out = channels.expand(torch.from_numpy(steps)[None, None], img, presets.PAPER)
-    assert (steps == 255).all() and not out.any()
-
-
 def write_inputs(folder, seg, suv=None, ct=None, suv_affine=None):
     affine = np.diag([2.04, 2.04, 3.0, 1.0])
     suv = np.ones(seg.shape, np.float32) if suv is None else suv

@@ -2,7 +2,6 @@
 and bad databases."""
 
 import gzip
-import logging
 import os
 import pickle
 from pathlib import Path
@@ -123,33 +122,6 @@ def test_metadata(packed):
     assert not b["has_lesions"] and len(b["lesion_voxels"]) == 0
 
 
-def test_hot_voxel_index_holds_high_uptake_outside_lesions(packed, tmp_path):
-    path, data = packed
-    reader = tilestore.TileStore(path)
-    assert reader.meta["hot_suv_min"] == 3.0  # the default
-    for study, (suv, _, steps) in data.items():
-        meta = reader.study_meta(study)
-        hot = (suv >= 3.0) & (steps != 0)
-        assert meta["hot_voxel_count"] == int(hot.sum()) > 0
-        index = meta["hot_voxels"]
-        assert index.dtype == np.uint16 and len(index) == len(np.unique(index, axis=0))
-        assert all(hot[tuple(v)] for v in index)
-        assert len(index) == min(int(hot.sum()), 4096)
-    # the lesion (SUV 12) is hot but never a hard negative; a cap keeps a random subset
-    folder = tmp_path / "PETCT_a"
-    suv, _, steps = make_study(folder, (21, 37, 45), 0)
-    capped = tilestore.TileStore(
-        pack_studies(tmp_path, [folder], settings={**PACK, "hot_index_max": 10})
-    )
-    meta = capped.study_meta("PETCT_a")
-    assert len(meta["hot_voxels"]) == 10 and meta["hot_voxel_count"] > 10
-    assert all(steps[tuple(v)] != 0 and suv[tuple(v)] >= 3.0 for v in meta["hot_voxels"])
-    raised = tilestore.TileStore(
-        pack_studies(tmp_path, [folder], "high.lmdb", {**PACK, "hot_suv_min": 5.0})
-    )
-    assert raised.study_meta("PETCT_a")["hot_voxel_count"] == int(((suv >= 5) & (steps != 0)).sum())
-
-
 def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(packed):
     path, data = packed
     env = tilestore.TileStore(path).open()  # the process's shared read-only handle
@@ -193,41 +165,6 @@ def test_one_record_per_tile_position_constant_plain_or_compressed_and_small(pac
     assert stored < 5.0 * voxels
 
 
-def test_float16_overflow_is_clipped_with_a_log(tmp_path, caplog):
-    make_study(tmp_path / "PETCT_hot", (8, 16, 16), 3, suv_max=70000.0)
-    with caplog.at_level(logging.WARNING):
-        path = pack_studies(tmp_path, [tmp_path / "PETCT_hot"])
-    assert "PETCT_hot" in caplog.text and "clipped" in caplog.text
-    value = tilestore.TileStore(path).read_patch("PETCT_hot", (slice(0, 1),) * 3)["suv"]
-    assert float(value[0, 0, 0]) == 65504.0
-
-
-@pytest.mark.parametrize(
-    ("problem", "message"),
-    [
-        ("shape", r"CTres.nii.gz: CTres shape \(8, 16, 17\) \(z, y, x\) differs"),
-        ("nan", "SUV.nii.gz: SUV has 1 NaN and 0 infinite voxels"),
-        ("negative", r"SUV.nii.gz: SUV has 1 negative voxels \(min -0.25\)"),
-        ("ct", r"CTres.nii.gz: CTres has 1 voxels outside the plausible range \[-1100, 4000\]"),
-    ],
-)
-def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
-    make_study(tmp_path / "PETCT_ok", (8, 16, 16), 1)
-    suv, ct, _ = make_study(tmp_path / "PETCT_bad", (8, 16, 16), 2)
-    if problem == "shape":
-        ct = np.zeros((8, 16, 17), np.int16)
-    elif problem == "ct":
-        ct[2, 3, 4] = -2048  # padding of some scanners outside the field of view
-    else:
-        suv[1, 1, 1] = np.nan if problem == "nan" else -0.25
-    nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "PETCT_bad" / "SUV.nii.gz")
-    nifti.save(nifti.Volume(ct, AFFINE), tmp_path / "PETCT_bad" / "CTres.nii.gz")
-    with pytest.raises(StudyError, match=message) as error:
-        pack_studies(tmp_path, [tmp_path / "PETCT_ok", tmp_path / "PETCT_bad"])
-    assert f"study PETCT_bad, file {tmp_path / 'PETCT_bad'}" in str(error.value)
-    assert not any(p.name.startswith(("train.lmdb", ".train.lmdb")) for p in tmp_path.iterdir())
-
-
 def _writable_copy(source: Path, path: Path) -> tuple[Path, lmdb.Environment]:
     """A copy of the packed LMDB `source` at `path`, opened for writing (to tamper with)."""
     path.mkdir()
@@ -241,8 +178,6 @@ def test_malicious_pickle_is_refused(packed, tmp_path):
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
 
     payload = gzip.compress(pickle.dumps(Exploit(), protocol=5))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle global"):
-        codec.decode(payload)
     path, env = _writable_copy(packed[0], tmp_path / "tampered.lmdb")
     with env.begin(write=True) as txn:  # with a valid checksum: the unpickler must refuse it
         txn.put(b"PETCT_a/0/0/0", tilestore.seal(b"PETCT_a/0/0/0", payload))
@@ -341,8 +276,6 @@ def test_encode_record_choices():
     assert packed[:2] == b"\x1f\x8b"
     assert codec.decode(packed)["ct"] == -1000
     np.testing.assert_array_equal(codec.decode(packed)["suv"], edge["suv"])
-    with pytest.raises(ValueError, match="unsupported codec"):
-        codec.encode(noise, "lz5")
 
 
 def _rewrite(path: Path, key: bytes, change) -> None:

@@ -5,6 +5,9 @@ Everything is read from the workflow's files (layout in docs/design.md): per-stu
 the example cases `nifti/{study}/{SUV,SEG}.nii.gz` and `predictions/{variant}/test/{study}.nii.gz`.
 Training-log columns are read generically (every numeric column, grouped by name prefix), so the
 report does not break when the training loop logs another term.
+
+The numbers are computed from the per-study metrics alone (`compute_tables`, pure); formatting
+them as text (`text_tables`, `markdown_page`, `html_page`) and drawing the figures render them.
 """
 
 from __future__ import annotations
@@ -188,6 +191,66 @@ def pick_cases(per_study: pd.DataFrame, cases: Sequence[str]) -> dict[str, str]:
     return {case: studies[position[case]] for case in cases}
 
 
+def results_table(summary: pd.DataFrame, data_source: str) -> pd.DataFrame:
+    """results.csv: the paper's Table 1 rows, then every (variant, split)'s summary."""
+    paper = pd.DataFrame(
+        [
+            {
+                "source": "paper",
+                "variant": "Liu et al. 2022",
+                "split": split,
+                "data": PAPER_DATA[split],
+            }
+            | dict(zip(HEADLINE, PAPER_TABLE1[split], strict=True))
+            for split in SPLITS
+        ]
+    )
+    ours = summary.assign(
+        source="ours", data=[f"our {data_source} {s} split" for s in summary["split"]]
+    )
+    results = pd.concat([paper, ours], ignore_index=True)
+    results.insert(2, "set", results["split"].map(SET_LABELS))
+    return results
+
+
+# The paired comparison the report shows when both models were trained: PAIRED[0] - PAIRED[1].
+PAIRED = ("stepwise", "plain")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportTables:
+    """The report's numbers, computed from the per-study metrics alone (`compute_tables`), so
+    that they can be checked without drawing a figure; rendering only formats and draws them."""
+
+    per_study: pd.DataFrame
+    summary: pd.DataFrame
+    results: pd.DataFrame
+    ablation: pd.DataFrame
+    ranking: pd.DataFrame
+    paired: pd.DataFrame  # empty unless both PAIRED models were trained
+    best: str  # the variant with the highest validation Dice
+    cases: Mapping[str, str]  # each mip case -> its test study of `best`
+
+
+def compute_tables(
+    per_study: pd.DataFrame, *, cases: Sequence[str], data_source: str
+) -> ReportTables:
+    """Every table of the report and the example cases from `load_per_study`'s frame."""
+    summary = summary_table(per_study)
+    best = best_variant(summary)
+    test_best = per_study[(per_study["variant"] == best) & (per_study["split"] == "test")]
+    return ReportTables(
+        per_study=per_study,
+        summary=summary,
+        results=results_table(summary, data_source),
+        ablation=ablation_table(summary),
+        ranking=ranking_table(summary),
+        paired=paired_comparison(per_study, *PAIRED),
+        best=best,
+        cases=pick_cases(test_best, cases),
+    )
+
+
 # ---- tables as text ------------------------------------------------------------------------
 
 
@@ -294,6 +357,69 @@ def markdown_table(table: pd.DataFrame) -> str:
     ]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(False)]
     return "\n".join(lines)
+
+
+def text_tables(tables: ReportTables, data_source: str) -> dict[str, pd.DataFrame]:
+    """The tables of results.md and results.html, by title, formatted as text."""
+    text = {
+        "Table 1 layout: the paper's numbers and ours": table1_rows(tables.summary, data_source),
+        "Ablation across seeds (mean ± sd)": ablation_rows(tables.ablation),
+        "autoPET-style ranking of our variants on the test split": ranking_rows(tables.ranking),
+        "Lesion-wise detection and clinical quantities (mean per study)": detection_rows(
+            tables.summary
+        ),
+    }
+    if not tables.paired.empty:
+        a, b = PAIRED
+        text[f"Paired test-split comparison of {a} and {b} (seeds averaged per study)"] = (
+            paired_rows(tables.paired, a, b)
+        )
+    return text
+
+
+def report_notes(tables: ReportTables, data_source: str) -> list[str]:
+    """What the reader must know to read the tables: metrics, sources, the cases' variant."""
+    return [
+        "DSC, False Positive and False Negative are the official autoPET metrics (Dice, false "
+        "positive and false negative volume in ml over connected components, 18-connected unless "
+        "evaluate.connectivity says otherwise), averaged over the studies where they are "
+        "defined (Dice and FN only over studies with lesions).",
+        "The paper's numbers are quoted from Liu, Zhong & Mo (autoPET 2022), Table 1. Their "
+        "preliminary test set is the challenge's hidden set; ours is the held-out test split of "
+        f"this run's cohort (download source: {data_source}), so the numbers are not comparable "
+        "one to one.",
+        f"Example cases are the {', '.join(tables.cases)} test studies of {tables.best}, the "
+        "variant with the highest validation Dice.",
+    ]
+
+
+def markdown_page(
+    tables: Mapping[str, pd.DataFrame],
+    notes: Sequence[str],
+    figures: Sequence[tuple[str, str]],
+) -> str:
+    """results.md: the notes, each table under its title, and links to `figures` (title and
+    path relative to results.md)."""
+    parts = ["# stepseg results", ""]
+    parts += [f"- {note}" for note in notes]
+    for title, table in tables.items():
+        parts += ["", f"## {title}", "", markdown_table(table)]
+    parts += ["", "## Figures", ""]
+    parts += [f"- [{title}]({path})" for title, path in figures]
+    return "\n".join(parts) + "\n"
+
+
+def html_page(tables: Mapping[str, pd.DataFrame], notes: Sequence[str]) -> str:
+    """The tables as one standalone HTML page, which Snakemake's report embeds and displays."""
+    body = ["<ul>", *(f"<li>{html.escape(note)}</li>" for note in notes), "</ul>"]
+    for title, table in tables.items():
+        body += [f"<h2>{html.escape(title)}</h2>", table.to_html(index=False, border=0)]
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>stepseg results</title>"
+        "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style></head><body>"
+        "<h1>stepseg results</h1>" + "\n".join(body) + "</body></html>"
+    )
 
 
 # ---- figures -------------------------------------------------------------------------------
@@ -498,127 +624,62 @@ def write_report(
     variant's test prediction by study. The cases are drawn from the best variant (highest
     validation Dice).
     """
-    dpi = settings.figure_dpi
-    cases = list(settings.mip_cases)
-    per_study = load_per_study(metrics_csvs)
-    summary = summary_table(per_study)
-
-    paper = pd.DataFrame(
-        [
-            {
-                "source": "paper",
-                "variant": "Liu et al. 2022",
-                "split": split,
-                "data": PAPER_DATA[split],
-            }
-            | dict(zip(HEADLINE, PAPER_TABLE1[split], strict=True))
-            for split in SPLITS
-        ]
-    )
-    ours = summary.assign(
-        source="ours", data=[f"our {data_source} {s} split" for s in summary["split"]]
-    )
-    results = pd.concat([paper, ours], ignore_index=True)
-    results.insert(2, "set", results["split"].map(SET_LABELS))
-    with atomic_file(outputs.table) as tmp:
-        results.to_csv(tmp, index=False)
-
-    best = best_variant(summary)
-    tables = {
-        "Table 1 layout: the paper's numbers and ours": table1_rows(summary, data_source),
-        "Ablation across seeds (mean ± sd)": ablation_rows(ablation_table(summary)),
-        "autoPET-style ranking of our variants on the test split": ranking_rows(
-            ranking_table(summary)
-        ),
-        "Lesion-wise detection and clinical quantities (mean per study)": detection_rows(summary),
-    }
-    paired = paired_comparison(per_study, "stepwise", "plain")
-    if not paired.empty:
-        tables["Paired test-split comparison of stepwise and plain (seeds averaged per study)"] = (
-            paired_rows(paired, "stepwise", "plain")
-        )
-    notes = [
-        "DSC, False Positive and False Negative are the official autoPET metrics (Dice, false "
-        "positive and false negative volume in ml over connected components, 18-connected unless "
-        "evaluate.connectivity says otherwise), averaged over the studies where they are "
-        "defined (Dice and FN only over studies with lesions).",
-        "The paper's numbers are quoted from Liu, Zhong & Mo (autoPET 2022), Table 1. Their "
-        "preliminary test set is the challenge's hidden set; ours is the held-out test split of "
-        f"this run's cohort (download source: {data_source}), so the numbers are not comparable "
-        "one to one.",
-        f"Example cases are the {', '.join(cases)} test studies of {best}, the variant with the "
-        "highest validation Dice.",
-    ]
-
     if set(outputs.curves) != set(train_logs):
         raise ValueError(
             f"training logs of {sorted(train_logs)} but curve outputs for {sorted(outputs.curves)}"
         )
-    for variant, log_csv in train_logs.items():
-        plot_training_curves(log_csv, outputs.curves[variant], variant, dpi)
-    plot_learning_curves(train_logs, outputs.learning_curves, dpi)
-    plot_distributions(per_study, outputs.distributions, dpi)
-
-    test_best = per_study[(per_study["variant"] == best) & (per_study["split"] == "test")]
-    chosen = pick_cases(test_best, cases)
-    for case in cases:
-        study = chosen[case]
-        row = test_best.set_index("study").loc[study]
-        title = (
-            f"{case} test study of {best}: {study}\nDice {_fmt(row['dice'], 3)}, "
-            f"FPV {row['fpv_ml']:.2f} ml, FNV {_fmt(row['fnv_ml'], 2)} ml"
-        )
-        suv, seg = test_images[study]
-        prediction = test_predictions[best][study]
-        plot_case(
-            study=study,
-            suv_path=suv,
-            seg_path=seg,
-            pred_path=prediction,
-            title=title,
-            out_png=outputs.cases[case],
-            dpi=dpi,
-        )
+    tables = compute_tables(
+        load_per_study(metrics_csvs), cases=settings.mip_cases, data_source=data_source
+    )
+    with atomic_file(outputs.table) as tmp:
+        tables.results.to_csv(tmp, index=False)
+    _write_figures(tables, train_logs, test_images, test_predictions, outputs, settings.figure_dpi)
 
     figures = [
         ("Per-study metric distributions", outputs.distributions),
         ("Learning curves (validation Dice against training time)", outputs.learning_curves),
     ]
     figures += [(f"Training curves of {v}", outputs.curves[v]) for v in train_logs]
-    figures += [(f"{c} test case", outputs.cases[c]) for c in cases]
-    _write_markdown(outputs.markdown, tables, notes, figures)
-    _write_html(outputs.html, tables, notes)
-    log.info("report written; best variant by validation Dice: %s", best)
+    figures += [(f"{c} test case", outputs.cases[c]) for c in tables.cases]
+    base = outputs.markdown.parent
+    links = [(title, Path(path).relative_to(base).as_posix()) for title, path in figures]
+    text = text_tables(tables, data_source)
+    notes = report_notes(tables, data_source)
+    with atomic_file(outputs.markdown) as tmp:
+        tmp.write_text(markdown_page(text, notes, links), encoding="utf-8")
+    with atomic_file(outputs.html) as tmp:
+        tmp.write_text(html_page(text, notes), encoding="utf-8")
+    log.info("report written; best variant by validation Dice: %s", tables.best)
 
 
-def _write_markdown(
-    path: str | Path,
-    tables: Mapping[str, pd.DataFrame],
-    notes: Sequence[str],
-    figures: Sequence[tuple[str, str | Path]],
+def _write_figures(
+    tables: ReportTables,
+    train_logs: Mapping[str, str | Path],
+    test_images: Mapping[str, tuple[str | Path, str | Path]],
+    test_predictions: Mapping[str, Mapping[str, str | Path]],
+    outputs: ReportOutputs,
+    dpi: int,
 ) -> None:
-    parts = ["# stepseg results", ""]
-    parts += [f"- {note}" for note in notes]
-    for title, table in tables.items():
-        parts += ["", f"## {title}", "", markdown_table(table)]
-    parts += ["", "## Figures", ""]
-    base = Path(path).parent
-    for title, figure in figures:
-        parts.append(f"- [{title}]({Path(figure).relative_to(base).as_posix()})")
-    with atomic_file(path) as tmp:
-        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-
-
-def _write_html(path: str | Path, tables: Mapping[str, pd.DataFrame], notes: Sequence[str]) -> None:
-    """The tables as one standalone HTML page, which Snakemake's report embeds and displays."""
-    body = ["<ul>", *(f"<li>{html.escape(note)}</li>" for note in notes), "</ul>"]
-    for title, table in tables.items():
-        body += [f"<h2>{html.escape(title)}</h2>", table.to_html(index=False, border=0)]
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>stepseg results</title>"
-        "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style></head><body>"
-        "<h1>stepseg results</h1>" + "\n".join(body) + "</body></html>"
-    )
-    with atomic_file(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    """Training and learning curves, metric distributions, and the best variant's test cases."""
+    for variant, log_csv in train_logs.items():
+        plot_training_curves(log_csv, outputs.curves[variant], variant, dpi)
+    plot_learning_curves(train_logs, outputs.learning_curves, dpi)
+    plot_distributions(tables.per_study, outputs.distributions, dpi)
+    best = tables.best
+    rows = tables.per_study.set_index(["variant", "split", "study"])
+    for case, study in tables.cases.items():
+        row = rows.loc[(best, "test", study)]
+        title = (
+            f"{case} test study of {best}: {study}\nDice {_fmt(row['dice'], 3)}, "
+            f"FPV {row['fpv_ml']:.2f} ml, FNV {_fmt(row['fnv_ml'], 2)} ml"
+        )
+        suv, seg = test_images[study]
+        plot_case(
+            study=study,
+            suv_path=suv,
+            seg_path=seg,
+            pred_path=test_predictions[best][study],
+            title=title,
+            out_png=outputs.cases[case],
+            dpi=dpi,
+        )
