@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
 
-.PHONY: run test test-fast test-tools lint fmt bench gpu-check report slurm-up slurm-down clean
+.PHONY: run test test-fast test-tools lint fmt schema bench gpu-check report slurm-up slurm-down clean
 
 run: $(VENV)/.installed
 	$(SNAKEMAKE)
@@ -29,6 +29,12 @@ fmt: $(VENV)/.installed
 	$(BIN)/ruff check --fix src tests bench workflow/scripts
 	$(BIN)/ruff format src tests bench workflow/scripts
 	$(BIN)/snakefmt Snakefile workflow/rules
+
+# config/schema.yaml is generated from src/stepseg/settings.py (tests/test_settings.py fails until
+# it is regenerated after a setting changed)
+schema: $(VENV)/.installed
+	PYTHONPATH=src $(BIN)/python -m stepseg.settings > config/schema.yaml.tmp
+	mv config/schema.yaml.tmp config/schema.yaml
 
 bench: $(VENV)/.installed
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

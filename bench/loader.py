@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stepseg import channels, data, nifti, pack, targets, tilestore
 from stepseg.normalize import normalize_batch
-from stepseg.settings import PackSettings
+from stepseg.settings import PackSettings, TargetsSettings
 
 SPACING = (3.0, 2.04, 2.04)
 
@@ -239,7 +239,7 @@ def directory_bytes(path: Path) -> int:
 
 
 def pack_folders(
-    folders: list[Path], lmdb_path: Path, settings: PackSettings, target_settings: dict
+    folders: list[Path], lmdb_path: Path, settings: PackSettings, target_settings: TargetsSettings
 ) -> None:
     """Pack study folders (SUV, CTres and steps NIfTI files each) into one LMDB."""
     pack.pack_split(
@@ -274,7 +274,7 @@ def main() -> None:
     patch = tuple(args.patch)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="stepseg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    settings = {"preset": args.preset}
+    settings = TargetsSettings.from_mapping({"preset": args.preset})
     try:
         folders, voxels = [], 0
         t0 = time.perf_counter()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import affine_for, cpu_seconds, pack_folders, synthetic_study
 
 from stepseg import data, nifti, targets
-from stepseg.settings import PackSettings
+from stepseg.settings import PackSettings, TargetsSettings
 
 VARIANTS = {
     "as is": (True, True),
@@ -57,14 +57,14 @@ def build_lmdb(work: Path, studies: int, depth: int, size: int, preset: str) -> 
             f"study{k}",
             *(folder / f"{n}.nii.gz" for n in ("SEG", "SUV", "CTres", "steps")),
             folder / "qc.png",
-            {"preset": preset},
+            TargetsSettings.from_mapping({"preset": preset}),
         )
     lmdb_path = work / "train.lmdb"
     pack_folders(
         folders,
         lmdb_path,
         PackSettings.from_mapping({"codec": "gzip", "level": 1, "tile_shape": [16, 64, 64]}),
-        {"preset": preset},
+        TargetsSettings.from_mapping({"preset": preset}),
     )
     return lmdb_path
 

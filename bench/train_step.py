@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from stepseg import losses, model, presets, stepmap, train
-from stepseg.settings import RECIPES, TrainSettings
+from stepseg.settings import RECIPES, TargetsSettings, TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def measure(cfg, variant, device, steps, warmup, amp="auto", layout=None):
     """Median seconds per step, patches/s, peak memory (GiB) and parameters of one setting;
     `layout` None = `model.memory_format(device)`."""
     settings = TrainSettings.for_variant({**cfg, "targets": variant})
-    preset = presets.preset_from_settings({"preset": "paper"})
+    preset = presets.preset_from_settings(TargetsSettings())
     channel_losses = list(preset.channel_losses) if variant == "stepwise" else ["dicefocal"]
     spec = model.network_spec(settings, len(channel_losses))
     layout = model.memory_format(device) if layout is None else layout

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
 import torch
+import yaml
 
 from stepseg import cli, infer, model, nifti, normalize, presets
-from stepseg.settings import TrainSettings
+from stepseg.settings import InferSettings, TrainSettings
 
 # an oblique, anisotropic grid: rotation about z by 30 degrees, one axis flipped
 ANGLE = np.deg2rad(30.0)
@@ -306,3 +307,20 @@ def test_several_studies_share_one_model_load(tmp_path, model_path, monkeypatch,
     out = tmp_path / "out" / "images" / "automated-petct-lesion-segmentation"
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in printed] == [str(out / "u1.mha"), str(out / "u2.mha")]
+
+
+def test_predict_defaults_are_the_infer_rules():
+    """Without options `stepseg predict` predicts as the infer rule of the shipped config: one
+    value per setting, InferSettings' default (it once used 2 windows a pass, the rule 4)."""
+    parser = cli.build_parser()
+    default = cli.infer_settings(parser.parse_args(["predict", "--model", "m.pt"]))
+    config = yaml.safe_load((Path(__file__).parents[1] / "config/config.yaml").read_text())
+    assert default == InferSettings() == InferSettings.from_mapping(config["infer"])
+    assert set(cli.PREDICT_OPTIONS) <= set(InferSettings().to_dict())
+    chosen = cli.infer_settings(parser.parse_args(
+        ["predict", "--model", "m.pt", "--overlap", "0.25", "--flip-tta", "--sw-batch-size", "3",
+         "--threshold", "0.4", "--amp", "off"]
+    ))  # fmt: skip
+    assert chosen == InferSettings(
+        overlap=0.25, flip_tta=True, sw_batch_size=3, threshold=0.4, amp="off"
+    )

@@ -9,17 +9,19 @@ import torch
 
 from stepseg import channels, data, nifti, pack, presets, stepmap, tilestore
 from stepseg.distributed import DistContext
-from stepseg.settings import PackSettings
+from stepseg.settings import PackSettings, TargetsSettings
 
 AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
 SPACING = (3.0, 2.04, 2.04)  # (z, y, x) of AFFINE
 PATCH = (8, 24, 24)
 # the paper preset's eight channels with radii small enough for PATCH (the presets' own radii
 # would cover a patch this small, which PatchDataset refuses): six steps of one voxel
-SMALL_PAPER = {
-    "preset": "paper",
-    "steps": [{"semi_axes_mm": [3.0, 2.04, 2.04], "iterations": 1}] * 6 + ["whole"],
-}
+SMALL_PAPER = TargetsSettings.from_mapping(
+    {
+        "preset": "paper",
+        "steps": [{"semi_axes_mm": [3.0, 2.04, 2.04], "iterations": 1}] * 6 + ["whole"],
+    }
+)
 SMALL = presets.preset_from_settings(SMALL_PAPER)
 CPU = torch.device("cpu")
 COMPACT = {"suv": torch.float16, "ct": torch.int16, "steps": torch.uint8}  # as stored
@@ -300,7 +302,9 @@ def test_worker_storages_are_reused_only_after_the_main_process_let_go(split):
 
 
 def test_released_code_preset_and_expansion_of_a_batch(tmp_path):
-    path, _ = make_split(tmp_path, {"preset": "released_code"}, {"PETCT_one": (10, 30, 30)})
+    path, _ = make_split(
+        tmp_path, TargetsSettings(preset="released_code"), {"PETCT_one": (10, 30, 30)}
+    )
     with pytest.raises(ValueError, match="covers a whole patch"):  # reach 9 x 28 x 28 voxels
         data.PatchDataset(path, PATCH, 4, 1.0, 1.0, seed=0)
     patch = (16, 32, 32)

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from stepseg import distributed, model, nifti, pack, presets, stepmap, train
 from stepseg.atomic import atomic_file
 from stepseg.losses import StepwiseLoss
-from stepseg.settings import PackSettings, TrainSettings
+from stepseg.settings import PackSettings, TargetsSettings, TrainSettings
 
 N_SAMPLES = 16
 GLOBAL_BATCH = 4
@@ -198,7 +198,9 @@ TRAIN_SETTINGS = {
 
 
 # the paper preset with one-voxel steps: its own radii would cover patches this small
-SMALL = {"preset": "paper", "steps": [{"semi_axes_mm": [4, 4, 4], "iterations": 1}] * 6 + ["whole"]}
+SMALL = TargetsSettings.from_mapping(
+    {"preset": "paper", "steps": [{"semi_axes_mm": [4, 4, 4], "iterations": 1}] * 6 + ["whole"]}
+)
 
 
 @pytest.fixture(scope="module")

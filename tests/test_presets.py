@@ -1,9 +1,12 @@
 """Presets: mm radii on a grid, schedules that cannot grow on a patch, custom schedules."""
 
+import typing
+
 import numpy as np
 import pytest
 
 from stepseg import presets, stepmap
+from stepseg.settings import SettingsError, TargetsSettings
 
 AUTHORS_SPACING = (3.0, 2.04, 2.04)
 # the released code's dilate_3d calls in voxels at the authors' grid, written out (not the code's)
@@ -22,10 +25,10 @@ def test_radii_in_mm_follow_the_grid():
 def test_a_schedule_that_covers_the_patch_is_refused():
     presets.PAPER.check_fits(AUTHORS_SPACING, (32, 160, 160))
     presets.PAPER.check_fits((4.5, 4.5, 4.5), (32, 48, 48))
-    wide = presets.preset_from_settings(
+    wide = presets.preset_from_settings(TargetsSettings.from_mapping(
         {"preset": "paper", "steps": [{"semi_axes_mm": [30, 30, 30], "iterations": 4}, "whole"],
          "channels": [{"step": 0, "fill": "one", "loss": "dicefocal"}, {"step": 1}, {"step": 2}]}
-    )  # fmt: skip
+    ))  # fmt: skip
     # 30 / 4.5 = 6.67 -> 7 voxels, 4 iterations: 28 voxels from a lesion voxel
     wide.check_fits((4.5, 4.5, 4.5), (16, 16, 30))  # x not covered from the patch's edge
     with pytest.raises(ValueError, match=r"reaches \[28, 28, 28\] voxels .* covers a whole patch"):
@@ -42,7 +45,7 @@ def test_custom_schedule_from_settings():
             {"step": 2, "fill": "ct", "hollow": True},
         ],
     }
-    preset = presets.preset_from_settings(settings)
+    preset = presets.preset_from_settings(TargetsSettings.from_mapping(settings))
     assert preset.n_channels == 3 and preset.steps[-1].whole
     mask = np.zeros((3, 5, 5), bool)
     mask[1, 2, 2] = True
@@ -50,6 +53,12 @@ def test_custom_schedule_from_settings():
     assert (steps[1, 1:4, 2] == [1, 0, 1]).all() and steps[0, 2, 2] == 2
     assert presets.Preset.from_dict(preset.to_dict()) == preset
     with pytest.raises(ValueError, match="uses step 9"):
-        presets.preset_from_settings({"preset": "paper", "channels": [{"step": 9}]})
-    with pytest.raises(ValueError, match="not one of"):
-        presets.preset_from_settings({"preset": "nnunet"})
+        presets.preset_from_settings(TargetsSettings.from_mapping({"channels": [{"step": 9}]}))
+    with pytest.raises(SettingsError, match=r"^targets\.preset: expected one of 'paper', "):
+        TargetsSettings.from_mapping({"preset": "nnunet"})
+
+
+def test_the_targets_settings_name_exactly_the_presets():
+    hints = typing.get_type_hints(TargetsSettings)
+    assert set(typing.get_args(hints["preset"])) == set(presets.PRESETS)
+    assert presets.preset_from_settings(TargetsSettings()) is presets.PAPER

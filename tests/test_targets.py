@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from stepseg import channels, nifti, presets, stepmap, targets
 from stepseg.errors import StudyError
+from stepseg.settings import TargetsSettings
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SHAPE = (14, 40, 44)
@@ -184,7 +185,11 @@ def test_write_study_targets_writes_steps_and_qc(tmp_path):
     seg = hand_made_masks()["two lesions"].astype(np.uint8)
     paths = write_inputs(tmp_path, seg)
     targets.write_study_targets(
-        "s1", *paths, tmp_path / "steps.nii.gz", tmp_path / "qc.png", {"preset": "released_code"}
+        "s1",
+        *paths,
+        tmp_path / "steps.nii.gz",
+        tmp_path / "qc.png",
+        TargetsSettings(preset="released_code"),
     )
     steps = nifti.load(tmp_path / "steps.nii.gz", "s1")
     assert steps.array.dtype == np.uint8
@@ -222,7 +227,7 @@ def test_bad_inputs_name_the_study_and_file(tmp_path, problem, message):
     paths = write_inputs(tmp_path, seg, suv=suv, suv_affine=suv_affine)
     with pytest.raises(StudyError, match=message) as error:
         targets.write_study_targets(
-            "PETCT_bad", *paths, tmp_path / "steps.nii.gz", tmp_path / "qc.png", {"preset": "paper"}
+            "PETCT_bad", *paths, tmp_path / "steps.nii.gz", tmp_path / "qc.png", TargetsSettings()
         )
     assert "study PETCT_bad" in str(error.value) and ".nii.gz" in str(error.value)
     assert not (tmp_path / "steps.nii.gz").exists()

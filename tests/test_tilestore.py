@@ -12,11 +12,11 @@ import pytest
 
 from stepseg import codec, nifti, pack, presets, stepmap, tilestore
 from stepseg.errors import StudyError
-from stepseg.settings import PackSettings
+from stepseg.settings import PackSettings, TargetsSettings
 
 AFFINE = np.array([[-2.04, 0, 0, 400.0], [0, -2.04, 0, 300.0], [0, 0, 3.0, -900.0], [0, 0, 0, 1]])
 PACK = {"codec": "gzip", "level": 1, "tile_shape": [8, 16, 16], "max_compressed_ratio": 0.35}
-TARGETS = {"preset": "released_code"}
+TARGETS = TargetsSettings(preset="released_code")
 
 
 def make_study(folder, shape, seed, lesion=True, suv_max=None):
@@ -111,7 +111,7 @@ def test_metadata(packed):
     assert meta["format_version"] == tilestore.FORMAT_VERSION == 4
     assert meta["studies"] == ["PETCT_a", "PETCT_b"]
     assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
-    assert meta["targets"] == TARGETS and "normalisation" not in meta
+    assert meta["targets"] == TARGETS.to_dict() and "normalisation" not in meta
     a = reader.study_meta("PETCT_a")
     assert a["shape"] == (21, 37, 45) and a["has_lesions"] and a["lesion_voxel_count"] == 3
     np.testing.assert_allclose(a["affine"], AFFINE)

@@ -5,15 +5,14 @@ import pytest
 import torch
 
 from stepseg import losses, model, nifti, pack, presets, stepmap, train
-from stepseg.settings import PackSettings, SettingsError, TrainSettings
+from stepseg.settings import PackSettings, SettingsError, TargetsSettings, TrainSettings
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
 # the paper preset's eight channels with one-voxel steps: its own radii would cover patches this
 # small, which training refuses
-TARGETS = {
-    "preset": "paper",
-    "steps": [{"semi_axes_mm": [4, 4, 4], "iterations": 1}] * 6 + ["whole"],
-}
+TARGETS = TargetsSettings.from_mapping(
+    {"preset": "paper", "steps": [{"semi_axes_mm": [4, 4, 4], "iterations": 1}] * 6 + ["whole"]}
+)
 SETTINGS = {
     "recipe": "paper",
     "channels": [4, 8],

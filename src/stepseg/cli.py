@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import SimpleITK as sitk  # noqa: N813 (the conventional name)
 from stepseg import checks, logs, nifti
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
-from stepseg.settings import InferSettings
+from stepseg.settings import Amp, InferSettings
 
 log = logging.getLogger("stepseg.cli")
 
@@ -42,6 +43,8 @@ ORTHONORMAL_TOLERANCE = 1e-6
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 # errors whose message says all (bad input, missing or unwritable files): no traceback
 CLEAR_ERRORS = (StudyError, OSError, ValueError)
+# the InferSettings a `stepseg predict` option sets (its default: None, the settings' default)
+PREDICT_OPTIONS = ("overlap", "flip_tta", "sw_batch_size", "threshold", "amp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,10 +155,7 @@ def _predict(args: argparse.Namespace) -> int:
     that fail `stepseg.checks` and unusable outputs are refused before the model is loaded."""
     from stepseg import infer  # torch and MONAI load only when a prediction is asked for
 
-    chosen = {"flip_tta": args.flip_tta, "amp": args.amp, "overlap": args.overlap}
-    settings = InferSettings.from_mapping(
-        {key: value for key, value in chosen.items() if value is not None}, "stepseg predict"
-    )
+    settings = infer_settings(args)
     single = [args.suv, args.ctres, args.out]
     if any(single) and not all(single):
         raise SystemExit("stepseg predict: --suv, --ctres and --out go together")
@@ -186,6 +186,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def infer_settings(args: argparse.Namespace) -> InferSettings:
+    """The infer rule's settings: `InferSettings`' defaults (those of the shipped config too),
+    each replaced by its option where one is given."""
+    chosen = {key: getattr(args, key) for key in PREDICT_OPTIONS}
+    return InferSettings.from_mapping(
+        {key: value for key, value in chosen.items() if value is not None}, "stepseg predict"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepseg", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,17 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input-dir", default="/input", help="container input root")
     predict.add_argument("--output-dir", default="/output", help="container output root")
     predict.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    default = InferSettings()
     predict.add_argument(
-        "--overlap",
-        type=float,
-        help=f"sliding-window overlap (default: {InferSettings().overlap})",
+        "--overlap", type=float, help=f"sliding-window overlap (default: {default.overlap})"
     )
-    predict.add_argument("--flip-tta", action="store_true", help="average over axis flips")
+    predict.add_argument(
+        "--flip-tta",
+        action=argparse.BooleanOptionalAction,
+        help=f"average over axis flips (default: {default.flip_tta})",
+    )
+    predict.add_argument(
+        "--sw-batch-size",
+        type=int,
+        help=f"windows per forward pass (default: {default.sw_batch_size})",
+    )
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        help=f"probability above which a voxel is lesion (default: {default.threshold})",
+    )
     predict.add_argument(
         "--amp",
-        choices=("auto", "bf16", "fp16", "off"),  # stepseg.model.AMP_MODES, without importing torch
-        default=InferSettings().amp,
-        help="autocast: auto = bf16 on a GPU or a CPU that runs it natively (default: auto)",
+        choices=typing.get_args(Amp),
+        help=f"autocast: auto = bf16 on a GPU or a CPU that runs it natively "
+        f"(default: {default.amp})",
     )
     predict.add_argument(
         "--ct-hu-range",

@@ -55,6 +55,7 @@ from stepseg.distributed import DistContext, rank_batches
 from stepseg.names import AIR_HU
 from stepseg.normalize import normalize_batch
 from stepseg.presets import Preset, preset_from_settings
+from stepseg.settings import TargetsSettings
 from stepseg.stepmap import NEVER, step_map
 from stepseg.tilestore import DTYPES, TileStore
 
@@ -106,7 +107,9 @@ class PatchDataset(Dataset):
         self.crop_steps = crop_steps
         self.epoch = 0
         self.buffers: BatchBuffers | None = None  # set in workers by `worker_init_fn`
-        self.preset: Preset = preset_from_settings(self.store.meta["targets"])
+        self.preset: Preset = preset_from_settings(
+            TargetsSettings.from_mapping(self.store.meta["targets"], f"{lmdb_path} targets")
+        )
         self.studies = self.store.studies
         metas = [self.store.study_meta(study) for study in self.studies]
         self.shapes = [m["shape"] for m in metas]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from stepseg import checks, nifti
 from stepseg.atomic import atomic_dir
 from stepseg.codec import encode
 from stepseg.errors import StudyError
-from stepseg.settings import PackSettings
+from stepseg.settings import PackSettings, TargetsSettings
 from stepseg.tilestore import (
     DTYPES,
     FORMAT_VERSION,
@@ -50,12 +50,12 @@ def pack_split(
     steps_paths: Sequence[str | Path],
     out_dir: str | Path,
     settings: PackSettings,
-    target_settings: Mapping[str, Any],
+    target_settings: TargetsSettings,
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
     """Write `out_dir` (an LMDB directory) holding the tiles and metadata of `studies`; a study
     with non-finite or negative SUV or implausible CTres (`stepseg.checks`) fails the split.
-    `target_settings` (the config's `targets`) is stored for training to build its preset."""
+    `target_settings` is stored for training to build its preset."""
     if not len(studies) == len(suv_paths) == len(ctres_paths) == len(steps_paths):
         raise ValueError("studies, SUV, CTres and step-map paths must have equal lengths")
     codec, level, max_ratio = settings.codec, settings.level, settings.max_compressed_ratio
@@ -95,7 +95,7 @@ def pack_split(
                 "max_compressed_ratio": max_ratio,
                 "tile_shape": tile_shape,
                 "dtypes": {name: np.dtype(dtype).str for name, dtype in DTYPES.items()},
-                "targets": dict(target_settings),
+                "targets": target_settings.to_dict(),
                 "hot_suv_min": hot_suv_min,
                 "studies": list(studies),
             }

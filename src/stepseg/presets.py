@@ -17,43 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from stepseg.settings import Channel, DilationStep, Loss, TargetsSettings
 from stepseg.stepmap import NEVER, VoxelStep
-
-Fill = Literal["one", "pet", "ct", "ct_window"]
-Loss = Literal["dicefocal", "mse", "none"]
-
-
-@dataclass(frozen=True)
-class DilationStep:
-    """`iterations` dilations of the previous step's mask by an ellipsoid of `semi_axes_mm`
-    (z, y, x); `semi_axes_mm=None` means "the whole image"."""
-
-    semi_axes_mm: tuple[float, float, float] | None
-    iterations: int = 1
-
-    @property
-    def whole(self) -> bool:
-        return self.semi_axes_mm is None
-
-
-@dataclass(frozen=True)
-class Channel:
-    """One output channel: the mask of step `step` (0 = lesion; None = all-zero) times `fill`.
-
-    `hollow` zeroes the lesion voxels (the released code does so for its outer channels, so
-    they describe the surroundings only). `window` is the HU window of a `ct_window` fill,
-    rescaled to [0, `window_scale`] (the released code: [-100, 100] HU to [0, 4.8]). `loss`
-    tells the trainer which loss this channel gets.
-    """
-
-    step: int | None
-    fill: Fill = "one"
-    hollow: bool = False
-    loss: Loss = "mse"
-    window: tuple[float, float] | None = None
-    window_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -107,24 +74,18 @@ class Preset:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preset:
-        """The preset of `to_dict` (a model file's, an LMDB's) or of configured steps and
-        channels; keys left out take the dataclasses' defaults."""
+        """The preset of `to_dict` (a model file's); steps and channels are checked like
+        configured ones, keys left out take `settings.DilationStep`'s and `Channel`'s defaults."""
+        name = str(data["name"])
         steps = tuple(
-            DilationStep(
-                **{
-                    **s,
-                    "semi_axes_mm": None
-                    if s.get("semi_axes_mm") is None
-                    else _zyx(s["semi_axes_mm"]),
-                }
-            )
-            for s in data["steps"]
+            DilationStep.from_mapping(s, f"preset {name} step {i}")
+            for i, s in enumerate(data["steps"])
         )
         channels = tuple(
-            Channel(**{**c, "window": None if c.get("window") is None else _pair(c["window"])})
-            for c in data["channels"]
+            Channel.from_mapping(c, f"preset {name} channel {i}")
+            for i, c in enumerate(data["channels"])
         )
-        preset = cls(name=str(data["name"]), steps=steps, channels=channels)
+        preset = cls(name=name, steps=steps, channels=channels)
         preset.validate()
         return preset
 
@@ -153,16 +114,6 @@ class Preset:
                 )
 
 
-def _zyx(values: Any) -> tuple[float, float, float]:
-    z, y, x = (float(v) for v in values)
-    return (z, y, x)
-
-
-def _pair(values: Any) -> tuple[float, float]:
-    low, high = (float(v) for v in values)
-    return (low, high)
-
-
 _WHOLE = DilationStep(semi_axes_mm=None)
 
 
@@ -176,9 +127,9 @@ def _released_mm(z: int, y: int, x: int) -> tuple[float, float, float]:
 RELEASED_CODE = Preset(
     name="released_code",
     steps=(
-        DilationStep(_released_mm(1, 2, 2), 2),
-        DilationStep(_released_mm(1, 3, 3), 4),
-        DilationStep(_released_mm(1, 4, 4), 3),
+        DilationStep(semi_axes_mm=_released_mm(1, 2, 2), iterations=2),
+        DilationStep(semi_axes_mm=_released_mm(1, 3, 3), iterations=4),
+        DilationStep(semi_axes_mm=_released_mm(1, 4, 4), iterations=3),
         _WHOLE,
     ),
     channels=(
@@ -203,12 +154,12 @@ RELEASED_CODE = Preset(
 PAPER = Preset(
     name="paper",
     steps=(
-        DilationStep((3.0, 4.0, 4.0), 2),
-        DilationStep((3.0, 4.0, 4.0), 2),
-        DilationStep((3.0, 8.0, 8.0), 2),
-        DilationStep((3.0, 8.0, 8.0), 4),
-        DilationStep((6.0, 12.0, 12.0), 3),
-        DilationStep((6.0, 12.0, 12.0), 4),
+        DilationStep(semi_axes_mm=(3.0, 4.0, 4.0), iterations=2),
+        DilationStep(semi_axes_mm=(3.0, 4.0, 4.0), iterations=2),
+        DilationStep(semi_axes_mm=(3.0, 8.0, 8.0), iterations=2),
+        DilationStep(semi_axes_mm=(3.0, 8.0, 8.0), iterations=4),
+        DilationStep(semi_axes_mm=(6.0, 12.0, 12.0), iterations=3),
+        DilationStep(semi_axes_mm=(6.0, 12.0, 12.0), iterations=4),
         _WHOLE,
     ),
     channels=(
@@ -226,19 +177,17 @@ PAPER = Preset(
 PRESETS = {preset.name: preset for preset in (PAPER, RELEASED_CODE)}
 
 
-def preset_from_settings(settings: dict[str, Any]) -> Preset:
+def preset_from_settings(settings: TargetsSettings) -> Preset:
     """The configured preset; `steps` / `channels` in the settings replace the preset's own."""
-    name = settings["preset"]
-    if name not in PRESETS:
-        raise ValueError(f"targets.preset {name!r} is not one of {sorted(PRESETS)}")
-    data = PRESETS[name].to_dict()
-    if "steps" in settings or "channels" in settings:
-        data["name"] = f"{name}+custom"
-        data["steps"] = [_step_setting(s) for s in settings.get("steps", data["steps"])]
-        data["channels"] = settings.get("channels", data["channels"])
-    return Preset.from_dict(data)
-
-
-def _step_setting(step: Any) -> dict[str, Any]:
-    """A configured step: `whole` or `{semi_axes_mm, iterations}`."""
-    return {"semi_axes_mm": None} if step == "whole" else dict(step)
+    preset = PRESETS[settings.preset]
+    if settings.steps is None and settings.channels is None:
+        return preset
+    custom = Preset(
+        name=f"{preset.name}+custom",
+        steps=preset.steps
+        if settings.steps is None
+        else tuple(_WHOLE if step == "whole" else step for step in settings.steps),
+        channels=preset.channels if settings.channels is None else settings.channels,
+    )
+    custom.validate()
+    return custom

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from stepseg import checks, nifti, presets, qc
 from stepseg.errors import StudyError
+from stepseg.settings import TargetsSettings
 from stepseg.stepmap import step_map
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def write_study_targets(
     ctres_path: str | Path,
     steps_path: str | Path,
     qc_path: str | Path,
-    settings: dict[str, Any],
+    settings: TargetsSettings,
 ) -> None:
     """Check one study's inputs, write its step map (uint8 NIfTI, SEG grid) and a QC figure."""
     preset = presets.preset_from_settings(settings)

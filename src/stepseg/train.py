@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from stepseg import channels, data, distributed, losses, model, presets, schedule, tilestore
 from stepseg.atomic import atomic_file
-from stepseg.settings import TrainSettings
+from stepseg.settings import TargetsSettings, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
     meta = tilestore.TileStore(job.train_lmdb).meta
     if not meta["studies"]:
         raise TrainingError(f"training split {job.train_lmdb} holds no study: nothing to train on")
-    preset = presets.preset_from_settings(meta["targets"])
+    preset = presets.preset_from_settings(
+        TargetsSettings.from_mapping(meta["targets"], f"{job.train_lmdb} targets")
+    )
     channel_losses = (
         list(preset.channel_losses) if settings.targets == "stepwise" else ["dicefocal"]
     )

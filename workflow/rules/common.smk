@@ -32,6 +32,7 @@ from stepseg.settings import (  # noqa: E402  (standard library only)
     InferSettings,
     PackSettings,
     ReportSettings,
+    TargetsSettings,
     ThresholdSettings,
     TrainSettings,
 )
@@ -87,9 +88,10 @@ def infer_gpus(wildcards):
 # any job deletes the outputs it would rewrite. Jobs get `to_dict()` of theirs as params (plain
 # values: Snakemake reruns a job whose params changed) and rebuild the object from it.
 SETTINGS = {
-    kind.section: kind.from_mapping(config[kind.section])
+    kind.section: kind.from_mapping(config.get(kind.section, {}))
     for kind in (
         ConvertSettings,
+        TargetsSettings,
         PackSettings,
         InferSettings,
         ThresholdSettings,

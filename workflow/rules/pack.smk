@@ -16,7 +16,7 @@ rule pack:
     params:
         studies=lambda wc: studies(wc.split),
         pack=SETTINGS["pack"].to_dict(),
-        targets=config["targets"],
+        targets=SETTINGS["targets"].to_dict(),
         # a new LMDB layout in the code re-packs (the code trigger sees only the entry script)
         store_format=stepseg.LMDB_FORMAT_VERSION,
     script:

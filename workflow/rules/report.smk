@@ -59,7 +59,7 @@ rule report:
                 subcategory="Coronal SUV MIP",
                 labels={"case": case},
             )
-            for case in config["report"]["mip_cases"]
+            for case in SETTINGS["report"].mip_cases
         ],
     log:
         "results/logs/report/report.log",

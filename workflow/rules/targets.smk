@@ -19,6 +19,6 @@ rule targets:
         # numpy, scipy, nibabel and matplotlib: the stage imports no torch (tests/test_targets.py)
         "../../envs/io.yaml"
     params:
-        targets=config["targets"],
+        targets=SETTINGS["targets"].to_dict(),
     script:
         "../scripts/targets.py"

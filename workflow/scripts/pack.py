@@ -1,7 +1,7 @@
 """Entry script: pack one split's studies into an LMDB of compressed 3-D tiles."""
 
 from stepseg import checks, logs, pack
-from stepseg.settings import PackSettings
+from stepseg.settings import PackSettings, TargetsSettings
 
 with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
     pack.pack_split(
@@ -11,6 +11,6 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         steps_paths=snakemake.input.steps,
         out_dir=snakemake.output[0],
         settings=PackSettings.from_mapping(snakemake.params.pack),
-        target_settings=snakemake.params.targets,
+        target_settings=TargetsSettings.from_mapping(snakemake.params.targets),
         ct_hu_range=checks.ct_hu_range(snakemake.config),
     )

@@ -1,6 +1,7 @@
 """Entry script: the step map (and its QC figure) of one study."""
 
 from stepseg import logs, targets
+from stepseg.settings import TargetsSettings
 
 with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
     targets.write_study_targets(
@@ -10,5 +11,5 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         ctres_path=snakemake.input.ctres,
         steps_path=snakemake.output.steps,
         qc_path=snakemake.output.qc,
-        settings=snakemake.params.targets,
+        settings=TargetsSettings.from_mapping(snakemake.params.targets),
     )
