@@ -108,6 +108,7 @@ def outputs(root: Path, cases=("best", "median", "worst")) -> report.ReportOutpu
     out = root / "report"
     return report.ReportOutputs(
         table=out / "results.csv",
+        pairwise=out / "pairwise.csv",
         markdown=out / "results.md",
         html=out / "results.html",
         distributions=out / "per_study_metrics.png",
@@ -178,7 +179,22 @@ def test_markdown_table1_and_ablation(written):
     assert f"| threshold | Validation set | 1 | {threshold:.3f} |" in text
     for figure in ("per_study_metrics.png", "training/plain-seed0.png", "cases/worst.png"):
         assert f"]({figure})" in text
-    assert "stepwise-seed0, the variant with the highest validation Dice" in text
+    # val Dice: stepwise's seeds 0.923 and 0.853 (mean 0.888) against plain's 0.633
+    assert "Best variant: stepwise, the highest Dice on the val split (its seeds averaged)" in text
+    assert "test studies of stepwise-seed0, its model with the highest val Dice" in text
+    rows = markdown_section(
+        text, "Pairwise comparison of the trained variants (seeds averaged per study)"
+    )
+    assert [(r["Variants (A - B)"], r["Set"], r["Metric"]) for r in rows] == [
+        ("stepwise - plain", split, metric)
+        for split in ("Validation set", "Preliminary test set")
+        for metric in ("DSC", "False Positive (ml)", "False Negative (ml)")
+    ]
+    pairwise = pd.read_csv(outs.pairwise)
+    assert pairwise.columns.tolist() == report.PAIRWISE_COLUMNS
+    assert len(pairwise) == 6 and set(pairwise["variant_a"] + "-" + pairwise["variant_b"]) == {
+        "stepwise-plain"
+    }
 
 
 # Per-study (dice, fpv_ml, fnv_ml) with FPV and FNV different in every row of Table 1; T3 has
@@ -301,15 +317,19 @@ def test_paired_comparison_by_hand():
                 {"variant": variant, "split": "test", "study": study, "dice": value,
                  "fpv_ml": 1.0 if variant.startswith("stepwise") else 2.0, "fnv_ml": value}
             )  # fmt: skip
-    paired = report.paired_comparison(pd.DataFrame(rows), "stepwise", "plain").set_index("metric")
-    dice = paired.loc["DSC"]
+    frame = pd.DataFrame(rows)
+    paired = report.paired_comparison(frame, "stepwise", "plain", "test").set_index("metric")
+    dice = paired.loc["dice"]
     assert dice["n_studies"] == 3
     assert dice["mean_difference"] == pytest.approx(0.2)
     assert dice["ci_high"] - dice["mean_difference"] == pytest.approx(0.248414, abs=1e-6)
     assert dice["wilcoxon_p"] == pytest.approx(0.25)
-    fpv = paired.loc["False Positive (ml)"]
+    assert dice["conclusion"] == "no difference at 95 %"  # interval [-0.048, 0.448]
+    fpv = paired.loc["fpv_ml"]
     assert (fpv["n_studies"], fpv["mean_difference"]) == (4, -1.0)
-    assert report.paired_comparison(pd.DataFrame(rows), "stepwise", "nnunet").empty
+    assert fpv["conclusion"] == "stepwise better"  # 1 ml less on every study: lower is better
+    assert report.paired_comparison(frame, "stepwise", "nnunet", "test").empty
+    assert report.paired_comparison(frame, "stepwise", "plain", "val").empty
 
 
 def test_best_variant_and_cases_are_ranked_by_hand():
@@ -333,15 +353,160 @@ def test_best_variant_and_cases_are_ranked_by_hand():
     with pytest.raises(ValueError, match="unknown mip_cases"):
         report.pick_cases(per_study, ["typical"])
 
-    summary = pd.DataFrame(
+    ablation = pd.DataFrame(
         {
-            "variant": ["a-seed0", "b-seed0", "c-seed0", "a-seed0"],
+            "model": ["a", "b", "c", "a"],
             "split": ["val", "val", "val", "test"],
-            "dice": [0.7, 0.7, np.nan, 0.99],
-            "fpv_ml": [2.0, 1.0, 0.0, 0.0],
+            "dice_mean": [0.7, 0.7, np.nan, 0.99],
+            "fpv_ml_mean": [2.0, 1.0, 0.0, 0.0],
         }
     )
-    assert report.best_variant(summary) == "b-seed0"  # tie on Dice, less FPV; test ignored
+    assert report.best_variant(ablation, "val") == "b"  # tie on Dice, less FPV; test ignored
+
+
+def per_study_frame(values: dict[str, dict[str, list[tuple[float, float, float]]]]) -> pd.DataFrame:
+    """A `load_per_study` frame from {split: {variant: [(dice, fpv_ml, fnv_ml) per study]}};
+    studies `<split>1`, `<split>2`, ..., lesion-free where Dice is undefined; the other
+    metric columns 1.0."""
+    frames = []
+    for split, by_variant in values.items():
+        for variant, rows in by_variant.items():
+            frame = pd.DataFrame(rows, columns=["dice", "fpv_ml", "fnv_ml"])
+            frame.insert(0, "study", [f"{split}{k + 1}" for k in range(len(rows))])
+            frame.insert(1, "has_lesions", frame["dice"].notna())
+            for column in metrics.PER_STUDY_COLUMNS[5:]:
+                frame[column] = 1.0
+            frames.append(frame.assign(variant=variant, split=split))
+    return pd.concat(frames, ignore_index=True)
+
+
+# Three variants named neither stepwise nor plain, two seeds each. On test, per study with the
+# seeds averaged: alpha Dice 0.4 0.6 0.5 0.7 0.8, beta 0.3 0.4 0.2 0.3 0.3 (test6 lesion-free);
+# alpha's FPV 1, 2, 1, 2, 1, 2 ml above beta's; FNV equal.
+BETA_DICE = [0.3, 0.4, 0.2, 0.3, 0.3]
+ALPHA_DICE = [0.4, 0.6, 0.5, 0.7, 0.8]
+THREE = {
+    "val": {
+        "alpha-seed0": [(0.5, 1.0, 1.0), (0.6, 1.0, 1.0), (0.7, 1.0, 1.0)],
+        "alpha-seed1": [(0.7, 1.0, 1.0), (0.6, 1.0, 1.0), (0.5, 1.0, 1.0)],
+        "beta-seed0": [(0.4, 2.0, 1.0), (0.5, 1.0, 1.0), (0.3, 3.0, 1.0)],
+        "beta-seed1": [(0.6, 2.0, 1.0), (0.5, 3.0, 1.0), (0.3, 1.0, 1.0)],
+        "gamma-seed0": [(0.2, 0.5, 0.5), (0.1, 0.5, 0.5), (0.3, 0.5, 0.5)],
+        "gamma-seed1": [(0.2, 0.5, 0.5), (0.3, 0.5, 0.5), (0.1, 0.5, 0.5)],
+        "threshold": [(0.1, 9.0, 2.0), (0.1, 9.0, 2.0), (0.1, 9.0, 2.0)],
+    },
+    "test": {
+        "alpha-seed0": [(d - 0.05, 2.0 + k % 2, 1.0) for k, d in enumerate(ALPHA_DICE)]
+        + [(np.nan, 2.0, np.nan)],
+        "alpha-seed1": [(d + 0.05, 2.0 + k % 2, 1.0) for k, d in enumerate(ALPHA_DICE)]
+        + [(np.nan, 4.0, np.nan)],
+        "beta-seed0": [(d - 0.1, 1.5, 1.0) for d in BETA_DICE] + [(np.nan, 1.5, np.nan)],
+        "beta-seed1": [(d + 0.1, 0.5, 1.0) for d in BETA_DICE] + [(np.nan, 0.5, np.nan)],
+        "gamma-seed0": [(0.5, 1.0, 0.5), (0.4, 1.0, 0.5), (0.6, 1.0, 0.5), (0.2, 1.0, 0.5),
+                        (0.3, 1.0, 0.5), (np.nan, 1.0, np.nan)],
+        "gamma-seed1": [(0.3, 1.0, 0.5), (0.4, 1.0, 0.5), (0.2, 1.0, 0.5), (0.2, 1.0, 0.5),
+                        (0.5, 1.0, 0.5), (np.nan, 1.0, np.nan)],
+        "threshold": [(0.1, 9.0, 2.0)] * 5 + [(np.nan, 9.0, np.nan)],
+    },
+}  # fmt: skip
+
+
+def test_pairwise_compares_every_two_configured_variants_by_hand():
+    """alpha, beta and gamma (not stepwise and plain) get all three pairs on both splits, the
+    untrained threshold none. alpha - beta on test, seeds averaged per study: Dice differences
+    0.1, 0.2, 0.3, 0.4, 0.5: mean 0.3, sd sqrt(0.025) = 0.158114, t(0.975, 4) = 2.776445 ->
+    half-width 0.196324, interval [0.103676, 0.496324]; all five positive: exact two-sided
+    Wilcoxon p = 2 / 2^5 = 0.0625. FPV differences 1, 2, 1, 2, 1, 2 over all six studies (the
+    lesion-free one too): mean 1.5, sd 0.547723, t(0.975, 5) = 2.570582 -> half-width 0.574800:
+    beta better, lower FPV."""
+    tables = report.compute_tables(per_study_frame(THREE), cases=["best"], data_source="synthetic")
+    pairwise = tables.pairwise
+    compared = zip(pairwise["variant_a"], pairwise["variant_b"], pairwise["split"], strict=True)
+    assert list(dict.fromkeys(compared)) == [
+        ("alpha", "beta", "val"), ("alpha", "beta", "test"),
+        ("alpha", "gamma", "val"), ("alpha", "gamma", "test"),
+        ("beta", "gamma", "val"), ("beta", "gamma", "test"),
+    ]  # fmt: skip
+    assert len(pairwise) == 6 * 3
+    rows = pairwise.set_index(["variant_a", "variant_b", "split", "metric"])
+    dice = rows.loc[("alpha", "beta", "test", "dice")]
+    assert dice["n_studies"] == 5
+    assert dice["mean_difference"] == pytest.approx(0.3, abs=1e-12)
+    assert dice["ci_low"] == pytest.approx(0.103676, abs=1e-6)
+    assert dice["ci_high"] == pytest.approx(0.496324, abs=1e-6)
+    assert dice["wilcoxon_p"] == pytest.approx(0.0625, abs=1e-12)
+    assert dice["conclusion"] == "alpha better"
+    fpv = rows.loc[("alpha", "beta", "test", "fpv_ml")]
+    assert fpv["n_studies"] == 6
+    assert fpv["mean_difference"] == pytest.approx(1.5, abs=1e-12)
+    assert fpv["ci_low"] == pytest.approx(1.5 - 0.574800, abs=1e-6)
+    assert fpv["conclusion"] == "beta better"
+    fnv = rows.loc[("alpha", "beta", "test", "fnv_ml")]
+    assert (fnv["n_studies"], fnv["mean_difference"], fnv["conclusion"]) == (
+        5, 0.0, "no difference at 95 %")  # fmt: skip
+
+    page = report.markdown_page(
+        report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic"), []
+    )
+    shown = markdown_section(
+        page, "Pairwise comparison of the trained variants (seeds averaged per study)"
+    )
+    assert {row["Variants (A - B)"] for row in shown} == {
+        "alpha - beta",
+        "alpha - gamma",
+        "beta - gamma",
+    }
+    assert {
+        "Variants (A - B)": "alpha - beta",
+        "Set": "Preliminary test set",
+        "Metric": "DSC",
+        "Studies": "5",
+        "Mean A - B": "0.300",
+        "95 % t-interval": "[0.104, 0.496]",
+        "Wilcoxon p": "0.062",
+        "Conclusion": "alpha better",
+    } in shown
+
+
+def test_best_variant_is_chosen_on_validation_never_on_test():
+    """On val, beta's seeds average highest (0.6 against alpha's 0.5 and gamma's 0.55), although
+    alpha-seed0 is the best single model; on test alpha wins and beta is last. The choice (and
+    beta's seed for the cases, seed1 by val) stays beta's whatever the test numbers are."""
+    values = {
+        "val": {
+            "alpha-seed0": [(0.9, 1.0, 1.0)], "alpha-seed1": [(0.1, 1.0, 1.0)],
+            "beta-seed0": [(0.5, 1.0, 1.0)], "beta-seed1": [(0.7, 1.0, 1.0)],
+            "gamma-seed0": [(0.55, 1.0, 1.0)], "gamma-seed1": [(0.55, 1.0, 1.0)],
+        },
+        "test": {
+            "alpha-seed0": [(0.9, 1.0, 1.0), (0.8, 1.0, 1.0)],
+            "alpha-seed1": [(0.9, 1.0, 1.0), (0.8, 1.0, 1.0)],
+            "beta-seed0": [(0.3, 1.0, 1.0), (0.2, 1.0, 1.0)],
+            "beta-seed1": [(0.1, 1.0, 1.0), (0.2, 1.0, 1.0)],
+            "gamma-seed0": [(0.6, 1.0, 1.0), (0.5, 1.0, 1.0)],
+            "gamma-seed1": [(0.6, 1.0, 1.0), (0.5, 1.0, 1.0)],
+        },
+    }  # fmt: skip
+    per_study = per_study_frame(values)
+    tables = report.compute_tables(per_study, cases=["best", "worst"], data_source="synthetic")
+    assert (tables.selection, tables.best, tables.best_model) == ("val", "beta", "beta-seed1")
+    assert tables.cases == {"best": "test2", "worst": "test1"}  # beta-seed1: 0.2, 0.1
+    note = report.report_notes(tables, "synthetic")[2]
+    assert note.startswith("Best variant: beta, the highest Dice on the val split")
+    assert "On test: DSC 0.200 ± 0.071, " in note  # beta's seeds 0.25 and 0.15
+
+    test = per_study["split"] == "test"
+    for dice in (0.0, 1.0, np.nan):
+        shuffled = per_study.assign(dice=per_study["dice"].where(~test, dice))
+        again = report.compute_tables(shuffled, cases=["best"], data_source="synthetic")
+        assert (again.best, again.best_model) == ("beta", "beta-seed1")
+
+
+def test_selection_split_prefers_out_of_fold_and_never_takes_test():
+    assert report.selection_split(["val", "test"]) == "val"
+    assert report.selection_split(["test", "val", "oof"]) == "oof"
+    with pytest.raises(ValueError, match=r"none of oof, val: .*\(test is never used to choose\)"):
+        report.selection_split(["test"])
 
 
 def test_ranking_weights_dice_half():
@@ -465,6 +630,7 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
     for name in (
         "results.html",
         "results.csv",
+        "pairwise.csv",
         "per_study_metrics.png",
         "stepwise-seed1.png",
         "plain-seed0.png",
@@ -472,7 +638,12 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
         "worst.png",
     ):
         assert name in page, name
-    for caption in ("Training log of one variant", "Per-study Dice", "coronal maximum-intensity"):
+    for caption in (
+        "Training log of one variant",
+        "Per-study Dice",
+        "coronal maximum-intensity",
+        "Every two trained variants",
+    ):
         assert caption in page, caption
 
     assert "Nothing to be done" in snakemake(tmp_path, "-n")[1]

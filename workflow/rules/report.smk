@@ -22,6 +22,12 @@ rule report:
             category="Results",
             subcategory="Tables",
         ),
+        pairwise=report(
+            "results/report/pairwise.csv",
+            caption="../report/pairwise_csv.rst",
+            category="Results",
+            subcategory="Tables",
+        ),
         markdown="results/report/results.md",
         html=report(
             "results/report/results.html",

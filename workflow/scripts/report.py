@@ -20,6 +20,7 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         test_predictions=params.test_predictions,
         outputs=report.ReportOutputs(
             table=Path(outputs.table),
+            pairwise=Path(outputs.pairwise),
             markdown=Path(outputs.markdown),
             html=Path(outputs.html),
             distributions=Path(outputs.distributions),
