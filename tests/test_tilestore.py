@@ -228,6 +228,25 @@ def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
     assert not any(p.name.startswith(("train.lmdb", ".train.lmdb")) for p in tmp_path.iterdir())
 
 
+def test_unreadable_suv_header_is_named_before_anything_is_packed(tmp_path):
+    make_study(tmp_path / "PETCT_cut", (8, 16, 16), 1)
+    suv = tmp_path / "PETCT_cut" / "SUV.nii.gz"
+    suv.write_bytes(suv.read_bytes()[:40])  # the size of the database is read from here first
+    with pytest.raises(StudyError, match=rf"^study PETCT_cut, file {suv}: cannot read NIfTI"):
+        pack_studies(tmp_path, [tmp_path / "PETCT_cut"])
+
+
+def test_full_disk_is_reported_with_the_lmdb_path(small_disk, tmp_path):
+    """LMDB reports the short write as `mdb_txn_commit: Input/output error`, naming no file."""
+    make_study(tmp_path / "PETCT_big", (40, 64, 64), 0)  # 0.43 MB packed
+    with pytest.raises(tilestore.StoreError) as error:
+        pack_studies(small_disk, [tmp_path / "PETCT_big"])
+    assert str(error.value).startswith(f"LMDB {small_disk / 'train.lmdb'}: writing failed (")
+    assert str(error.value).endswith("); the disk may be full")
+    assert isinstance(error.value.__cause__, lmdb.Error)
+    assert list(small_disk.iterdir()) == []
+
+
 def _writable_copy(source: Path, path: Path) -> tuple[Path, lmdb.Environment]:
     """A copy of the packed LMDB `source` at `path`, opened for writing (to tamper with)."""
     path.mkdir()
