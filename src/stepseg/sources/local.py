@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 
 from stepseg import nifti
 from stepseg.errors import StudyError
-from stepseg.names import NIFTI_NAMES
+from stepseg.names import NIFTI_NAMES, study_id
 from stepseg.settings import DicomDirSettings, NiftiDirSettings
 from stepseg.sources import tcia
 
@@ -185,7 +185,7 @@ def _list_nifti_dir(settings: Mapping[str, Any]) -> list[dict]:
     for patient, studies in sorted(by_patient.items()):
         ordered = sorted(studies, key=lambda f: (_folder_date(f.name), f.name))
         for visit, folder in enumerate(ordered, start=1):
-            name = tcia.study_id(patient, visit)
+            name = study_id(patient, visit)
             seg = folder / "SEG.nii.gz"
             if not seg.is_file():
                 raise StudyError(name, "SEG.nii.gz is missing", seg)
