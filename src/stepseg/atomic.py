@@ -5,8 +5,11 @@ A temp lives beside its target and is named `.<target name>.stepseg-tmp-<pid>-<r
 target's suffixes for a file (`.CT.nii.gz.stepseg-tmp-4711-k2j8x0qa.nii.gz`, a directory
 `.val.lmdb.stepseg-tmp-4711-3bd0c1aw`). Before it writes a target, a job removes that target's
 temps left by a killed earlier writer (`remove_stale_temps`): Snakemake never runs two jobs with
-the same output, on one machine or on a cluster, so a temp of the target being written is never
-another job's live one; temps of other targets in the same folder are left alone.
+the same output, on one machine or on a cluster (and its lock keeps a second Snakemake out of the
+working directory), so a temp of the target being written is never another job's live one; the
+temps of other targets in the same folder, other jobs' live writes among them, are left alone.
+The pid tells a reader which process wrote a temp; it is never checked for liveness (on a cluster
+it may be another node's).
 
 A write that fails for lack of space raises `NoSpaceError`, naming the target: the OS error
 (`[Errno 28] No space left on device`) names no file.
