@@ -109,29 +109,45 @@ def test_out_of_space_names_the_output_and_leaves_no_temp(full_disk):
 # --------------------------------------------------------------------------------------------
 # real jobs killed while writing, then rerun
 
-# Run in a fresh interpreter before the job's code: SIGKILL the process when its first temp is
-# renamed onto an output (not an inner temp onto an outer one), i.e. with every temp written.
-KILL_AT_FIRST_OUTPUT = """
+# Runs in a fresh interpreter before the job's code and SIGKILLs the process at `kill_at`:
+# "output": when a temp is first renamed onto an output (every temp written, none renamed);
+# "third write": when a third temp is opened for writing (two written, the third empty).
+KILLER = """
 import json, os, signal, sys
 from stepseg.atomic import TEMP_MARK
 
-def kill_at_first_output(event, args):
-    if event == "os.rename" and TEMP_MARK in os.fspath(args[0]) \\
-            and TEMP_MARK not in os.fspath(args[1]):
+args = json.loads(sys.argv[1])
+kill_at = args.pop("kill_at")
+writes = []
+
+
+def is_temp(path):
+    return isinstance(path, str | os.PathLike) and TEMP_MARK in os.fspath(path)
+
+
+def killer(event, hooked):
+    if event == "os.rename" and kill_at == "output":
+        due = is_temp(hooked[0]) and not is_temp(hooked[1])
+    elif event == "open" and kill_at == "third write" and is_temp(hooked[0]):
+        writes.extend(["w"] if "w" in str(hooked[1]) else [])
+        due = len(writes) == 3
+    else:
+        due = False
+    if due:
         os.kill(os.getpid(), signal.SIGKILL)
 
-sys.addaudithook(kill_at_first_output)
-args = json.loads(sys.argv[1])
+
+sys.addaudithook(killer)
 """
 TRUTH_SETTINGS = ConvertSettings(suv_reference_time="series", ctres_interpolation="linear")
 PACK = {"codec": "gzip", "level": 1, "tile_shape": [8, 16, 16], "max_compressed_ratio": 0.35}
 
 
-def run_killed(job: str, args: dict) -> int:
-    """Run `job` (Python code using `args`) in a subprocess that is killed by SIGKILL at its
-    first output; return the process id (which the temps' names carry)."""
+def run_killed(job: str, args: dict, kill_at: str = "output") -> int:
+    """Run `job` (Python code using `args`) in a subprocess that is killed by SIGKILL at
+    `kill_at` (see KILLER); return the process id (which the temps' names carry)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", KILL_AT_FIRST_OUTPUT + job, json.dumps(args)],
+        [sys.executable, "-c", KILLER + job, json.dumps({**args, "kill_at": kill_at})],
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         stderr=subprocess.PIPE,
         text=True,
@@ -152,7 +168,10 @@ def raw_study(tmp_path_factory, micro_synthetic_settings) -> tuple[str, Path]:
     return row["study_id"], raw
 
 
-def test_killed_conversion_leaves_temps_that_its_rerun_removes(raw_study, tmp_path):
+@pytest.mark.parametrize(("kill_at", "temps", "written"), [("output", 5, 5), ("third write", 3, 2)])
+def test_killed_conversion_leaves_temps_that_its_rerun_removes(
+    raw_study, tmp_path, kill_at, temps, written
+):
     study, raw = raw_study
     out = tmp_path / "nifti" / study
     outputs = {name: str(out / f"{name}.nii.gz") for name in NIFTI_NAMES}
@@ -163,15 +182,13 @@ settings = ConvertSettings.from_mapping(args["settings"])
 convert_study(args["study"], args["raw"], args["outputs"], settings)
 """
     settings = TRUTH_SETTINGS.to_dict()
-    pid = run_killed(
-        job, {"study": study, "raw": str(raw), "outputs": outputs, "settings": settings}
-    )
+    args = {"study": study, "raw": str(raw), "outputs": outputs, "settings": settings}
+    pid = run_killed(job, args, kill_at)
     temp = re.compile(rf"\.(\w+)\.nii\.gz\.stepseg-tmp-{pid}-\w{{8}}\.nii\.gz")
     left = {p.name: temp.fullmatch(p.name) for p in out.iterdir()}
-    assert all(left.values()), sorted(left)
-    # all five written, none renamed
-    assert sorted(match[1] for match in left.values()) == sorted(NIFTI_NAMES)
-    assert all((out / name).stat().st_size > 0 for name in left)
+    assert all(left.values()), sorted(left)  # only temps of the outputs, no output
+    assert len({match[1] for match in left.values()} & set(NIFTI_NAMES)) == len(left) == temps
+    assert sum((out / name).stat().st_size > 0 for name in left) == written
 
     convert_study(study, raw, outputs, TRUTH_SETTINGS)
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.nii.gz" for n in NIFTI_NAMES)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TEMP_MARK = ".stepseg-tmp-"
+_TEMP_NAME = re.compile(rf"\..+{re.escape(TEMP_MARK)}[0-9]+-")
 # out of space on the file system, or of the user's quota on it (common on clusters)
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -91,8 +93,7 @@ def _temp_sibling(path: Path, directory: bool) -> Path:
 
 @contextmanager
 def _naming_no_space(target: Path) -> Iterator[None]:
-    """Raise an out-of-space error inside the block again as a `NoSpaceError` naming `target`
-    (an inner one names a temp, the outermost the output that was asked for)."""
+    """Raise an out-of-space error inside the block again as a `NoSpaceError` naming `target`."""
     try:
         yield
     except OSError as exc:
@@ -106,9 +107,14 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     The temporary name keeps the suffixes (`.nii.gz`, `.csv`) so writers that infer the format
-    from the extension still work.
+    from the extension still work. A `path` that is itself a temp (an outer `atomic_file`'s, e.g.
+    `nifti.save` into it) is yielded as it is: it is private already, and a temp of a temp would
+    carry a name that no rerun recognises as its target's.
     """
     target = Path(path)
+    if _TEMP_NAME.match(target.name):
+        yield target
+        return
     with _naming_no_space(target):
         tmp = _temp_sibling(target, directory=False)
         try:
