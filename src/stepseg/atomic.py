@@ -4,7 +4,7 @@ rerun leaves no temp file behind.
 A temp lives beside its target and is named `.<target name>.stepseg-tmp-<pid>-<random>`, plus the
 target's suffixes for a file (`.CT.nii.gz.stepseg-tmp-4711-k2j8x0qa.nii.gz`, a directory
 `.val.lmdb.stepseg-tmp-4711-3bd0c1aw`). Before it writes a target, a job removes that target's
-temps left by a killed earlier writer (`remove_stale_temps`): Snakemake never runs two jobs with
+temps left by a killed earlier writer (`_remove_stale_temps`): Snakemake never runs two jobs with
 the same output, on one machine or on a cluster (and its lock keeps a second Snakemake out of the
 working directory), so a temp of the target being written is never another job's live one; the
 temps of other targets in the same folder, other jobs' live writes among them, are left alone.
@@ -45,25 +45,20 @@ class NoSpaceError(OSError):
         )
 
 
-def temp_prefix(path: str | Path) -> str:
+def _temp_prefix(path: Path) -> str:
     """The start of the names of `path`'s temps (they sit in `path`'s folder)."""
-    return f".{Path(path).name}{TEMP_MARK}"
+    return f".{path.name}{TEMP_MARK}"
 
 
-def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Delete the temps of `path` that a killed writer left; return what was deleted."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    prefix = temp_prefix(path)
-    stale = sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
-    for temp in stale:
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temps of `path` that a killed writer left (`path`'s folder exists)."""
+    prefix = _temp_prefix(path)
+    for temp in sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix)):
         if temp.is_dir() and not temp.is_symlink():
             shutil.rmtree(temp)
         else:
             temp.unlink(missing_ok=True)
         log.info("removed %s, left by a killed earlier write of %s", temp, path)
-    return stale
 
 
 def _umask() -> int:
@@ -79,8 +74,8 @@ def _temp_sibling(path: Path, directory: bool) -> Path:
     unreadable to the rest of a group sharing results/ on a cluster.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    prefix = f"{temp_prefix(path)}{os.getpid()}-"
+    _remove_stale_temps(path)
+    prefix = f"{_temp_prefix(path)}{os.getpid()}-"
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
         tmp.chmod(0o777 & ~_umask())
