@@ -10,6 +10,9 @@ rule under the same oracle is printed beside it, and the trained variants' test 
 results/metrics, when present) below, so the gap to the ceiling is explicit.
 
     .venv/bin/python bench/ceiling.py [--results results] [--margin 3]
+
+Without a finished run (no `<results>/manifest.tsv`: a fresh clone before `make run`) it says so
+and exits with status 77, which `make bench` counts as skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from stepseg import manifest, nifti  # noqa: E402
 
+SKIPPED = 77  # the exit status `make bench` reads as "cannot run here", after the reason
 THRESHOLD_QUANTILES = np.linspace(0.01, 0.99, 99)
 RELATIVE_TO_MAX = 0.41
 
@@ -57,6 +61,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--margin", type=int, default=3, help="voxels around each lesion")
     args = parser.parse_args()
+    if not (args.results / "manifest.tsv").is_file():
+        print(
+            f"skipped: needs a finished run, and {args.results / 'manifest.tsv'} is missing "
+            "(`make run` makes one; --results names another)",
+            file=sys.stderr,
+        )
+        sys.exit(SKIPPED)
 
     table = manifest.read(args.results / "manifest.tsv")
     rows = []

@@ -9,12 +9,14 @@ The terminal summary says which optional checks ran, failed, skipped and why.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import shutil
 import subprocess
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,43 @@ def restore_logging():
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A folder on its own 256 KiB tmpfs: a real file system that runs out of space, unmounted
+    afterwards. Mounting needs root; elsewhere the test skips, saying so."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        reason = done.stderr.strip() if done.returncode else ""
+    except OSError as exc:
+        reason = str(exc)
+    if reason:
+        pytest.skip(f"no small file system to fill: mounting a tmpfs failed (needs root): {reason}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def full_disk(small_disk) -> Path:
+    """`small_disk` filled with zeros to its last block: any write into a new file fails with
+    ENOSPC (creating an empty file still works: tmpfs counts inodes apart)."""
+    block = bytes(4096)
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return small_disk

@@ -34,6 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from stepseg.names import study_id
 from stepseg.sources import tcia
 
 API_PATH = "/nbia-api/services/v4/"
@@ -272,7 +273,7 @@ class NbiaTestServer:
             writer = csv.writer(handle)
             writer.writerow(["Subject ID", "Study UID", "Study Date", "diagnosis"])
             for uid, meta in sorted(studies.items()):
-                name = tcia.study_id(meta["PatientID"], visits[uid])
+                name = study_id(meta["PatientID"], visits[uid])
                 diagnosis = "LYMPHOMA" if name in positive else "NEGATIVE"
                 writer.writerow([meta["PatientID"], uid, meta["StudyDate"][:10], diagnosis])
 

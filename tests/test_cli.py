@@ -248,6 +248,21 @@ def test_output_is_checked_before_the_model_is_even_read(tmp_path, capsys, name,
     assert out.read_bytes() == b"an earlier result"
 
 
+def test_full_disk_is_reported_with_the_output_path(tmp_path, model_path, full_disk, capsys):
+    """It said `stepseg predict: [Errno 28] No space left on device`, naming no file."""
+    out = full_disk / "pred.nii.gz"
+    code = cli.main(
+        ["predict", "--model", str(model_path), *_single_study(tmp_path), "--out", str(out),
+         "--device", "cpu", "--amp", "off"]
+    )  # fmt: skip
+    assert code == 1
+    assert (
+        f"ERROR stepseg.cli: stepseg predict: [Errno 28] No space left on device while writing "
+        f"{out}: the disk or quota may be full"
+    ) in capsys.readouterr().err
+    assert [p.name for p in full_disk.iterdir()] == ["filler"]
+
+
 def test_force_overwrites_and_log_appends(tmp_path, model_path):
     out, log_path = tmp_path / "pred.nii.gz", tmp_path / "predict.log"
     out.write_bytes(b"an earlier result")

@@ -79,6 +79,23 @@ def test_dicom_dir_changed_tree_is_reported(tmp_path):
         local.dicom_dir.fetch_study({"path": str(root)}, row, tmp_path / "raw")
 
 
+def cut_in_its_header(path: Path) -> None:
+    """Keep the preamble, 'DICM' and 2 of the 4 bytes of the first meta element's value."""
+    path.write_bytes(path.read_bytes()[:142])
+
+
+def test_dicom_file_cut_short_is_named_when_listed_and_when_fetched(tmp_path):
+    root = tmp_path / "tree"
+    write_tiny_study(root, "C", "20100101")
+    row = local.dicom_dir.list_studies({"path": str(root)})[0]
+    cut = sorted((root / "C" / "20100101" / "CT").iterdir())[2]
+    cut_in_its_header(cut)
+    with pytest.raises(StudyError, match=rf"^study C_1, file {cut}: corrupt DICOM file \("):
+        local.dicom_dir.fetch_study({"path": str(root)}, row, tmp_path / "raw")
+    with pytest.raises(ValueError, match=rf"^{cut}: corrupt DICOM file \("):
+        local.dicom_dir.list_studies({"path": str(root)})
+
+
 def test_dicom_dir_through_the_dispatch(dicom_tree, tmp_path):
     root, _ = dicom_tree
     settings = {"path": str(root), "link": "symlink"}
@@ -172,6 +189,35 @@ def test_nifti_dir_refuses_non_binary_seg(tmp_path):
         StudyError, match=r"study P_1, .*SEG\.nii\.gz: SEG is not binary \(values \[0, 2\]\)"
     ):
         local.nifti_dir.fetch_study({}, row, tmp_path / "raw")
+
+
+def test_nifti_dir_truncated_seg_is_named_when_listed(tmp_path):
+    """It stopped the manifest job with a bare `EOFError: Compressed file ended...`."""
+    rng = np.random.default_rng(1)
+    seg = rng.integers(0, 2, (20, 30, 40), dtype=np.uint8)  # noise: a gzip stream of kilobytes
+    folder = tmp_path / "rel" / "PETCT_0d" / "01-01-2001-NA-x-1"
+    write_release_study(folder, seg, shape=seg.shape)
+    path = folder / "SEG.nii.gz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(
+        StudyError,
+        match=rf"^study PETCT_0d_1, file {path}: cannot read NIfTI \(Compressed file ended",
+    ):
+        sources.write_manifest("nifti_dir", {"path": str(tmp_path / "rel")}, SPLIT, tmp_path / "m")
+
+
+def test_nifti_dir_duplicate_ids_name_their_folders(tmp_path):
+    """Patient folders that differ only in characters unsafe in an id give one study id."""
+    first = tmp_path / "rel" / "PETCT 0e" / "01-01-2001-NA-x-1"
+    second = tmp_path / "rel" / "PETCT-0e" / "02-02-2002-NA-x-2"
+    for folder in (first, second):
+        write_release_study(folder)
+    with pytest.raises(StudyError) as error:
+        sources.write_manifest("nifti_dir", {"path": str(tmp_path / "rel")}, SPLIT, tmp_path / "m")
+    assert str(error.value).startswith(
+        f"study PETCT-0e_1, file {second}: two study folders get this id: {first} and {second}"
+    )
+    assert not (tmp_path / "m").exists()
 
 
 def test_dicom_dir_of_the_synthetic_cohort_lists_like_the_synthetic_source(

@@ -42,10 +42,15 @@ def test_round_trip_keeps_types(tmp_path):
     assert list(back.columns[: len(manifest.COLUMNS)]) == manifest.COLUMNS
 
 
-def test_duplicate_study_ids_are_refused():
-    records = [*cohort(3), {"study_id": "P000_0", "patient_id": "P999", "has_lesions": False}]
-    with pytest.raises(ValueError, match="duplicate study ids in the cohort: \\['P000_0'\\]"):
+def test_duplicate_study_ids_are_refused_naming_where_each_came_from():
+    records = [*cohort(3), {"study_id": "P000_0", "patient_id": "P 000", "has_lesions": False}]
+    records = [{**r, "study_uid": f"1.2.{i}"} for i, r in enumerate(records)]
+    with pytest.raises(ValueError) as error:
         manifest.assign_splits(records, FRACTIONS, seed=0)
+    assert str(error.value) == (
+        "duplicate study ids in the cohort: P000_0 from patient_id 'P000', study_uid '1.2.0' "
+        "and patient_id 'P 000', study_uid '1.2.5'"
+    )
 
 
 TCIA_ROW = {

@@ -61,7 +61,7 @@ def test_anisotropic_spacing_from_the_header(tmp_path):
     gt, pred = two_lesions_case()
     spacing = (4.0, 2.5, 0.8)  # 8 mm^3 per voxel
     seg = write(tmp_path / "SEG.nii.gz", gt, spacing)
-    assert metrics.header_voxel_ml(seg) == pytest.approx(0.008, rel=1e-7)
+    assert metrics.header_voxel_ml(seg, "S") == pytest.approx(0.008, rel=1e-7)
     suv = write(tmp_path / "SUV.nii.gz", np.ones(gt.shape), spacing, np.float32)
     prd = write(tmp_path / "pred.nii.gz", pred, spacing)
     row = metrics.evaluate_study("S1", seg, suv, prd)
@@ -275,7 +275,9 @@ def test_files_match_the_official_compute_metrics(tmp_path):
         assert ours["fpv_ml"] == pytest.approx(float(fpv), rel=1e-6, abs=1e-9)
         assert ours["fnv_ml"] == pytest.approx(float(fnv), rel=1e-6, abs=1e-9)
         _, official_voxel = official.nii2numpy(seg)
-        assert metrics.header_voxel_ml(seg) == pytest.approx(float(official_voxel), rel=1e-6)
+        assert metrics.header_voxel_ml(seg, f"S{i}") == pytest.approx(
+            float(official_voxel), rel=1e-6
+        )
 
 
 # ---- files: evaluate_split and bad input ---------------------------------------------------
@@ -366,6 +368,6 @@ def test_misaligned_lists_are_refused(split_files, tmp_path):
 def test_header_voxel_volume_is_read_from_pixdim(tmp_path):
     path = write(tmp_path / "a.nii.gz", empty(), spacing=(3.0, 2.0364201068878174, 2.04))
     pixdim = nib.load(path).header["pixdim"]
-    assert metrics.header_voxel_ml(path) == float(
+    assert metrics.header_voxel_ml(path, "a") == float(
         np.float64(pixdim[1]) * np.float64(pixdim[2]) * np.float64(pixdim[3]) / 1000
     )

@@ -6,6 +6,7 @@ tests share."""
 
 import logging
 
+import lmdb
 import numpy as np
 import pytest
 from test_tilestore import AFFINE, PACK, TARGETS, full_box, make_study, pack_studies
@@ -162,3 +163,22 @@ def test_unequal_path_lists_are_refused(tmp_path):
             target_settings=TARGETS,
         )
     assert not (tmp_path / "train.lmdb").exists()
+
+
+def test_unreadable_suv_header_is_named_before_anything_is_packed(tmp_path):
+    make_study(tmp_path / "PETCT_cut", (8, 16, 16), 1)
+    suv = tmp_path / "PETCT_cut" / "SUV.nii.gz"
+    suv.write_bytes(suv.read_bytes()[:40])  # the size of the database is read from here first
+    with pytest.raises(StudyError, match=rf"^study PETCT_cut, file {suv}: cannot read NIfTI"):
+        pack_studies(tmp_path, [tmp_path / "PETCT_cut"])
+
+
+def test_full_disk_is_reported_with_the_lmdb_path(small_disk, tmp_path):
+    """LMDB reports the short write as `mdb_txn_commit: Input/output error`, naming no file."""
+    make_study(tmp_path / "PETCT_big", (40, 64, 64), 0)  # 0.43 MB packed
+    with pytest.raises(tilestore.StoreError) as error:
+        pack_studies(small_disk, [tmp_path / "PETCT_big"])
+    assert str(error.value).startswith(f"LMDB {small_disk / 'train.lmdb'}: writing failed (")
+    assert str(error.value).endswith("); the disk may be full")
+    assert isinstance(error.value.__cause__, lmdb.Error)
+    assert list(small_disk.iterdir()) == []

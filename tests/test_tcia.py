@@ -15,6 +15,7 @@ import pytest
 from tcia_server import Fault, NbiaTestServer, write_tiny_study
 
 from stepseg.errors import StudyError
+from stepseg.names import study_id
 from stepseg.sources import tcia
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +67,8 @@ def test_study_id_is_patient_and_visit_rank_by_date():
         ]
     ]
     assert tcia.visit_numbers(rows) == {"1.5": 1, "1.8": 2, "1.9": 3, "1.7": 1}
-    assert tcia.study_id("PETCT_0011f3deaf", 2) == "PETCT_0011f3deaf_2"
-    assert tcia.study_id("P 1/x", 1) == "P-1-x_1"
+    assert study_id("PETCT_0011f3deaf", 2) == "PETCT_0011f3deaf_2"
+    assert study_id("P 1/x", 1) == "P-1-x_1"
 
 
 def test_list_studies_groups_series_by_study_and_modality(server, cohort, tmp_path):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -85,6 +86,21 @@ class Stack:
         return (len(self.headers), int(first.Rows), int(first.Columns))
 
 
+def read_header(path: Path, study: str | None, **kwargs: Any) -> Dataset | None:
+    """`pydicom.dcmread(path, **kwargs)`, or None for a file without the DICOM preamble (not
+    DICOM); a DICOM file that cannot be parsed is an error naming the file and `study` (None
+    while a tree is listed, before its studies are known), never skipped."""
+    try:
+        return pydicom.dcmread(path, **kwargs)
+    except InvalidDicomError:
+        return None
+    except Exception as exc:  # pydicom raises many types for damaged files
+        message = f"corrupt DICOM file ({type(exc).__name__}: {exc})"
+        if study is None:
+            raise ValueError(f"{path}: {message}") from exc
+        raise StudyError(study, message, path) from exc
+
+
 def find_series(study: str, raw_dir: str | Path) -> list[Series]:
     """Group every DICOM file under `raw_dir` by SeriesInstanceUID, whatever the folder layout.
 
@@ -95,13 +111,10 @@ def find_series(study: str, raw_dir: str | Path) -> list[Series]:
     groups: dict[str, list[Dataset]] = defaultdict(list)
     ignored = 0
     for path in sorted(p for p in Path(raw_dir).rglob("*") if p.is_file()):
-        try:
-            header = pydicom.dcmread(path, defer_size=DEFER_SIZE)
-        except InvalidDicomError:
+        header = read_header(path, study, defer_size=DEFER_SIZE)
+        if header is None:
             ignored += 1
             continue
-        except Exception as exc:  # pydicom raises many types for damaged files
-            raise StudyError(study, f"corrupt DICOM file ({exc})", path) from exc
         if header.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
             ignored += 1  # a DICOMDIR index (CDs, PACS exports) holds no image
             continue

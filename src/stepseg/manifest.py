@@ -38,9 +38,9 @@ def assign_splits(
     table = pd.DataFrame(list(records))
     if table.empty:
         raise ValueError("the cohort has no studies")
-    duplicated = table["study_id"][table["study_id"].duplicated()].tolist()
-    if duplicated:
-        raise ValueError(f"duplicate study ids in the cohort: {duplicated}")
+    duplicates = _duplicates(table)
+    if duplicates:
+        raise ValueError(f"duplicate study ids in the cohort: {duplicates}")
     for column in COLUMNS:
         if column not in table:
             table[column] = ""
@@ -66,6 +66,17 @@ def assign_splits(
     return table[COLUMNS + [c for c in table.columns if c not in COLUMNS]].sort_values(
         "study_id", ignore_index=True
     )
+
+
+def _duplicates(table: pd.DataFrame) -> str:
+    """Each study id given to more than one record, with the patient ids (and study UIDs) of
+    those records: ids are sanitised, so the raw patient ids show why they collide."""
+    origin = [c for c in ("patient_id", "study_uid") if c in table]
+    parts = []
+    for study, rows in table[table["study_id"].duplicated(keep=False)].groupby("study_id"):
+        records = [", ".join(f"{c} {row[c]!r}" for c in origin) for _, row in rows.iterrows()]
+        parts.append(f"{study} from {' and '.join(records)}")
+    return "; ".join(parts)
 
 
 def _largest_remainder(n: int, weights: np.ndarray) -> list[int]:

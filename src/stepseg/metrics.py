@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import cc3d
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -55,9 +54,9 @@ PER_STUDY_COLUMNS = [
 METRIC_COLUMNS = PER_STUDY_COLUMNS[2:]
 
 
-def header_voxel_ml(path: str | Path) -> float:
+def header_voxel_ml(path: str | Path, study: str) -> float:
     """Voxel volume in ml from the NIfTI header's pixdim, the quantity the official script uses."""
-    zooms = nib.load(path).header["pixdim"][1:4].astype(np.float64)
+    zooms = nifti.header(path, study)["pixdim"][1:4].astype(np.float64)
     return float(np.prod(zooms)) / 1000.0
 
 
@@ -224,7 +223,7 @@ def evaluate_study(
         except ValueError as exc:
             raise StudyError(study, str(exc), path) from exc
     metrics = study_metrics(
-        masks["SEG"], masks["prediction"], header_voxel_ml(seg_path), suv.array, connectivity
+        masks["SEG"], masks["prediction"], header_voxel_ml(seg_path, study), suv.array, connectivity
     )
     return {"study": study, **metrics}
 

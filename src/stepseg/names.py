@@ -1,4 +1,5 @@
-"""Names the workflow and the package share: splits, NIfTI files, trained models, air.
+"""Names the workflow and the package share: splits, study ids, series folders, NIfTI files,
+trained models, air.
 
 Standard library only: the workflow imports it before any job runs.
 """
@@ -10,6 +11,24 @@ import re
 SPLITS = ("train", "val", "test")
 # the splits trained models are evaluated on
 EVAL_SPLITS = ("val", "test")
+
+_STUDY_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def study_id(patient_id: str, visit: int) -> str:
+    """The study id used everywhere downstream: `<PatientID>_<visit>` (visit 1 = the patient's
+    first study by date), reduced to a safe file name and Snakemake wildcard. Every source names
+    its studies so: the synthetic cohort served over the NBIA API lists under the same ids."""
+    return _STUDY_ID_UNSAFE.sub("-", f"{patient_id}_{visit}").strip("-_.")
+
+
+def series_folder(number: int, description: str, series_uid: str) -> str:
+    """The NBIA Data Retriever's series folder name, `<number>.000000-<description>-<uid5>`,
+    reduced to characters safe in paths and shells: TCIA downloads and the synthetic cohort's
+    series land in folders of this name, so both convert identically."""
+    safe = re.sub(r"[^A-Za-z0-9.]+", "_", description).strip("_")
+    return f"{number}.000000-{safe}-{series_uid[-5:]}"
+
 
 # one study's files under results/nifti/<study>/, as in the autoPET NIfTI release
 NIFTI_NAMES = ("CT", "PET", "SUV", "CTres", "SEG")

@@ -55,6 +55,18 @@ def load(path: str | Path, study: str, dtype: np.dtype | type | None = None) -> 
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
 
 
+def header(path: str | Path, study: str) -> nib.Nifti1Header:
+    """The header of a NIfTI file, no voxels read (sizes, spacing); failures name the study and
+    the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(study, "file is missing", path)
+    try:
+        return nib.load(path).header
+    except Exception as exc:
+        raise StudyError(study, f"cannot read NIfTI header ({exc})", path) from exc
+
+
 def save(volume: Volume, path: str | Path, dtype: np.dtype | type | None = None) -> None:
     """Write a (z, y, x) volume atomically (temp file, then rename)."""
     array = volume.array if dtype is None else volume.array.astype(dtype, copy=False)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lmdb
-import nibabel as nib
 import numpy as np
 
 from stepseg import checks, nifti
@@ -29,6 +29,7 @@ from stepseg.tilestore import (
     DTYPES,
     FORMAT_VERSION,
     META_KEY,
+    StoreError,
     encode_record,
     iter_tiles,
     seal,
@@ -61,8 +62,9 @@ def pack_split(
     codec, level, max_ratio = settings.codec, settings.level, settings.max_compressed_ratio
     tile_shape = settings.tile_shape
     hot_suv_min = settings.hot_suv_min
-    with atomic_dir(out_dir) as tmp:
-        env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
+    with atomic_dir(out_dir) as tmp, _naming_write_errors(out_dir):
+        map_size = _map_size(studies, suv_paths)
+        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, meminit=False)
         try:
             for study, suv_path, ct_path, steps_path in zip(
                 studies, suv_paths, ctres_paths, steps_paths, strict=True
@@ -108,10 +110,25 @@ def pack_split(
         log.info("LMDB of %d studies: %.1f MB", len(studies), size / 1e6)
 
 
-def _map_size(suv_paths: Sequence[str | Path]) -> int:
+@contextmanager
+def _naming_write_errors(path: str | Path) -> Iterator[None]:
+    """Raise an LMDB error inside the block again naming the database: LMDB's own text names no
+    file, and on a full disk it reports the short write as `mdb_txn_commit: Input/output error`."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise StoreError(
+            path, f"writing failed ({type(exc).__name__}: {exc}); the disk may be full"
+        ) from exc
+
+
+def _map_size(studies: Sequence[str], suv_paths: Sequence[str | Path]) -> int:
     """An upper bound of the database size: every tile stored plain (5 bytes a voxel) plus
     pickle and page overhead. LMDB files grow only as pages are used, so this costs no disk."""
-    voxels = sum(int(np.prod(nib.load(p).shape)) for p in suv_paths if Path(p).is_file())
+    voxels = sum(
+        int(np.prod(nifti.header(path, study).get_data_shape()))
+        for study, path in zip(studies, suv_paths, strict=True)
+    )
     return int(voxels * len(DTYPES) * 2 * 1.25) + (1 << 28)
 
 

@@ -26,14 +26,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
-from stepseg import nifti
+from stepseg import dicom, nifti
+from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
-from stepseg.names import NIFTI_NAMES
+from stepseg.names import NIFTI_NAMES, study_id
 from stepseg.settings import DicomDirSettings, NiftiDirSettings
 from stepseg.sources import tcia
 
@@ -71,9 +70,8 @@ def scan_dicom_tree(root: Path) -> dict[str, dict[str, Any]]:
     folders: dict[str, set[str]] = defaultdict(set)
     skipped = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=LISTING_TAGS)
-        except InvalidDicomError:
+        ds = dicom.read_header(path, None, stop_before_pixels=True, specific_tags=LISTING_TAGS)
+        if ds is None:
             skipped += 1
             continue
         missing = [tag for tag in REQUIRED_TAGS if tag not in ds]
@@ -100,15 +98,12 @@ def scan_dicom_tree(root: Path) -> dict[str, dict[str, Any]]:
     return series
 
 
-def _series_files(folders: list[str], series_uid: str) -> list[Path]:
+def _series_files(study: str, folders: list[str], series_uid: str) -> list[Path]:
     files = []
     for folder in folders:
         for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=LISTING_TAGS)
-            except InvalidDicomError:
-                continue
-            if ds.get("SeriesInstanceUID") == series_uid:
+            ds = dicom.read_header(path, study, stop_before_pixels=True, specific_tags=LISTING_TAGS)
+            if ds is not None and ds.get("SeriesInstanceUID") == series_uid:
                 files.append(path)
     return files
 
@@ -131,7 +126,7 @@ def _list_dicom_dir(settings: Mapping[str, Any]) -> list[dict]:
         for column in tcia.MODALITY_COLUMNS.values():
             record[f"{column}_dirs"] = os.pathsep.join(series[record[f"{column}_uid"]]["folders"])
         seg_folders = record["seg_series_dirs"].split(os.pathsep)
-        seg_files = _series_files(seg_folders, record["seg_series_uid"])
+        seg_files = _series_files(record["study_id"], seg_folders, record["seg_series_uid"])
         record["has_lesions"] = _seg_has_lesions(record["study_id"], seg_files)
     return records
 
@@ -141,7 +136,7 @@ def _fetch_dicom_dir(settings: Mapping[str, Any], row: Mapping[str, Any], out_di
     study = str(row["study_id"])
     for modality, column in tcia.MODALITY_COLUMNS.items():
         folders = str(row[f"{column}_dirs"]).split(os.pathsep)
-        files = _series_files(folders, str(row[f"{column}_uid"]))
+        files = _series_files(study, folders, str(row[f"{column}_uid"]))
         expected = int(row.get(f"{column}_images") or 0)
         if len(files) != expected:
             raise StudyError(
@@ -182,18 +177,26 @@ def _list_nifti_dir(settings: Mapping[str, Any]) -> list[dict]:
     for folder in folders:
         by_patient[folder.parent.name].append(folder)
     records = []
+    source_of: dict[str, Path] = {}
     for patient, studies in sorted(by_patient.items()):
         ordered = sorted(studies, key=lambda f: (_folder_date(f.name), f.name))
         for visit, folder in enumerate(ordered, start=1):
-            name = tcia.study_id(patient, visit)
-            seg = folder / "SEG.nii.gz"
-            if not seg.is_file():
-                raise StudyError(name, "SEG.nii.gz is missing", seg)
+            name = study_id(patient, visit)
+            if name in source_of:
+                raise StudyError(
+                    name,
+                    f"two study folders get this id: {source_of[name]} and {folder} (their "
+                    "patient folder names differ only in characters that ids replace or drop); "
+                    "rename one",
+                    folder,
+                )
+            source_of[name] = folder
+            seg = nifti.load(folder / "SEG.nii.gz", name)
             records.append(
                 {
                     "study_id": name,
                     "patient_id": patient,
-                    "has_lesions": bool(np.any(np.asanyarray(nib.load(seg).dataobj))),
+                    "has_lesions": bool(np.any(seg.array)),
                     "ct_series": "",
                     "pet_series": "",
                     "seg_series": "",
@@ -231,12 +234,9 @@ def link_nifti_study(study: str, raw_dir: str | Path, outputs: Mapping[str, str 
         source = (Path(raw_dir) / f"{name}.nii.gz").resolve()
         if not source.is_file():
             raise StudyError(study, f"{name}.nii.gz is missing", source)
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temp = output.with_name(f".{output.name}.tmp-link")
-        temp.unlink(missing_ok=True)
-        temp.symlink_to(source)
-        os.replace(temp, output)
+        with atomic_file(output) as temp:  # the temp file gives way to a symlink
+            temp.unlink()
+            temp.symlink_to(source)
 
 
 # --------------------------------------------------------------------------------------------

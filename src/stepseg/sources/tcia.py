@@ -3,13 +3,13 @@
 Listing uses `getSeries` (by collection, or per SeriesInstanceUID of a `.tcia` manifest file);
 series are grouped into studies by StudyInstanceUID and modality (CT, PT, SEG). A study is named
 `<PatientID>_<visit>` (visit = rank of its date among the patient's studies) and its series land
-in NBIA Data Retriever folders `<SeriesNumber>.000000-<SeriesDescription>-<uid5>`, both exactly as
-the synthetic cohort names them, so the synthetic cohort served over the API lists and converts
-identically. Each series is one
-ZIP from `getImage` (or `getImageWithMD5Hash` when `verify_md5`), streamed into a cache folder that
-is not the rule's output (`cache_dir`), so that a killed job resumes from the bytes already on disk
-(HTTP Range). A ZIP is renamed into place only after its size, CRCs, image count and (optionally)
-MD5 hashes check out, and extraction refuses entries that would escape the series folder.
+in NBIA Data Retriever folders `<SeriesNumber>.000000-<SeriesDescription>-<uid5>`, both by
+`stepseg.names`, as the synthetic cohort's, so the synthetic cohort served over the API lists and
+converts identically. Each series is one ZIP from `getImage` (or `getImageWithMD5Hash` when
+`verify_md5`), streamed into a cache folder that is not the rule's output (`cache_dir`), so that a
+killed job resumes from the bytes already on disk (HTTP Range). A ZIP is renamed into place only
+after its size, CRCs, image count and (optionally) MD5 hashes check out, and extraction refuses
+entries that would escape the series folder.
 
 `has_lesions` cannot be known from the imaging metadata before download; it is read from the
 collection's clinical metadata table (`clinical_file`, column `diagnosis`: NEGATIVE = no lesions)
@@ -35,6 +35,7 @@ import requests
 import urllib3
 
 from stepseg.errors import StudyError
+from stepseg.names import series_folder, study_id
 from stepseg.settings import TciaSettings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 MODALITY_COLUMNS = {"CT": "ct_series", "PT": "pet_series", "SEG": "seg_series"}
 CHUNK_BYTES = 1 << 20
 MD5_TABLE = "md5hashes.csv"
-STUDY_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 SAFE_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 
@@ -62,15 +62,6 @@ class _TransientError(Exception):
 # listing
 
 
-def study_id(patient_id: str, visit: int) -> str:
-    """The study id used everywhere downstream: `<PatientID>_<visit>` (1 = the first study).
-
-    The same name the synthetic cohort gives its studies, so a cohort served over the NBIA API
-    lists under the same ids and splits; safe as a file name and a Snakemake wildcard.
-    """
-    return STUDY_ID_UNSAFE.sub("-", f"{patient_id}_{visit}").strip("-_.")
-
-
 def _iso_date(value: str) -> str:
     """NBIA dates come as `2003-03-23 00:00:00.0`, DICOM tags as `20030323`."""
     value = str(value or "").strip()
@@ -78,13 +69,6 @@ def _iso_date(value: str) -> str:
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     match = re.match(r"(\d{4}-\d{2}-\d{2})", value)
     return match.group(1) if match else ""
-
-
-def series_folder(number: int, description: str, series_uid: str) -> str:
-    """The NBIA Data Retriever's series folder name, `<number>.000000-<description>-<uid5>`,
-    reduced to characters safe in paths and shells (the synthetic cohort uses the same names)."""
-    safe = re.sub(r"[^A-Za-z0-9.]+", "_", description).strip("_")
-    return f"{number}.000000-{safe}-{series_uid[-5:]}"
 
 
 def visit_numbers(series: Iterable[Mapping[str, Any]]) -> dict[str, int]:

@@ -10,7 +10,6 @@ the truth files agree with what a reader of the tags computes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from stepseg.names import series_folder
 from stepseg.synthetic.phantom import Grid
 from stepseg.synthetic.plan import F18_HALF_LIFE_S, StudyPlan, hhmmss, seconds_of_day
 
@@ -61,12 +61,6 @@ def _ds(value: float) -> str:
     if len(text) > 16:
         text = f"{value:.6e}"
     return text
-
-
-def series_folder(number: int, description: str, series_uid: str) -> str:
-    """TCIA-style series folder name, reduced to characters safe in paths and shells."""
-    safe = re.sub(r"[^A-Za-z0-9.]+", "_", description).strip("_")
-    return f"{number}.000000-{safe}-{series_uid[-5:]}"
 
 
 def series_folders(uids: StudyUIDs) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from stepseg.names import study_id
 from stepseg.settings import SyntheticSettings
 from stepseg.synthetic import phantom
 from stepseg.synthetic.phantom import Lesion
@@ -114,7 +115,7 @@ def plan_cohort(settings: Mapping[str, Any]) -> list[StudyPlan]:
                 previous = lesions
             plans.append(
                 StudyPlan(
-                    study_id=f"{patient_id}_{visit}",
+                    study_id=study_id(patient_id, visit),
                     patient_id=patient_id,
                     patient_index=patient,
                     visit=visit,
