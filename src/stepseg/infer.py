@@ -198,9 +198,10 @@ def predict_split(
     threads: int,
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
-    """Predict every study of a split with one model: `out_dir/<study>.nii.gz` on SUV's grid.
+    """Predict `studies` (an infer job's chunk of a split) with one model:
+    `out_dir/<study>.nii.gz` on SUV's grid.
 
-    One process per model and split instead of one per study: importing torch and MONAI and
+    One process per chunk of studies instead of one per study: importing torch and MONAI and
     loading the model took about three times as long as predicting one 128 x 88 x 88 study on
     a CPU, so per-study jobs spent most of the inference phase starting up.
     """
