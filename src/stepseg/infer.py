@@ -161,6 +161,7 @@ def predict_studies(
     for files in studies:  # every input, before any work
         _read_inputs(files, ct_hu_range, read)
     dev = model.resolve_device(device)
+    model.autotune_convolutions(dev)
     net, info = model.load(model_path, dev)
 
     def masks() -> Iterator[int]:
