@@ -612,3 +612,19 @@ def test_default_run_infers_each_split_in_one_job(tmp_path):
     chunks = planned_chunks(default_config_snakemake(tmp_path, "--dry-run"))
 
     assert chunks == {(model, split): {0: splits[split]} for model in MODELS for split in splits}
+
+
+def test_studies_per_job_rechunks_every_inference(run):
+    """2 studies per infer job on the tiny run: its 3-study split becomes 2 chunks; every model's
+    inference reruns (the setting is part of the infer params), then its evaluation and the
+    report; the threshold baseline's per-study predictions stay."""
+    cohort = Cohort.of(run)
+    splits = eval_split_studies(run)
+    chunks = sum(-(-len(studies) // 2) for studies in splits.values())
+    assert chunks > len(splits)  # at least one split holds more than 2 studies
+    change = {"infer": {"studies_per_job": 2}}
+    assert planned_jobs(run, change) == {
+        "infer": cohort.trained * chunks,
+        "evaluate": evaluate_jobs(cohort.trained),
+        "report": 1,
+    }
