@@ -78,3 +78,39 @@ def test_two_saves_of_the_same_weights_are_byte_identical(tmp_path):
     assert first == second
     assert zipfile.ZipFile(tmp_path / "a/model.pt").namelist()[0] == "archive/data.pkl"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "model.pt", "model.pt"]
+
+
+# compute capability -> what `amp: auto` trains and infers in: Volta (V100) and Turing (TITAN RTX,
+# T4) emulate bf16, so fp16 with a GradScaler; Ampere (A100) and Hopper (H100) run bf16 natively
+CUDA_AUTO = {(7, 0): torch.float16, (7, 5): torch.float16, (8, 0): torch.bfloat16,
+             (9, 0): torch.bfloat16}  # fmt: skip
+
+
+@pytest.mark.parametrize(("capability", "expected"), CUDA_AUTO.items(), ids=str)
+def test_amp_auto_on_cuda_takes_bf16_only_where_the_card_runs_it(capability, expected):
+    native = model.cuda_native_bf16(capability)
+    assert model.choose_autocast("cuda", "auto", native) == expected
+    # explicit settings are taken as asked
+    assert model.choose_autocast("cuda", "fp16", native) == torch.float16
+    assert model.choose_autocast("cuda", "bf16", native) == torch.bfloat16
+    assert model.choose_autocast("cuda", "off", native) is None
+
+
+def test_amp_on_a_cpu_takes_bf16_only_where_it_runs_natively():
+    assert model.choose_autocast("cpu", "auto", native_bf16=True) == torch.bfloat16
+    assert model.choose_autocast("cpu", "bf16", native_bf16=True) == torch.bfloat16
+    assert model.choose_autocast("cpu", "auto", native_bf16=False) is None
+    with pytest.raises(ValueError, match="this CPU has no native bf16"):
+        model.choose_autocast("cpu", "bf16", native_bf16=False)
+    with pytest.raises(ValueError, match="amp fp16 needs a CUDA device"):
+        model.choose_autocast("cpu", "fp16", native_bf16=True)
+
+
+def test_cudnn_autotuning_is_for_cuda_only(monkeypatch):
+    """Selecting cuDNN's fastest algorithms per input shape (`cudnn.benchmark`) on CUDA; torch's
+    default elsewhere. Creating a CUDA device object needs no GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    model.autotune_convolutions(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    model.autotune_convolutions(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True

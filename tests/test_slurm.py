@@ -166,7 +166,7 @@ def refused_sbatch_calls(output: str) -> list[tuple[str, str]]:
             2,
         ),
         # infer: one GPU, requested again for an existing model
-        ({}, ["results/predictions/plain-seed0/val", "--forcerun", "infer"], 1),
+        ({}, ["results/predictions/plain-seed0/val/chunk-0", "--forcerun", "infer"], 1),
     ],
     ids=["train", "infer"],
 )  # fmt: skip

@@ -7,6 +7,7 @@ would rerun, which is exactly what a user sees after editing config.yaml.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -134,8 +135,9 @@ class Cohort:
 
 # Job counts per rule, in one place: the rules' granularity changes here and nowhere else.
 def infer_jobs(c: Cohort, models: int) -> int:
-    """Trained-model predictions: one job per model and evaluation split (val, test), whatever
-    the number of studies."""
+    """Trained-model predictions: one job per model and evaluation split (val, test): each split
+    of the tiny cohort fits one chunk of `infer.studies_per_job` studies (larger cohorts:
+    test_inference_of_the_collection_is_spread_over_chunk_jobs)."""
     return 2 * models
 
 
@@ -480,7 +482,7 @@ def expected_gpus(stepwise_train: int, stepwise_infer: int, plain: int) -> dict[
         "train trained=stepwise-seed0": stepwise_train,
         "train trained=plain-seed0": plain,
         **{
-            f"infer trained={variant}, eval_split={split}": gpus
+            f"infer trained={variant}, eval_split={split}, chunk=0": gpus
             for variant, gpus in (("stepwise-seed0", stepwise_infer), ("plain-seed0", plain))
             for split in ("val", "test")
         },
@@ -515,3 +517,114 @@ def test_gpu_requests_follow_config_and_executor(run, profile, change, gpus):
     """The dry run shows each train and infer job's `gpu` (sbatch --gpus on SLURM)."""
     dry_run = snakemake(run, "--dry-run", "--forcerun", "train", *profile, overrides=change)
     assert gpu_requests(dry_run) == expected_gpus(*gpus)
+
+
+def default_config_snakemake(workdir: Path, *args: str) -> str:
+    """Snakemake on `workdir` with config/config.yaml alone (a dry run, or the manifest only)."""
+    result = subprocess.run(
+        [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+def planned_chunks(output: str) -> dict[tuple[str, str], dict[int, list[str]]]:
+    """(model, split) -> chunk -> the studies its infer job reads, from a dry run's job blocks."""
+    chunks: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for rule, body in JOB_BLOCK.findall(output):
+        if rule == "infer":
+            wildcards = dict(
+                item.split("=", 1)
+                for item in re.search(r"^\s+wildcards: (.*)$", body, re.M).group(1).split(", ")
+            )
+            inputs = re.search(r"^\s+input: (.*)$", body, re.M).group(1).split(", ")
+            studies = [p.split("/")[2] for p in inputs if p.endswith("/SUV.nii.gz")]
+            key = (wildcards["trained"], wildcards["eval_split"])
+            chunks.setdefault(key, {})[int(wildcards["chunk"])] = studies
+    return chunks
+
+
+def evaluated_predictions(output: str) -> dict[str, list[str]]:
+    """The prediction inputs of every evaluate job, by its summary file."""
+    found = {}
+    for rule, body in JOB_BLOCK.findall(output):
+        if rule == "evaluate":
+            inputs = re.search(r"^\s+input: (.*)$", body, re.M).group(1).split(", ")
+            summary = re.search(r"^\s+output: .*?(\S+_summary\.csv)", body, re.M).group(1)
+            found[summary] = [p for p in inputs if p.startswith("results/predictions/")]
+    return found
+
+
+def eval_split_studies(workdir: Path) -> dict[str, list[str]]:
+    """Evaluation split -> its sorted study ids, from the working directory's manifest."""
+    table = manifest.read(workdir / "results" / "manifest.tsv")
+    return {
+        split: sorted(table.loc[table["split"] == split, "study_id"]) for split in ("val", "test")
+    }
+
+
+MODELS = ("stepwise-seed0", "plain-seed0")  # config/config.yaml's variants
+
+
+def test_inference_of_the_collection_is_spread_over_chunk_jobs(tmp_path):
+    """1,014 studies (bench/scale.py's manifest) under the default config: each model's val and
+    test inference is 17 jobs of at most 12 (`infer.studies_per_job`) consecutive sorted studies,
+    which cover each split once; each evaluate job reads every chunk of its model and split."""
+    spec = importlib.util.spec_from_file_location("scale", ROOT / "bench" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    scale.write_manifest(tmp_path, 1014)
+    splits = eval_split_studies(tmp_path)
+    assert {split: len(s) for split, s in splits.items()} == {"val": 197, "test": 203}
+
+    output = default_config_snakemake(tmp_path, "--dry-run")
+
+    chunks = planned_chunks(output)
+    assert {key: len(jobs) for key, jobs in chunks.items()} == {
+        (model, split): 17 for model in MODELS for split in ("val", "test")
+    }
+    for (model, split), jobs in chunks.items():
+        assert sorted(jobs) == list(range(17))
+        assert [len(jobs[k]) for k in range(17)] == [12] * 16 + [len(splits[split]) - 16 * 12]
+        assert [s for k in range(17) for s in jobs[k]] == splits[split], (model, split)
+    evaluated = evaluated_predictions(output)
+    for model in MODELS:
+        for split in ("val", "test"):
+            assert evaluated[f"results/metrics/{model}/{split}_summary.csv"] == [
+                f"results/predictions/{model}/{split}/chunk-{k}" for k in range(17)
+            ]
+
+
+def test_default_run_infers_each_split_in_one_job(tmp_path):
+    """The default cohort (8 val and 9 test studies) fits one chunk per split: one infer job per
+    model and split, as before chunking (starting torch costs more than a study on a CPU)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    default_config_snakemake(tmp_path, "results/manifest.tsv")
+    splits = eval_split_studies(tmp_path)
+    assert {split: len(s) for split, s in splits.items()} == {"val": 8, "test": 9}
+
+    chunks = planned_chunks(default_config_snakemake(tmp_path, "--dry-run"))
+
+    assert chunks == {(model, split): {0: splits[split]} for model in MODELS for split in splits}
+
+
+def test_studies_per_job_rechunks_every_inference(run):
+    """2 studies per infer job on the tiny run: its 3-study split becomes 2 chunks; every model's
+    inference reruns (the setting is part of the infer params), then its evaluation and the
+    report; the threshold baseline's per-study predictions stay."""
+    cohort = Cohort.of(run)
+    splits = eval_split_studies(run)
+    chunks = sum(-(-len(studies) // 2) for studies in splits.values())
+    assert chunks > len(splits)  # at least one split holds more than 2 studies
+    change = {"infer": {"studies_per_job": 2}}
+    assert planned_jobs(run, change) == {
+        "infer": cohort.trained * chunks,
+        "evaluate": evaluate_jobs(cohort.trained),
+        "report": 1,
+    }

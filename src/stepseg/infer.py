@@ -161,6 +161,7 @@ def predict_studies(
     for files in studies:  # every input, before any work
         _read_inputs(files, ct_hu_range, read)
     dev = model.resolve_device(device)
+    model.autotune_convolutions(dev)
     net, info = model.load(model_path, dev)
 
     def masks() -> Iterator[int]:
@@ -198,9 +199,10 @@ def predict_split(
     threads: int,
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
-    """Predict every study of a split with one model: `out_dir/<study>.nii.gz` on SUV's grid.
+    """Predict `studies` (an infer job's chunk of a split) with one model:
+    `out_dir/<study>.nii.gz` on SUV's grid.
 
-    One process per model and split instead of one per study: importing torch and MONAI and
+    One process per chunk of studies instead of one per study: importing torch and MONAI and
     loading the model took about three times as long as predicting one 128 x 88 x 88 study on
     a CPU, so per-study jobs spent most of the inference phase starting up.
     """

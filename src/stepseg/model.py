@@ -171,32 +171,61 @@ def cpu_supports_bf16() -> bool:
     return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The autocast dtype of `amp` on `device`; None = float32.
+def cuda_native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA card of this compute capability runs bf16 natively: from 8.0 (Ampere) on.
 
-    `auto`: on CUDA bf16 where supported, else fp16 (with a GradScaler); on a CPU bf16 where it
-    runs natively, else float32. `bf16` on a CPU without native bf16 and `fp16` on a CPU are
-    refused (CPU autocast has no fp16 gradient scaling), so a setting never silently differs.
+    Not `torch.cuda.is_bf16_supported()`: torch 2.13 says True on Volta (7.0) and Turing (7.5)
+    too, where bf16 is emulated and slower than fp16 with a GradScaler.
+    """
+    return tuple(capability) >= (8, 0)
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype of `amp` on `device` (`choose_autocast` for it); None = float32."""
+    if device.type == "cuda":
+        native_bf16 = cuda_native_bf16(torch.cuda.get_device_capability(device))
+    else:
+        native_bf16 = device.type == "cpu" and cpu_supports_bf16()
+    return choose_autocast(device.type, amp, native_bf16)
+
+
+def choose_autocast(device_type: str, amp: str, native_bf16: bool) -> torch.dtype | None:
+    """The autocast dtype of `amp` on a device of `device_type` that does (not) run bf16 natively
+    (CUDA: `cuda_native_bf16`; CPU: `cpu_supports_bf16`); None = float32.
+
+    `auto`: native bf16 where the device has it; else fp16 on CUDA (train.py scales its gradients
+    with a GradScaler) and float32 on a CPU. `bf16` on CUDA is taken as asked, emulated or not;
+    `bf16` on a CPU without native bf16 and `fp16` on a CPU are refused (CPU autocast has no fp16
+    gradient scaling), so a setting never silently differs.
     """
     if amp not in AMP_MODES:
         raise ValueError(f"amp {amp!r} is not one of {AMP_MODES}")
     if amp == "off":
         return None
-    if device.type == "cuda":
-        if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    if device_type == "cuda":
+        if amp == "bf16" or (amp == "auto" and native_bf16):
             return torch.bfloat16
         return torch.float16
-    if device.type != "cpu":
+    if device_type != "cpu":
         return None
     if amp == "fp16":
         raise ValueError("amp fp16 needs a CUDA device; on a CPU use bf16, auto or off")
-    if cpu_supports_bf16():
+    if native_bf16:
         return torch.bfloat16
     if amp == "bf16":
         raise ValueError(
             "amp bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); use auto or off"
         )
     return None
+
+
+def autotune_convolutions(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms for each new input shape and keep the
+    fastest (`cudnn.benchmark`): training patches and inference windows (the training patch) come
+    in one shape per batch size, so a process pays the timing once per shape. A CPU has no cuDNN.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def memory_format(device: torch.device) -> torch.memory_format:

@@ -2,7 +2,7 @@
 
 Everything is read from the workflow's files (layout in docs/design.md): per-study metrics
 `metrics/{variant}/{split}_per_study.csv`, training logs `models/{variant}/train_log.csv`, and for
-the example cases `nifti/{study}/{SUV,SEG}.nii.gz` and `predictions/{variant}/test/{study}.nii.gz`.
+the example cases `nifti/{study}/{SUV,SEG}.nii.gz` and each variant's test predictions.
 Training-log columns are read generically (every numeric column, grouped by name prefix), so the
 report does not break when the training loop logs another term.
 

@@ -467,6 +467,10 @@ class InferSettings(Settings):
     sw_batch_size: PositiveInt = 4
     threshold: Annotated[float, Limits(exclusiveMinimum=0, exclusiveMaximum=1)] = 0.5
     amp: Amp = "auto"
+    # studies per infer job (the workflow's, not `stepseg predict`'s): 12 keeps one job per split
+    # of the default cohort (starting torch and loading the model cost more than a study there)
+    # and spreads each split of the 1,014-study collection (about 200 studies) over 17 jobs
+    studies_per_job: PositiveInt = 12
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -128,6 +128,7 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
     torch.set_num_threads(max(1, job.threads // ctx.world_size))
     device = ctx.device
     amp_dtype = model.autocast_dtype(device, settings.amp)
+    model.autotune_convolutions(device)
     meta = tilestore.TileStore(job.train_lmdb).meta
     if not meta["studies"]:
         raise TrainingError(f"training split {job.train_lmdb} holds no study: nothing to train on")

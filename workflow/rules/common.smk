@@ -196,13 +196,52 @@ def model_job_threads():
     return min(8, max(1, cores // max(1, len(trained_variants()))))
 
 
-def nifti_paths(name, split):
-    """`results/nifti/{study}/<name>.nii.gz` of every study of `split`, in study order."""
-    return expand(f"results/nifti/{{study}}/{name}.nii.gz", study=studies(split))
+def nifti_paths(name, split, chunk=None):
+    """`results/nifti/{study}/<name>.nii.gz` of every study of `split` (of its infer chunk
+    `chunk` only, if given), in study order."""
+    chosen = studies(split) if chunk is None else infer_chunk(split, chunk)
+    return expand(f"results/nifti/{{study}}/{name}.nii.gz", study=chosen)
+
+
+def infer_chunks(split):
+    """The studies of each infer job of `split`: chunk k holds the sorted studies k * n to
+    k * n + n - 1 (n = `infer.studies_per_job`), so a cluster spreads a model's inference over
+    nodes while each job loads torch and the model once.
+
+    By sorted position rather than by hash: every chunk but the last is full, so there are as few
+    jobs as there can be. A study added to (or removed from) a split reruns its chunk and every
+    later one of that split; adding a patient redraws the splits anyway (`manifest.assign_splits`).
+    """
+    per_job = SETTINGS["infer"].studies_per_job
+    chosen = studies(split)
+    return [chosen[start : start + per_job] for start in range(0, len(chosen), per_job)]
+
+
+def infer_chunk(split, chunk):
+    """The studies of infer chunk `chunk` (a wildcard value) of `split`."""
+    chunks = infer_chunks(split)
+    if int(chunk) >= len(chunks):
+        raise ValueError(
+            f"{split} has {len(chunks)} infer chunk(s) (chunk-0 to chunk-{len(chunks) - 1}), "
+            f"not chunk-{chunk}"
+        )
+    return chunks[int(chunk)]
+
+
+def infer_chunk_dir(variant, split, chunk):
+    """The output of the infer job of a trained `variant` on chunk `chunk` of `split`."""
+    return f"results/predictions/{variant}/{split}/chunk-{chunk}"
 
 
 def prediction_paths(variant, split):
-    """Every prediction of `variant` on `split`, in the order of `studies(split)`."""
+    """Every prediction of `variant` on `split`, in the order of `studies(split)`: a trained
+    model's in its infer chunks' folders, the threshold baseline's one per study."""
+    if variant in trained_variants():
+        return [
+            f"{infer_chunk_dir(variant, split, chunk)}/{study}.nii.gz"
+            for chunk, chosen in enumerate(infer_chunks(split))
+            for study in chosen
+        ]
     return expand(
         "results/predictions/{variant}/{split}/{study}.nii.gz",
         variant=variant,
@@ -212,10 +251,13 @@ def prediction_paths(variant, split):
 
 
 def prediction_inputs(variant, split):
-    """The inputs that give those predictions: a trained model's one directory per split (the
-    infer jobs), the threshold baseline's per-study files (the infer_threshold jobs)."""
+    """The inputs that give those predictions: a trained model's chunk folders (the infer jobs),
+    the threshold baseline's per-study files (the infer_threshold jobs)."""
     if variant in trained_variants():
-        return [f"results/predictions/{variant}/{split}"]
+        return [
+            infer_chunk_dir(variant, split, chunk)
+            for chunk in range(len(infer_chunks(split)))
+        ]
     return prediction_paths(variant, split)
 
 

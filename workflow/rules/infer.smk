@@ -1,23 +1,26 @@
 rule infer:
     input:
         model="results/models/{trained}/model.pt",
-        suv=lambda wc: nifti_paths("SUV", wc.eval_split),
-        ctres=lambda wc: nifti_paths("CTres", wc.eval_split),
+        suv=lambda wc: nifti_paths("SUV", wc.eval_split, wc.chunk),
+        ctres=lambda wc: nifti_paths("CTres", wc.eval_split, wc.chunk),
     output:
-        directory("results/predictions/{trained}/{eval_split}"),
+        directory("results/predictions/{trained}/{eval_split}/chunk-{chunk}"),
     log:
-        "results/logs/infer/{trained}/{eval_split}.log",
+        "results/logs/infer/{trained}/{eval_split}/chunk-{chunk}.log",
     benchmark:
-        "results/benchmarks/infer/{trained}/{eval_split}.tsv"
+        "results/benchmarks/infer/{trained}/{eval_split}/chunk-{chunk}.tsv"
+    wildcard_constraints:
+        chunk=r"0|[1-9][0-9]*",
     conda:
         "../../envs/torch.yaml"
-    # one job per model and split: starting torch and MONAI and loading the model cost more
-    # than predicting a study on a CPU; profiles/slurm sets a cluster job's CPUs
+    # one job per model and chunk of at most `infer.studies_per_job` studies (`infer_chunks`):
+    # starting torch and MONAI and loading the model cost more than predicting a study on a CPU,
+    # and a cluster spreads the chunks over its nodes; profiles/slurm sets a cluster job's CPUs
     threads: model_job_threads()
     resources:
         gpu=infer_gpus,
     params:
-        studies=lambda wc: studies(wc.eval_split),
+        studies=lambda wc: infer_chunk(wc.eval_split, wc.chunk),
         settings=SETTINGS["infer"].to_dict(),
     script:
         "../scripts/infer.py"

@@ -1,4 +1,4 @@
-"""Entry script: whole-body sliding-window inference of one split's studies with one model."""
+"""Entry script: sliding-window inference of one infer chunk of a split's studies, one model."""
 
 from stepseg import checks, devices, infer, logs
 from stepseg.settings import InferSettings
