@@ -171,7 +171,8 @@ class ChecksSettings(Settings):
 
     section: ClassVar[str] = "checks"
     # air is -1000 HU (-1024 where scanners fill outside the field of view), dense bone and
-    # contrast stay far below 4000; scanners padding with -2048 or -3024 need it widened
+    # contrast stay far below 4000; the padding values -3024 and -2048 (names.CT_PADDING_HU)
+    # are always accepted, as air
     ct_hu_range: tuple[float, float] = (-1100.0, 4000.0)
 
 
