@@ -115,6 +115,11 @@ class SyntheticSettings(Settings):
     pet_noise: float = 0.12
     lesion_volume_ml: tuple[float, float] = (0.5, 60.0)
     lesions_per_study: tuple[int, int] = (1, 6)
+    # CT stored outside its reconstruction circle, with PixelPaddingValue (names.CT_PADDING_HU);
+    # None: the phantom everywhere
+    ct_padding_hu: Literal[-3024, -2048] | None = None
+    # SEG frames: one per PET slice, feet to head, as in the collection; or only lesion frames
+    seg_layout: Literal["per_pet_slice", "lesion_frames"] = "per_pet_slice"
 
     def __post_init__(self) -> None:
         for key in ("lesion_volume_ml", "lesions_per_study"):
