@@ -443,6 +443,10 @@ def one_ct_slice_far_below_air(raw: Path) -> Path:
     return series_dir(raw, "CT")
 
 
+def one_ct_slice_with_two_padding_values(raw: Path) -> Path:
+    return one_ct_slice(raw, lambda ds: ds.add_new("PixelPaddingValue", "SS", [-2000, -1000]))
+
+
 def seg_on_the_ct(raw: Path) -> Path:
     ct_uid = pydicom.dcmread(next(series_dir(raw, "CT").iterdir())).SeriesInstanceUID
     seg_file = next(series_dir(raw, "SEG").iterdir())
@@ -493,6 +497,11 @@ def ct_without_pet(raw: Path) -> Path:
             one_ct_slice_far_below_air,
             r"CT has \d+ voxels outside the plausible range "
             r"\[-1100, 4000\] HU \(min -30",
+        ),
+        (
+            one_ct_slice_with_two_padding_values,
+            r"PixelPaddingValue \[-2000, -1000\] and PixelPaddingRangeLimit None: expected one "
+            "integer each",
         ),
     ],
 )

@@ -259,7 +259,11 @@ def _padding(study: str, header: Dataset, pixels: np.ndarray) -> np.ndarray | No
             if v is not None
         ]
     except (TypeError, ValueError) as exc:
-        raise StudyError(study, f"malformed PixelPadding tags {values}", header.filename) from exc
+        message = (
+            f"PixelPaddingValue {values[0]} and PixelPaddingRangeLimit {values[1]}: "
+            "expected one integer each"
+        )
+        raise StudyError(study, message, header.filename) from exc
     return (pixels >= min(stored)) & (pixels <= max(stored))
 
 
