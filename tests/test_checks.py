@@ -63,10 +63,50 @@ def test_bad_ctres_is_refused_naming_study_and_file(value, message):
 
 
 def test_a_wider_range_accepts_what_the_default_refuses():
-    ct = np.full((3, 4, 5), -3024.0, np.float32)
-    with pytest.raises(StudyError, match=r"CT has 60 voxels outside .* \(min -3024, max -3024\)"):
+    ct = np.full((3, 4, 5), -5000.0, np.float32)
+    with pytest.raises(StudyError, match=r"CT has 60 voxels outside .* \(min -5000, max -5000\)"):
         checks.check_ct("PETCT_1", ct, CTRES_PATH)
-    checks.check_ct("PETCT_1", ct, CTRES_PATH, (-3024.0, 4000.0))
+    checks.check_ct("PETCT_1", ct, CTRES_PATH, (-5000.0, 4000.0))
+
+
+def padded_ct(padding: float) -> np.ndarray:
+    """A CTres slab of soft tissue with scanner padding in two corners of every slice."""
+    ct = np.full((3, 4, 5), 40.0, np.float32)
+    ct[:, 0, 0] = ct[:, -1, -1] = padding
+    return ct
+
+
+@pytest.mark.parametrize("padding", [-3024.0, -2048.0])
+def test_scanner_padding_passes_whatever_the_range(padding):
+    checks.check_suv_ctres("PETCT_1", *pair(ct=padded_ct(padding)))
+    checks.check_ct("PETCT_1", padded_ct(padding), CTRES_PATH, (-3024.0, 4000.0))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.nan, r"CTres has 1 NaN and 0 infinite voxels"),
+        (np.inf, r"CTres has 0 NaN and 1 infinite voxels"),
+        (-5000.0, r"CTres has 1 voxels outside .* HU \(min -5000, max 40\); if the scanner"),
+        (40000.0, r"CTres has 1 voxels outside .* HU \(min -3024, max 40000\); if the scanner"),
+        (-3023.0, r"CTres has 1 voxels outside .* HU \(min -3024, max 40\); if the scanner"),
+    ],
+)
+def test_padding_excuses_no_other_value(value, message):
+    ct = padded_ct(-3024.0)
+    ct[1, 2, 3] = value
+    with pytest.raises(StudyError, match="study PETCT_1, file s/CTres.nii.gz: " + message):
+        checks.check_suv_ctres("PETCT_1", *pair(ct=ct))
+
+
+def test_padding_and_only_padding_becomes_air():
+    ct = np.array([-3024.0, -2048.0, -3023.0, -2048.5, -1024.0, 0.0, 3071.0], np.float32)
+    air = checks.air_for_padding(ct)
+    assert air.dtype == np.float32
+    np.testing.assert_array_equal(air, [-1024.0, -1024.0, -3023.0, -2048.5, -1024.0, 0.0, 3071.0])
+    assert ct[0] == -3024.0  # the input is left alone
+    stored = np.array([-3024, -2048, 7], np.int16)
+    np.testing.assert_array_equal(checks.air_for_padding(stored), [-1024, -1024, 7])
 
 
 def test_grid_mismatch_is_refused_before_the_values():

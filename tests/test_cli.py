@@ -216,6 +216,55 @@ def test_nan_in_the_suv_is_refused_before_inference(tmp_path, model_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CTres.mha", "PETCT_9.mha"]
 
 
+def outside_a_circle(shape: tuple[int, int, int]) -> np.ndarray:
+    """The voxels of every slice outside the circle inscribed in it, as a CT's padding."""
+    _, ny, nx = shape
+    y, x = np.ogrid[:ny, :nx]
+    radius = min(ny, nx) / 2
+    outside = (y - (ny - 1) / 2) ** 2 + (x - (nx - 1) / 2) ** 2 > radius**2
+    return np.broadcast_to(outside, shape)
+
+
+@pytest.mark.parametrize("padding", [-3024.0, -2048.0])
+def test_scanner_padding_predicts_as_air(tmp_path, model_path, padding):
+    rng = np.random.default_rng(6)
+    suv = rng.gamma(2.0, 1.0, PATCH).astype(np.float32)
+    ct = rng.normal(0, 300, PATCH).astype(np.float32)
+    ring = outside_a_circle(tuple(PATCH))
+    nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "SUV.nii.gz")
+    masks = {}
+    for fill in (-1024.0, padding):
+        ctres, out = tmp_path / f"CTres{fill}.nii.gz", tmp_path / f"pred{fill}.nii.gz"
+        nifti.save(nifti.Volume(np.where(ring, fill, ct), AFFINE), ctres)
+        code = cli.main(
+            ["predict", "--model", str(model_path), "--suv", str(tmp_path / "SUV.nii.gz"),
+             "--ctres", str(ctres), "--out", str(out), "--device", "cpu", "--amp", "off"]
+        )  # fmt: skip
+        assert code == 0
+        masks[fill] = nifti.load(out, "s").array
+    np.testing.assert_array_equal(masks[padding], masks[-1024.0])
+    expected = network_mask(model_path, suv, np.where(ring, -1024.0, ct))
+    assert_mask_equals_the_network(masks[padding], *expected)
+    assert masks[padding][ring].any()  # the padded voxels are predicted, not skipped
+
+
+def test_values_below_any_ct_are_refused_beside_padding(tmp_path, model_path, capsys):
+    ct = np.where(outside_a_circle(tuple(PATCH)), -3024.0, 40.0).astype(np.float32)
+    ct[3, 8, 8] = -5000.0
+    nifti.save(nifti.Volume(np.ones(PATCH, np.float32), AFFINE), tmp_path / "PETCT_7.nii.gz")
+    nifti.save(nifti.Volume(ct, AFFINE), tmp_path / "CTres.nii.gz")
+    code = cli.main(
+        ["predict", "--model", str(model_path), "--suv", str(tmp_path / "PETCT_7.nii.gz"),
+         "--ctres", str(tmp_path / "CTres.nii.gz"), "--out", str(tmp_path / "p.nii.gz")]
+    )  # fmt: skip
+    assert code == 1
+    assert (
+        f"study PETCT_7, file {tmp_path / 'CTres.nii.gz'}: CTres has 1 voxels outside the "
+        "plausible range [-1100, 4000] HU (min -5000, max 40)"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
 def _single_study(folder: Path) -> list[str]:
     """Arguments of a plausible single-study prediction in `folder` (output not included)."""
     rng = np.random.default_rng(4)

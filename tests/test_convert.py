@@ -12,6 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the library's own convention)
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from reference import autopet_conversion as official
 from reference.geometry import assert_ctres_geometry
 
 from stepseg import nifti
@@ -26,14 +28,18 @@ F18_HALF_LIFE_S = 6586.2
 TRUTH_SETTINGS = ConvertSettings(suv_reference_time="series", ctres_interpolation="linear")
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_synthetic_settings) -> tuple[str, Path]:
-    settings = tiny_synthetic_settings
+def generate(tmp_path_factory, settings: dict) -> tuple[str, Path]:
+    """The first lesion study of the cohort of `settings`: its id and raw folder."""
     row = next(r for r in source.list_studies(settings) if r["has_lesions"])
     raw = tmp_path_factory.mktemp("raw") / row["study_id"]
     raw.mkdir()
     source.fetch_study(settings, row, raw)
     return row["study_id"], raw
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_synthetic_settings) -> tuple[str, Path]:
+    return generate(tmp_path_factory, tiny_synthetic_settings)
 
 
 def outputs_in(folder: Path) -> dict[str, str]:
@@ -211,6 +217,134 @@ def test_any_folder_layout_gives_the_same_files(study, converted, tmp_path):
         np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
 
 
+# ---- CT padding outside the reconstruction circle ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded_study(tmp_path_factory, tiny_synthetic_settings) -> tuple[str, Path]:
+    """The study of `study` with -3024 HU (stored -2000, PixelPaddingValue) outside the circle."""
+    return generate(tmp_path_factory, {**tiny_synthetic_settings, "ct_padding_hu": -3024})
+
+
+@pytest.fixture(scope="module")
+def padding_as_air(study, converted, padded_study) -> np.ndarray:
+    """The CT that conversion must give for the padded study: the unpadded study's CT with air
+    where the padded files hold their PixelPaddingValue."""
+    ct_files = [pydicom.dcmread(p) for p in series_dir(padded_study[1], "CT").iterdir()]
+    assert {ds.PixelPaddingValue for ds in ct_files} == {-2000}
+    ring = np.stack(
+        [ds.pixel_array == -2000 for ds in sorted(ct_files, key=lambda ds: ds.SliceLocation)]
+    )
+    assert 0 < ring.sum() < ring.size / 2
+    return np.where(ring, -1024, load(converted["CT"]).array)
+
+
+def test_padded_ct_converts_to_air_before_ctres(study, converted, padded_study, padding_as_air):
+    study_id, raw = padded_study
+    assert study_id == study[0]
+    outputs = outputs_in(raw.parent / "nifti")
+    convert_study(study_id, raw, outputs, TRUTH_SETTINGS)
+    np.testing.assert_array_equal(load(outputs["CT"]).array, padding_as_air)
+    ctres, unpadded = load(outputs["CTres"]).array, load(converted["CTres"]).array
+    assert ctres.min() == -1024.0
+    assert (ctres != unpadded).sum() > 100  # the circle cuts through the PET field of view
+    for name in ("SUV", "SEG"):
+        np.testing.assert_array_equal(load(outputs[name]).array, load(converted[name]).array)
+
+
+def pad_with(value, limit, ring_values):
+    """An edit of every CT slice: PixelPaddingValue `value` (an int, or (VR, int) for a VR of
+    one's choosing), PixelPaddingRangeLimit `limit` (None: absent) and its padding pixels
+    (stored -2000) replaced by `ring_values(rng, n)`."""
+
+    def change(ds):
+        pixels = ds.pixel_array.copy()
+        ring = pixels == -2000
+        pixels[ring] = ring_values(np.random.default_rng(int(ds.InstanceNumber)), ring.sum())
+        ds.PixelData = pixels.tobytes()
+        del ds.PixelPaddingValue
+        if value is not None:
+            vr, number = value if isinstance(value, tuple) else ("SS", value)
+            ds.add_new("PixelPaddingValue", vr, number)
+        if limit is not None:
+            ds.add_new("PixelPaddingRangeLimit", "SS", limit)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # stored -2000..-1500 (-3024..-2524 HU), the range given either way round
+        pad_with(-2000, -1500, lambda rng, n: rng.integers(-2000, -1499, n)),
+        pad_with(-1500, -2000, lambda rng, n: rng.integers(-2000, -1499, n)),
+        # a padding value of another scanner: stored -1000, -2024 HU
+        pad_with(-1000, None, lambda rng, n: -1000),
+        # written unsigned (US 64536) for signed pixels: the same 16 bits as -1000 (-2024 HU)
+        pad_with(("US", 64536), None, lambda rng, n: -1000),
+        # untagged: -3024 HU is padding anyway
+        pad_with(None, None, lambda rng, n: -2000),
+    ],
+    ids=["range", "range_reversed", "other_value", "unsigned", "untagged"],
+)
+def test_padding_tags_are_compared_on_stored_values(padded_study, padding_as_air, tmp_path, change):
+    study_id, raw = padded_study
+    copy = Path(shutil.copytree(raw, tmp_path / "raw"))
+    edit(sorted(series_dir(copy, "CT").iterdir()), change)
+    outputs = outputs_in(tmp_path / "nifti")
+    convert_study(study_id, copy, outputs, TRUTH_SETTINGS)
+    np.testing.assert_array_equal(load(outputs["CT"]).array, padding_as_air)
+    assert load(outputs["CTres"]).array.min() == -1024.0
+
+
+# ---- SEG layouts --------------------------------------------------------------------------
+
+
+def seg_file(raw: Path) -> Path:
+    return next(series_dir(raw, "SEG").iterdir())
+
+
+def in_official_orientation(path: str) -> np.ndarray:
+    """A NIfTI's data (x, y, z) reoriented to the official conversion's orientation (LAS)."""
+    image = nib.load(path)
+    change = ornt_transform(io_orientation(image.affine), axcodes2ornt(official.ORIENTATION))
+    return apply_orientation(np.asarray(image.dataobj), change)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_seg_layouts_convert_alike_and_only_the_collections_suits_the_official_script(
+    study, converted, tmp_path_factory, tiny_synthetic_settings
+):
+    """The default layout (every PET slice, feet to head) is what the official script assumes;
+    with lesion frames only it puts the lesions at the feet. stepseg reads both alike."""
+    study_id, raw = study
+    lesion_id, lesion_raw = generate(
+        tmp_path_factory, {**tiny_synthetic_settings, "seg_layout": "lesion_frames"}
+    )
+    assert lesion_id == study_id
+    outputs = outputs_in(lesion_raw.parent / "nifti")
+    convert_study(study_id, lesion_raw, outputs, TRUTH_SETTINGS)
+    ours, theirs = nib.load(converted["SEG"]), nib.load(outputs["SEG"])
+    np.testing.assert_array_equal(ours.affine, theirs.affine)
+    np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+
+    n_slices = load(converted["SUV"]).array.shape[0]
+    assert int(pydicom.dcmread(seg_file(raw)).NumberOfFrames) == n_slices
+    assert int(pydicom.dcmread(seg_file(lesion_raw)).NumberOfFrames) < n_slices
+    mask = in_official_orientation(converted["SEG"]).astype(bool)
+    assert mask.sum() > 0
+    official_mask = official.dcm2nii_mask(seg_file(raw)).astype(bool)
+    np.testing.assert_array_equal(official_mask, mask)
+    assert dice(official_mask, mask) == 1.0
+    lesion_frames = official.dcm2nii_mask(seg_file(lesion_raw)).astype(bool)
+    placed = np.zeros_like(mask)
+    placed[..., : lesion_frames.shape[2]] = lesion_frames
+    assert dice(placed, mask) < 0.1
+
+
 def edit(paths, change) -> None:
     for path in paths:
         ds = pydicom.dcmread(path)
@@ -309,6 +443,10 @@ def one_ct_slice_far_below_air(raw: Path) -> Path:
     return series_dir(raw, "CT")
 
 
+def one_ct_slice_with_two_padding_values(raw: Path) -> Path:
+    return one_ct_slice(raw, lambda ds: ds.add_new("PixelPaddingValue", "SS", [-2000, -1000]))
+
+
 def seg_on_the_ct(raw: Path) -> Path:
     ct_uid = pydicom.dcmread(next(series_dir(raw, "CT").iterdir())).SeriesInstanceUID
     seg_file = next(series_dir(raw, "SEG").iterdir())
@@ -359,6 +497,11 @@ def ct_without_pet(raw: Path) -> Path:
             one_ct_slice_far_below_air,
             r"CT has \d+ voxels outside the plausible range "
             r"\[-1100, 4000\] HU \(min -30",
+        ),
+        (
+            one_ct_slice_with_two_padding_values,
+            r"PixelPaddingValue \[-2000, -1000\] and PixelPaddingRangeLimit None: expected one "
+            "integer each",
         ),
     ],
 )

@@ -140,7 +140,7 @@ def test_bad_study_fails_atomically_naming_it(tmp_path, problem, message):
             steps[0, 0, 0] = 300
         nifti.save(nifti.Volume(steps, AFFINE), tmp_path / "PETCT_bad" / "steps.nii.gz")
     elif problem == "ct":
-        ct[2, 3, 4] = -2048  # padding of some scanners outside the field of view
+        ct[2, 3, 4] = -5000  # below any CT, padding values included
     else:
         suv[1, 1, 1] = np.nan if problem == "nan" else -0.25
     nifti.save(nifti.Volume(suv, AFFINE), tmp_path / "PETCT_bad" / "SUV.nii.gz")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import typing
 from pathlib import Path
 
 import highdicom as hd
@@ -22,6 +23,8 @@ from pydicom.uid import (
 
 from stepseg import nifti
 from stepseg.errors import StudyError
+from stepseg.names import CT_PADDING_HU
+from stepseg.settings import SyntheticSettings
 from stepseg.synthetic import phantom, scanner, source
 from stepseg.synthetic.plan import plan_cohort, settings_with_defaults
 
@@ -224,10 +227,79 @@ def test_layout_and_determinism(
         assert (lesion_study / relative).read_bytes() == (again / relative).read_bytes(), relative
 
 
-def test_other_settings_give_other_uids(lesion_row: dict) -> None:
-    other = source.list_studies({**TINY, "pet_noise": 0.2})
+@pytest.mark.parametrize(
+    "change", [{"pet_noise": 0.2}, {"ct_padding_hu": -2048}, {"seg_layout": "lesion_frames"}]
+)
+def test_other_settings_give_other_uids(lesion_row: dict, change: dict) -> None:
+    other = source.list_studies({**TINY, **change})
     row = next(r for r in other if r["study_id"] == lesion_row["study_id"])
     assert row["pet_series"] != lesion_row["pet_series"]
+
+
+def _frame_z(seg: pydicom.Dataset) -> list[float]:
+    return [
+        float(frame.PlanePositionSequence[0].ImagePositionPatient[2])
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    ]
+
+
+def test_seg_frames_are_the_pet_slices_feet_to_head(lesion_row: dict, lesion_study: Path) -> None:
+    """The collection's layout (the default): frame k is the k-th PET slice from the feet, and
+    refers to it."""
+    pet = _by_z(_read_series(lesion_study, lesion_row["pet_series"]))
+    (seg,) = _read_series(lesion_study, lesion_row["seg_series"])
+    assert _frame_z(seg) == [float(ds.ImagePositionPatient[2]) for ds in pet]
+    for frame, ds in zip(seg.PerFrameFunctionalGroupsSequence, pet, strict=True):
+        (source_image,) = frame.DerivationImageSequence[0].SourceImageSequence
+        assert source_image.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    truth = nifti.load(lesion_study / "truth" / "SEG.nii.gz", "test").array
+    np.testing.assert_array_equal(seg.pixel_array, truth)
+
+
+def test_lesion_frames_layout_holds_only_lesion_frames_head_to_feet(
+    tmp_path: Path, lesion_row: dict
+) -> None:
+    settings = {**TINY, "seg_layout": "lesion_frames"}
+    row = next(r for r in source.list_studies(settings) if r["study_id"] == lesion_row["study_id"])
+    source.fetch_study(settings, row, tmp_path)
+    (seg,) = _read_series(tmp_path, row["seg_series"])
+    truth = nifti.load(tmp_path / "truth" / "SEG.nii.gz", "test").array
+    lesion_slices = np.flatnonzero(truth.any(axis=(1, 2)))[::-1]
+    pet = _by_z(_read_series(tmp_path, row["pet_series"]))
+    assert _frame_z(seg) == [float(pet[k].ImagePositionPatient[2]) for k in lesion_slices]
+    np.testing.assert_array_equal(seg.pixel_array, truth[lesion_slices])
+
+
+def test_padding_choices_are_the_values_every_stage_reads_as_air() -> None:
+    choices, _ = typing.get_args(typing.get_type_hints(SyntheticSettings)["ct_padding_hu"])
+    assert typing.get_args(choices) == CT_PADDING_HU
+
+
+@pytest.mark.parametrize(("padding_hu", "stored"), [(-3024, -2000), (-2048, -1024)])
+def test_ct_padding_outside_the_reconstruction_circle(
+    tmp_path: Path, lesion_row: dict, lesion_study: Path, padding_hu: int, stored: int
+) -> None:
+    """Padding changes the CT outside the circle inscribed in its field of view and nothing else;
+    PixelPaddingValue names it as a signed stored value."""
+    settings = {**TINY, "ct_padding_hu": padding_hu}
+    row = next(r for r in source.list_studies(settings) if r["study_id"] == lesion_row["study_id"])
+    source.fetch_study(settings, row, tmp_path)
+    padded = _by_z(_read_series(tmp_path, row["ct_series"]))
+    plain = _by_z(_read_series(lesion_study, lesion_row["ct_series"]))
+    ny, nx = TINY["ct_shape"][1:]
+    y, x = np.ogrid[:ny, :nx]
+    outside = (y - (ny - 1) / 2) ** 2 + (x - (nx - 1) / 2) ** 2 > (min(ny, nx) / 2) ** 2
+    for a, b in zip(padded, plain, strict=True):
+        assert a.PixelPaddingValue == stored
+        assert a["PixelPaddingValue"].VR == "SS"
+        assert (a.pixel_array[outside] == stored).all()
+        np.testing.assert_array_equal(a.pixel_array[~outside], b.pixel_array[~outside])
+    for name in ("SUV", "SEG", "CTres"):
+        truth, plain_truth = (
+            nifti.load(folder / "truth" / f"{name}.nii.gz", "test").array
+            for folder in (tmp_path, lesion_study)
+        )
+        np.testing.assert_array_equal(truth, plain_truth)
 
 
 def test_dicom_tags(lesion_row: dict, lesion_study: Path) -> None:

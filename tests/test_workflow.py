@@ -263,10 +263,13 @@ def test_split_change_reruns_neither_download_nor_conversion(run, tmp_path):
     assert planned_jobs(moved, change) == expected
 
 
-def test_source_setting_change_reruns_everything_from_the_download(run, tmp_path):
-    change = {"download": {"synthetic": {"pet_noise": 0.2}}}
+@pytest.mark.parametrize(
+    "setting", [{"pet_noise": 0.2}, {"ct_padding_hu": -3024}, {"seg_layout": "lesion_frames"}]
+)
+def test_source_setting_change_reruns_everything_from_the_download(run, tmp_path, setting):
+    change = {"download": {"synthetic": setting}}
     before, after = changed_manifest(run, tmp_path / "copy", change)
-    assert after == before  # the same studies and splits, noisier images
+    assert after == before  # the same studies and splits, other DICOM
     expected = {"download": after.studies, **from_conversion(after)}
     assert planned_jobs(tmp_path / "copy", change) == expected
 

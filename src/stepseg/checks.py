@@ -3,7 +3,9 @@ plausible-looking wrong answer instead of a clear error.
 
 A single NaN spreads through every sliding window that contains it and erases true lesions far
 from it; a negative SUV or a CT value no scanner produces means a broken conversion or a wrong
-rescale. Each check names the study and the file.
+rescale. Each check names the study and the file. The padding values scanners store outside the
+CT's reconstruction circle (`names.CT_PADDING_HU`) are no such error: they are air
+(`air_for_padding`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from stepseg import nifti
 from stepseg.errors import StudyError
+from stepseg.names import AIR_HU, CT_PADDING_HU
 from stepseg.settings import ChecksSettings
 
 # The default plausible CT range (`checks.ct_hu_range`); see ChecksSettings for why.
@@ -52,6 +55,12 @@ def check_suv(study: str, suv: np.ndarray, path: str | Path) -> None:
         )
 
 
+def air_for_padding(ct: np.ndarray) -> np.ndarray:
+    """`ct` with the scanners' padding values (`CT_PADDING_HU`, exactly) as air (`AIR_HU`): the
+    network was trained on air there, and no tissue has these values."""
+    return np.where(np.isin(ct, CT_PADDING_HU), np.asarray(AIR_HU, ct.dtype), ct)
+
+
 def check_ct(
     study: str,
     ct: np.ndarray,
@@ -59,10 +68,11 @@ def check_ct(
     hu_range: tuple[float, float] = CT_HU_RANGE,
     name: str = "CT",
 ) -> None:
-    """NaN, infinite or implausible CT numbers (outside `hu_range` HU) mean a wrong rescale."""
+    """NaN, infinite or implausible CT numbers (outside `hu_range` HU) mean a wrong rescale;
+    the padding values of `CT_PADDING_HU` are accepted (as air, see `air_for_padding`)."""
     _non_finite(study, name, ct, path)
     low, high = hu_range
-    outside = int(((ct < low) | (ct > high)).sum())
+    outside = int((((ct < low) | (ct > high)) & ~np.isin(ct, CT_PADDING_HU)).sum())
     if outside:
         raise StudyError(
             study,

@@ -53,7 +53,7 @@ def convert_study(
 ) -> None:
     """Convert `raw_dir` (DICOM series in any folder layout) to the NIfTI files in `outputs`.
 
-    SUV, CTres and SEG share the PET grid exactly.
+    SUV, CTres and SEG share the PET grid exactly. CT padding is air (-1024 HU) in CT and CTres.
     Non-finite or negative SUV and CT numbers outside `ct_hu_range` are refused, naming the
     series folder (CTres interpolates the CT and air, so it stays inside the CT's range).
     """
@@ -77,7 +77,10 @@ def convert_study(
     pet_bqml = dicom.read_volume(study, pet)
     suv = pet_bqml * np.float32(factor)
     checks.check_suv(study, suv, pet.first_path.parent)
-    ct_volume = Volume(dicom.read_volume(study, ct), ct.affine)
+    # padding outside the reconstruction circle is air before anything is resampled, whether
+    # the slices tag it (PixelPaddingValue) or only hold the usual values (names.CT_PADDING_HU)
+    hu = checks.air_for_padding(dicom.read_volume(study, ct, padding_as=AIR_HU))
+    ct_volume = Volume(hu, ct.affine)
     checks.check_ct(study, ct_volume.array, ct.first_path.parent, ct_hu_range)
     volumes = {
         "CT": (Volume(np.rint(ct_volume.array), ct.affine), np.int16),

@@ -218,15 +218,18 @@ def stack_slices(study: str, series: Series) -> Stack:
     return Stack(headers=tuple(headers[i] for i in order), affine=LPS_TO_RAS @ affine_lps)
 
 
-def read_volume(study: str, stack: Stack) -> np.ndarray:
+def read_volume(study: str, stack: Stack, padding_as: float | None = None) -> np.ndarray:
     """The stack's pixel data in modality units (HU, Bq/ml) as float32 (z, y, x).
 
     RescaleSlope/Intercept are applied per slice: PET vendors scale every slice separately.
-    Every slice must state them (`_rescale`) and hold one frame of Rows x Columns.
+    Every slice must state them (`_rescale`) and hold one frame of Rows x Columns. With
+    `padding_as`, the pixels a slice marks as padding (`_padding`: outside a CT's reconstruction
+    circle) take that value instead of their rescaled one.
     """
     slices = []
+    padded = []
     rows_columns = (int(stack.headers[0].Rows), int(stack.headers[0].Columns))
-    for header in stack.headers:
+    for k, header in enumerate(stack.headers):
         try:
             pixels = header.pixel_array
         except Exception as exc:  # truncated or undecodable pixel data
@@ -238,11 +241,43 @@ def read_volume(study: str, stack: Stack) -> np.ndarray:
                 header.filename,
             )
         slices.append(pixels)
+        mask = None if padding_as is None else _padding(study, header, pixels)
+        if mask is not None:
+            padded.append((k, mask))
     slope, intercept = np.array([_rescale(study, h) for h in stack.headers], np.float32).T
     volume = np.stack(slices).astype(np.float32)
     volume *= slope[:, None, None]
     volume += intercept[:, None, None]
+    for k, mask in padded:
+        volume[k][mask] = padding_as
     return volume
+
+
+def _padding(study: str, header: Dataset, pixels: np.ndarray) -> np.ndarray | None:
+    """The pixels of one slice that PixelPaddingValue marks as padding (None without the tag):
+    those equal to it, or with PixelPaddingRangeLimit those between the two (inclusive, either
+    may be the lower).
+
+    Both are stored values, compared before the rescale (PS3.3 C.7.5.1.1.2). A value written
+    with the other signedness than the pixels (US 63536 for signed pixels) means the same bits.
+    """
+    values = [header.get(k) for k in ("PixelPaddingValue", "PixelPaddingRangeLimit")]
+    if values[0] is None:
+        return None
+    bits = 8 * pixels.dtype.itemsize
+    try:
+        stored = [
+            np.array(int(v) % 2**bits, f"u{pixels.dtype.itemsize}").view(pixels.dtype)
+            for v in values
+            if v is not None
+        ]
+    except (TypeError, ValueError) as exc:
+        message = (
+            f"PixelPaddingValue {values[0]} and PixelPaddingRangeLimit {values[1]}: "
+            "expected one integer each"
+        )
+        raise StudyError(study, message, header.filename) from exc
+    return (pixels >= min(stored)) & (pixels <= max(stored))
 
 
 def _rescale(study: str, header: Dataset) -> tuple[float, float]:

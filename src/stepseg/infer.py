@@ -83,13 +83,13 @@ def predict_probability(
     device: torch.device,
 ) -> np.ndarray:
     """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume; the window
-    is the model's training patch."""
+    is the model's training patch. CT padding values (`names.CT_PADDING_HU`) count as air."""
     roi = info.settings.patch_size
     shape = suv.shape
     raw = torch.stack(
         [
             torch.from_numpy(np.asarray(suv, np.float32)),
-            torch.from_numpy(np.asarray(ct_hu, np.float32)),
+            torch.from_numpy(checks.air_for_padding(np.asarray(ct_hu, np.float32))),
         ]
     )[None]
     raw, crop = _pad_to(raw, roi)

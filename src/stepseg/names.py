@@ -35,6 +35,9 @@ NIFTI_NAMES = ("CT", "PET", "SUV", "CTres", "SEG")
 
 # what pads a CT beyond the field of view: outside-FOV air as scanners write it
 AIR_HU = -1024.0
+# what scanners store outside the reconstruction circle (with PixelPaddingValue): no tissue has
+# these values, so wherever a CT is read they count as air (AIR_HU)
+CT_PADDING_HU = (-3024, -2048)
 
 _TRAINED = re.compile(r"^(?P<variant>[A-Za-z0-9_]+)-seed(?P<seed>[0-9]+)$")
 # the wildcard patterns of a configured variant and of a trained model

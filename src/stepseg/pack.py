@@ -150,7 +150,7 @@ def _load_study(
     if not np.array_equal(steps.array, steps.array.astype(np.uint8)):
         raise StudyError(study, "step map is not uint8", steps_path)
     suv16 = _to_float16(study, suv.array, suv_path)
-    ct16 = _to_int16(study, ct.array, ct_path)
+    ct16 = _to_int16(study, checks.air_for_padding(ct.array), ct_path)
     lesion_mask = steps.array == 0
     hot_mask = (suv.array >= hot_suv_min) & ~lesion_mask
     rng = np.random.default_rng(zlib.crc32(study.encode()))

@@ -184,6 +184,11 @@ class SyntheticSettings(Settings):
     pet_noise: NonNegative = 0.12
     lesion_volume_ml: tuple[Positive, Positive] = (0.5, 60.0)
     lesions_per_study: tuple[PositiveInt, PositiveInt] = (1, 6)
+    # CT stored outside its reconstruction circle, with PixelPaddingValue (names.CT_PADDING_HU);
+    # None: the phantom everywhere
+    ct_padding_hu: Literal[-3024, -2048] | None = None
+    # SEG frames: one per PET slice, feet to head, as in the collection; or only lesion frames
+    seg_layout: Literal["per_pet_slice", "lesion_frames"] = "per_pet_slice"
 
     def __post_init__(self) -> None:
         for key in ("lesion_volume_ml", "lesions_per_study"):
@@ -240,7 +245,8 @@ class ChecksSettings(Settings):
 
     section: ClassVar[str] = "checks"
     # air is -1000 HU (-1024 where scanners fill outside the field of view), dense bone and
-    # contrast stay far below 4000; scanners padding with -2048 or -3024 need it widened
+    # contrast stay far below 4000; the padding values -3024 and -2048 (names.CT_PADDING_HU)
+    # are always accepted, as air
     ct_hu_range: tuple[float, float] = (-1100.0, 4000.0)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import pack_bits
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -157,8 +158,16 @@ def _slice(template: Dataset, sop_uid: str, grid: Grid, k: int, instance: int) -
     return ds
 
 
-def write_ct(out_dir: Path, plan: StudyPlan, uids: StudyUIDs, grid: Grid, hu: np.ndarray) -> str:
-    """CT Image Storage, one file per slice, int16 stored = HU + 1024 (intercept -1024)."""
+def write_ct(
+    out_dir: Path,
+    plan: StudyPlan,
+    uids: StudyUIDs,
+    grid: Grid,
+    hu: np.ndarray,
+    padding_hu: int | None,
+) -> str:
+    """CT Image Storage, one file per slice, int16 stored = HU + 1024 (intercept -1024); with
+    `padding_hu`, PixelPaddingValue names its stored value (the pixels `hu` pads with it)."""
     series_time = hhmmss(seconds_of_day(plan.series_time) - 240)
     template = _series_template(plan, uids, grid, CTImageStorage, CT_SERIES, "CT", series_time)
     template.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "CT_SOM5 SPI"]
@@ -170,6 +179,8 @@ def write_ct(out_dir: Path, plan: StudyPlan, uids: StudyUIDs, grid: Grid, hu: np
     template.RescaleType = "HU"
     template.WindowCenter = "40"
     template.WindowWidth = "400"
+    if padding_hu is not None:
+        template.PixelPaddingValue = padding_hu + 1024  # a stored value: before the rescale
     folder = series_folder(*CT_SERIES, template.SeriesInstanceUID)
     (out_dir / folder).mkdir()
     stored = (hu.astype(np.int16) + np.int16(1024)).astype("<i2")
@@ -298,19 +309,34 @@ def _make_reproducible(seg: Dataset, plan: StudyPlan, uids: StudyUIDs) -> None:
             item.DimensionOrganizationUID = organisation
 
 
+def _feet_to_head(seg: Dataset, mask: np.ndarray) -> None:
+    """Reverse a SEG holding every PET slice (head to feet: highdicom sorts frames so) into the
+    collection's order, feet to head: frame k is `mask[k]` (z = 0 inferior)."""
+    if int(seg.NumberOfFrames) != len(mask):
+        raise ValueError(f"SEG has {seg.NumberOfFrames} frames for {len(mask)} PET slices")
+    seg.PerFrameFunctionalGroupsSequence = DicomSequence(
+        list(seg.PerFrameFunctionalGroupsSequence)[::-1]
+    )
+    seg.PixelData = pack_bits(mask.astype(np.uint8), pad=True)
+
+
 def write_seg(
     out_dir: Path,
     plan: StudyPlan,
     uids: StudyUIDs,
     pet_datasets: Sequence[Dataset],
     mask: np.ndarray,
+    layout: str,
 ) -> str:
     """A BINARY DICOM SEG with one segment "lesion" on the PET slices.
 
     `pet_datasets` are in file order (head first) and `mask` is (z, y, x) with z = 0 inferior,
-    so the frames are the mask reversed along z. Frames without lesion are omitted, as
-    highdicom does by default; a lesion-free study still gets a SEG: highdicom cannot omit every
-    frame, so an empty mask is written with all (empty) frames, as in the real collection.
+    so the frames are the mask reversed along z. `layout` "per_pet_slice": one frame per PET
+    slice, empty ones included, feet to head: the collection's layout, which the official
+    conversion (lab-midas/autoPET data_conversion/tcia2nifti.py) relies on, as it stacks the
+    frames in file order onto the PET's inferior-to-superior axis. "lesion_frames": only frames
+    with lesion, head to feet (highdicom's order); a lesion-free study still gets all (empty)
+    frames, since highdicom cannot omit every frame.
     """
     frames = np.ascontiguousarray(mask[::-1].astype(np.uint8))
     description = hd.seg.SegmentDescription(
@@ -337,8 +363,10 @@ def write_seg(
         device_serial_number="0001",
         series_description=series_description,
         content_label="LESIONS",
-        omit_empty_frames=bool(frames.any()),
+        omit_empty_frames=layout == "lesion_frames" and bool(frames.any()),
     )
+    if layout == "per_pet_slice":
+        _feet_to_head(seg, mask)
     _make_reproducible(seg, plan, uids)
     folder = series_folder(number, series_description, series_uid)
     (out_dir / folder).mkdir()

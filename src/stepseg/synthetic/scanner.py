@@ -1,10 +1,14 @@
-"""What the scanner adds to the phantom: PET resolution and noise, CT noise.
+"""What the scanner adds to the phantom: PET resolution and noise, CT noise and padding.
 
 PET: the point-sampled SUV map gets signal-dependent (Poisson-like) noise whose level follows the
 injected activity per kg and the decay during uptake, and then the gaussian point-spread function
 (FWHM in mm, sigma per axis from the voxel spacing) blurs signal and noise together, so the noise
 is correlated over the resolution as after iterative reconstruction with a post-filter. `pet_noise`
 is the coefficient of variation after the blur, whatever the voxel size.
+
+CT padding: a CT is reconstructed inside a circle inscribed in its square field of view; outside
+it, scanners store a padding value that no tissue has (-3024 or -2048 HU) and name it in
+PixelPaddingValue.
 """
 
 from __future__ import annotations
@@ -63,3 +67,14 @@ def ct_hu(labels: np.ndarray, hu_table: np.ndarray, rng: np.random.Generator) ->
         slice_hu += hu_table[labels[k]]
         result[k] = np.clip(np.rint(slice_hu), -1024, 3071)
     return result
+
+
+def pad_outside_circle(hu: np.ndarray, spacing_zyx: tuple[float, float, float], value: int) -> None:
+    """Set `hu` (z, y, x) to `value` outside the reconstruction circle, in place: the circle
+    inscribed in the in-plane field of view, centred on it."""
+    _, ny, nx = hu.shape
+    _, dy, dx = spacing_zyx
+    y = (np.arange(ny) - (ny - 1) / 2) * dy
+    x = (np.arange(nx) - (nx - 1) / 2) * dx
+    radius = min(ny * dy, nx * dx) / 2
+    hu[:, y[:, None] ** 2 + x[None, :] ** 2 > radius**2] = value

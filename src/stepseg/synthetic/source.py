@@ -102,10 +102,13 @@ def fetch_study(settings: Mapping[str, Any], row: dict, out_dir: Path) -> None:
         geometry.ct, geometry.table_offset, shapes, plan.lesions, uptake=None
     )
     hu = scanner.ct_hu(ct_labels, phantom.HU, rng_for(settings, _CT_NOISE, *keys))
+    padding = settings["ct_padding_hu"]
+    if padding is not None:
+        scanner.pad_outside_circle(hu, geometry.ct.spacing, padding)
 
-    dicom_writer.write_ct(out_dir, plan, uids, geometry.ct, hu)
+    dicom_writer.write_ct(out_dir, plan, uids, geometry.ct, hu, padding)
     _, pet_datasets, encoded_suv = dicom_writer.write_pet(out_dir, plan, uids, geometry.pet, suv)
-    dicom_writer.write_seg(out_dir, plan, uids, pet_datasets, mask)
+    dicom_writer.write_seg(out_dir, plan, uids, pet_datasets, mask, settings["seg_layout"])
 
     affine = geometry.pet.ras_affine()
     truth = out_dir / "truth"
