@@ -98,7 +98,12 @@ def load(path: str | Path, study: str, dtype: np.dtype | type | None = None) -> 
         raise StudyError(study, f"cannot read NIfTI ({exc})", path) from exc
     if data.ndim != 3:
         raise StudyError(study, f"expected a 3-D volume, found shape {data.shape}", path)
-    volume = from_stored(data.transpose(2, 1, 0), image.affine)
+    try:
+        volume = from_stored(data.transpose(2, 1, 0), image.affine)
+    except ValueError as exc:  # an affine without three independent axes
+        raise StudyError(
+            study, f"cannot orient affine {image.affine.tolist()} ({exc})", path
+        ) from exc
     if dtype is not None:
         volume = replace(volume, array=volume.array.astype(dtype, copy=False))
     return volume
