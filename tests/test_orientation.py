@@ -209,13 +209,13 @@ def test_release_stored_las_is_validated_and_evaluated_against_an_lps_prediction
     _, perm, flips = STORAGES[2]  # LAS, as the official conversion writes the release
     for name in NIFTI_NAMES:
         image = nib.load(converted[name])
-        if name == "SEG":  # this one left as converted (LPS)
+        if name == "PET":  # this one left as converted (LPS)
             shutil.copy(converted[name], folder / f"{name}.nii.gz")
             continue
         data, affine = stored_copy(np.asarray(image.dataobj), image.affine, perm, flips)
         nib.save(nib.Nifti1Image(data, affine), folder / f"{name}.nii.gz")
     local.validate_nifti_study(study_id, folder)
-    row = metrics.evaluate_study(
+    row = metrics.evaluate_study(  # the converted SEG (LPS) as the prediction of the LAS SEG
         study_id, folder / "SEG.nii.gz", folder / "SUV.nii.gz", converted["SEG"]
     )
     assert row["dice"] == 1.0
