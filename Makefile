@@ -20,20 +20,20 @@ test-fast: $(VENV)/.installed
 	$(BIN)/pytest -m "not slow and not slurm"
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests bench workflow/scripts
-	$(BIN)/ruff format --check src tests bench workflow/scripts
+	$(BIN)/ruff check src tests tools bench workflow/scripts
+	$(BIN)/ruff format --check src tests tools bench workflow/scripts
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 
 fmt: $(VENV)/.installed
-	$(BIN)/ruff check --fix src tests bench workflow/scripts
-	$(BIN)/ruff format src tests bench workflow/scripts
+	$(BIN)/ruff check --fix src tests tools bench workflow/scripts
+	$(BIN)/ruff format src tests tools bench workflow/scripts
 	$(BIN)/snakefmt Snakefile workflow/rules
 
 # config/schema.yaml is generated from src/stepseg/settings.py (tests/test_settings.py fails until
 # it is regenerated after a setting changed)
 schema: $(VENV)/.installed
-	PYTHONPATH=src $(BIN)/python -m stepseg.settings > config/schema.yaml.tmp
+	$(BIN)/python tools/schema.py > config/schema.yaml.tmp
 	mv config/schema.yaml.tmp config/schema.yaml
 
 # Every bench in turn. One that cannot run here says why and exits 77 (skipped): ceiling.py

@@ -13,14 +13,18 @@ from stepseg.stepmap import NEVER
 # Every kind of channel: each fill, hollow or not, an all-zero channel (step None).
 PRESET = Preset(
     name="by hand",
-    steps=(DilationStep((3.0, 4.0, 4.0)), DilationStep((3.0, 8.0, 8.0)), DilationStep(None)),
+    steps=(
+        DilationStep(semi_axes_mm=(3.0, 4.0, 4.0)),
+        DilationStep(semi_axes_mm=(3.0, 8.0, 8.0)),
+        DilationStep(semi_axes_mm=None),
+    ),
     channels=(
-        Channel(0, "one", loss="dicefocal"),
-        Channel(1, "pet"),
-        Channel(2, "ct", hollow=True),
-        Channel(3, "ct_window", window=(-100.0, 100.0), window_scale=4.8),
-        Channel(None),
-        Channel(3, "one", hollow=True),
+        Channel(step=0, fill="one", loss="dicefocal"),
+        Channel(step=1, fill="pet"),
+        Channel(step=2, fill="ct", hollow=True),
+        Channel(step=3, fill="ct_window", window=(-100.0, 100.0), window_scale=4.8),
+        Channel(step=None),
+        Channel(step=3, fill="one", hollow=True),
     ),
 )
 # Six voxels along x in two crops: the first crop's step map as written, the second a crop of a

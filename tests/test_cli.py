@@ -35,7 +35,7 @@ def volume(shape=(5, 6, 7), dtype=np.float32, seed=0):
 def test_mha_round_trip_keeps_array_and_affine(tmp_path):
     original = volume()
     cli.write_image(original, tmp_path / "x.mha")
-    back = cli.read_image(tmp_path / "x.mha", "s")
+    back = nifti.to_stored(cli.read_image(tmp_path / "x.mha", "s"))
     np.testing.assert_array_equal(back.array, original.array)
     np.testing.assert_allclose(back.affine, original.affine, atol=1e-9)
     assert back.array.shape == (5, 6, 7)  # (z, y, x), as everywhere in stepseg
@@ -116,18 +116,19 @@ def model_path(tmp_path_factory):
     return path
 
 
-def network_mask(model_path, suv: np.ndarray, ct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The mask straight from the network on the normalised volume, without stepseg.infer: the
-    volume is exactly one patch, so one window sees it all. Also returns the voxels too close to
-    the 0.5 threshold for float rounding to decide."""
-    assert list(suv.shape) == PATCH
+def network_mask(model_path, suv: nifti.Volume, ct: nifti.Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The mask straight from the network on the normalised volume in stepseg's orientation,
+    without stepseg.infer, flipped back to the volume's own: the volume is exactly one patch, so
+    one window sees it all. Also returns the voxels too close to the 0.5 threshold for float
+    rounding to decide."""
+    assert list(suv.array.shape) == PATCH
     net, _ = model.load(model_path, torch.device("cpu"))
-    inputs = normalize.normalize_batch(
-        torch.from_numpy(suv)[None, None], torch.from_numpy(ct)[None, None]
-    )
+    canonical = [nifti.reorient(v) for v in (suv, ct)]
+    inputs = normalize.normalize_batch(*(torch.from_numpy(v.array)[None, None] for v in canonical))
     with torch.no_grad():
         probability = torch.sigmoid(net(inputs)[0, 0]).numpy()
-    return (probability >= 0.5).astype(np.uint8), np.abs(probability - 0.5) < 1e-5
+    back = nifti.to_stored(nifti.Volume(probability, canonical[0].affine, suv.affine)).array
+    return (back >= 0.5).astype(np.uint8), np.abs(back - 0.5) < 1e-5
 
 
 def assert_mask_equals_the_network(mask, expected, undecided):
@@ -155,7 +156,7 @@ def test_predict_grand_challenge_layout(tmp_path, model_path):
     assert image.GetPixelID() == sitk.sitkUInt8
     written = cli.volume_from_itk(image)
     np.testing.assert_allclose(written.affine, suv.affine, atol=1e-9)
-    assert_mask_equals_the_network(written.array, *network_mask(model_path, suv.array, ct.array))
+    assert_mask_equals_the_network(written.array, *network_mask(model_path, suv, ct))
 
 
 def test_predict_single_nifti_study_via_the_console_script(tmp_path, model_path):
@@ -178,10 +179,12 @@ def test_predict_single_nifti_study_via_the_console_script(tmp_path, model_path)
         timeout=300,
     )
     assert done.stdout.startswith(f"{tmp_path / 'pred.nii.gz'}\t")
-    mask = nifti.load(tmp_path / "pred.nii.gz", "s")
+    mask = nifti.to_stored(nifti.load(tmp_path / "pred.nii.gz", "s"))  # as the file stores it
     assert mask.array.dtype == np.uint8
     np.testing.assert_allclose(mask.affine, AFFINE, atol=1e-5)
-    assert_mask_equals_the_network(mask.array, *network_mask(model_path, suv, ct))
+    assert_mask_equals_the_network(
+        mask.array, *network_mask(model_path, nifti.Volume(suv, AFFINE), nifti.Volume(ct, AFFINE))
+    )
 
 
 def test_grid_mismatch_is_reported_with_the_study(tmp_path, model_path, capsys):
@@ -241,9 +244,10 @@ def test_scanner_padding_predicts_as_air(tmp_path, model_path, padding):
              "--ctres", str(ctres), "--out", str(out), "--device", "cpu", "--amp", "off"]
         )  # fmt: skip
         assert code == 0
-        masks[fill] = nifti.load(out, "s").array
+        masks[fill] = nifti.to_stored(nifti.load(out, "s")).array  # as the file stores it
     np.testing.assert_array_equal(masks[padding], masks[-1024.0])
-    expected = network_mask(model_path, suv, np.where(ring, -1024.0, ct))
+    air = nifti.Volume(np.where(ring, -1024.0, ct).astype(np.float32), AFFINE)
+    expected = network_mask(model_path, nifti.Volume(suv, AFFINE), air)
     assert_mask_equals_the_network(masks[padding], *expected)
     assert masks[padding][ring].any()  # the padded voxels are predicted, not skipped
 

@@ -11,7 +11,7 @@ from stepseg import channels, data, nifti, pack, presets, stepmap, tilestore
 from stepseg.distributed import DistContext
 from stepseg.settings import PackSettings, TargetsSettings
 
-AFFINE = np.diag([2.04, 2.04, 3.0, 1.0])
+AFFINE = np.diag([-2.04, -2.04, 3.0, 1.0])  # LPS, as conversions write: packed as written
 SPACING = (3.0, 2.04, 2.04)  # (z, y, x) of AFFINE
 PATCH = (8, 24, 24)
 # the paper preset's eight channels with radii small enough for PATCH (the presets' own radii

@@ -10,7 +10,9 @@ when both folders use the same uuids; otherwise each folder must hold exactly on
 mask takes the CT image's uuid (as in the autoPET baseline containers).
 
 Images in .mha/.mhd/.nrrd are read with SimpleITK and converted exactly to `stepseg.nifti.Volume`
-((z, y, x) array + RAS affine): ITK keeps LPS origin/direction/spacing, NIfTI a RAS affine.
+((z, y, x) array + RAS affine): ITK keeps LPS origin/direction/spacing, NIfTI a RAS affine. Every
+image is predicted in stepseg's canonical orientation, whatever its storage order, and each mask is
+written in its SUV image's own orientation, direction and origin.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def volume_to_itk(volume: nifti.Volume) -> sitk.Image:
 
 
 def read_image(path: str | Path, study: str) -> nifti.Volume:
-    """A NIfTI file through `stepseg.nifti`, anything else (.mha, ...) through SimpleITK."""
+    """A NIfTI file through `stepseg.nifti`, anything else (.mha, ...) through SimpleITK; either
+    way in `stepseg.names.ORIENTATION`, remembering the file's own (`nifti.from_stored`)."""
     path = Path(path)
     if path.name.endswith((".nii", ".nii.gz")):
         return nifti.load(path, study, np.float32)
@@ -90,17 +93,18 @@ def read_image(path: str | Path, study: str) -> nifti.Volume:
         volume = volume_from_itk(sitk.ReadImage(str(path)))
     except (RuntimeError, ValueError) as exc:
         raise StudyError(study, f"cannot read image ({exc})", path) from exc
-    return nifti.Volume(volume.array.astype(np.float32, copy=False), volume.affine)
+    return nifti.from_stored(volume.array.astype(np.float32, copy=False), volume.affine)
 
 
 def write_image(volume: nifti.Volume, path: str | Path) -> None:
-    """Write atomically: NIfTI through `stepseg.nifti`, .mha (compressed) through SimpleITK."""
+    """Write atomically, in the orientation and affine of the file `volume` was read from:
+    NIfTI through `stepseg.nifti`, .mha (compressed) through SimpleITK."""
     path = Path(path)
     if path.name.endswith((".nii", ".nii.gz")):
         nifti.save(volume, path)
         return
     with atomic_file(path) as tmp:
-        sitk.WriteImage(volume_to_itk(volume), str(tmp), useCompression=True)
+        sitk.WriteImage(volume_to_itk(nifti.to_stored(volume)), str(tmp), useCompression=True)
 
 
 # --------------------------------------------------------------------------------------------

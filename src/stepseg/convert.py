@@ -19,7 +19,7 @@ from stepseg import checks, dicom
 from stepseg.atomic import atomic_file
 from stepseg.errors import StudyError
 from stepseg.names import AIR_HU, NIFTI_NAMES
-from stepseg.nifti import Volume, save
+from stepseg.nifti import Volume, reorient, save
 from stepseg.settings import ConvertSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ def convert_study(
     """Convert `raw_dir` (DICOM series in any folder layout) to the NIfTI files in `outputs`.
 
     SUV, CTres and SEG share the PET grid exactly. CT padding is air (-1024 HU) in CT and CTres.
+    Every file is written in `stepseg.names.ORIENTATION` (flips and transposes of the series' own
+    order, no resampling); nothing before needs it: SUV scaling and the checks are voxelwise, CTres
+    is resampled in world space and SEG frames are placed by position.
     Non-finite or negative SUV and CT numbers outside `ct_hu_range` are refused, naming the
     series folder (CTres interpolates the CT and air, so it stays inside the CT's range).
     """
@@ -102,4 +105,4 @@ def convert_study(
     )
     with ExitStack() as stack:  # rename all five only after all five are written
         for name, (volume, dtype) in volumes.items():
-            save(volume, stack.enter_context(atomic_file(targets[name])), dtype)
+            save(reorient(volume), stack.enter_context(atomic_file(targets[name])), dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -38,8 +39,9 @@ class StudyFiles(NamedTuple):
     out: Path
 
 
-Read = Callable[[Path, str], nifti.Volume]  # (path, study) -> volume, failures naming both
-Write = Callable[[nifti.Volume, Path], None]
+# (path, study) -> volume in `stepseg.names.ORIENTATION`, failures naming both
+Read = Callable[[Path, str], nifti.Volume]
+Write = Callable[[nifti.Volume, Path], None]  # writes back in the volume's stored orientation
 READ_NIFTI: Read = partial(nifti.load, dtype=np.float32)
 
 
@@ -51,14 +53,18 @@ def predict_volume(
     device: str | torch.device | None = None,
     study: str = "study",
 ) -> np.ndarray:
-    """Binary lesion mask (z, y, x) uint8 on the SUV grid."""
+    """Binary lesion mask (z, y, x) uint8 on the SUV grid, in the SUV volume's orientation; the
+    network sees both volumes in `stepseg.names.ORIENTATION`."""
+    given = suv.affine
+    suv, ctres = nifti.reorient(suv), nifti.reorient(ctres)
     if suv.array.shape != ctres.array.shape:
         raise StudyError(
             study, f"SUV shape {suv.array.shape} and CTres shape {ctres.array.shape} differ"
         )
     dev = model.resolve_device(device)
     net, info = model.load(model_path, dev)
-    return predict_mask(net, info, suv.array, ctres.array, settings, dev)
+    mask = predict_mask(net, info, suv.array, ctres.array, settings, dev)
+    return nifti.to_stored(nifti.Volume(mask, suv.affine, stored_affine=given)).array
 
 
 def predict_mask(
@@ -152,7 +158,9 @@ def predict_studies(
     write: Write = nifti.save,
 ) -> Iterator[int]:
     """Predict `studies` with one model, loaded once: each study's mask (uint8, SUV grid) is
-    written to its `out`; the iterator yields the masks' voxel counts, one study per step.
+    written to its `out` in the SUV file's orientation and affine (the network sees the arrays
+    in `stepseg.names.ORIENTATION`, as in training); the iterator yields the masks' voxel
+    counts, one study per step.
 
     Every study's inputs pass `stepseg.checks` before the model is loaded, here, not at the first
     step, so that a failing one is named with its file before any work. The rule (`predict_split`)
@@ -168,7 +176,7 @@ def predict_studies(
         for files in studies:
             suv, ctres = _read_inputs(files, ct_hu_range, read)
             mask = predict_mask(net, info, suv.array, ctres.array, settings, dev)
-            write(nifti.Volume(mask, suv.affine), files.out)
+            write(replace(suv, array=mask), files.out)  # stored like the SUV file
             log.info(
                 "%s: %d lesion voxels (%.2f ml) predicted with %s",
                 files.study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,

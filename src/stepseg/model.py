@@ -20,11 +20,15 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from stepseg.atomic import atomic_file
+from stepseg.names import ORIENTATION
 from stepseg.settings import TrainSettings
 
 MODEL_FORMAT = "stepseg-model-2"
 # Keys every model.pt holds (see `save`).
 REQUIRED_KEYS = ("format", "state_dict", "network", "settings", "target_preset")
+# The orientation of a model.pt written before `save` recorded one: such models were trained on
+# stepseg's own conversions, which wrote LPS then as now.
+UNRECORDED_ORIENTATION = "LPS"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,7 +250,7 @@ class ModelInfo:
 
 
 def save(path: str | Path, net: nn.Module, info: ModelInfo) -> None:
-    """Write weights, settings, network and target preset atomically to `path`.
+    """Write weights, settings, network, target preset and orientation atomically to `path`.
 
     Plain types (no pickled classes) let every reader use `torch.load(weights_only=True)`.
     """
@@ -256,6 +260,7 @@ def save(path: str | Path, net: nn.Module, info: ModelInfo) -> None:
         "network": info.network.to_dict(),
         "settings": info.settings.to_dict(),
         "target_preset": info.target_preset,
+        "orientation": ORIENTATION,  # of the arrays it was trained on (pack stores them so)
     }
     save_atomic(checkpoint, path)
 
@@ -271,7 +276,8 @@ def save_atomic(obj: Any, path: str | Path) -> None:
 
 
 def load(path: str | Path, device: torch.device) -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the network of `model.pt` in eval mode; a foreign or mismatched file is named."""
+    """Rebuild the network of `model.pt` in eval mode; a foreign or mismatched file (another
+    network, another orientation) is named."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
@@ -286,6 +292,13 @@ def load(path: str | Path, device: torch.device) -> tuple[nn.Module, ModelInfo]:
         raise ValueError(
             f"{path} is not a {MODEL_FORMAT} model file (missing keys {missing}, "
             f"format {checkpoint.get('format')!r})"
+        )
+    orientation = checkpoint.get("orientation", UNRECORDED_ORIENTATION)
+    if orientation != ORIENTATION:
+        raise ValueError(
+            f"{path} was trained on images in {orientation} orientation, but this stepseg "
+            f"brings every image to {ORIENTATION}: the network would see its inputs flipped or "
+            "transposed; retrain it with this version"
         )
     info = ModelInfo(
         settings=TrainSettings.from_mapping(checkpoint["settings"], f"{path}: train"),

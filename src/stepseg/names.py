@@ -1,5 +1,5 @@
 """Names the workflow and the package share: splits, study ids, series folders, NIfTI files,
-trained models, air.
+trained models, air, the canonical orientation.
 
 Standard library only: the workflow imports it before any job runs.
 """
@@ -38,6 +38,12 @@ AIR_HU = -1024.0
 # what scanners store outside the reconstruction circle (with PixelPaddingValue): no tissue has
 # these values, so wherever a CT is read they count as air (AIR_HU)
 CT_PADDING_HU = (-3024, -2048)
+
+# The orientation every stage holds its arrays in (`stepseg.nifti`), and the one models are trained
+# in: nibabel axis codes of the NIfTI axes (i, j, k) = the array's (x, y, z), i.e. x runs towards
+# the patient's left, y towards posterior, z towards superior (feet to head). It is DICOM's own
+# patient frame, in which stepseg's conversion of axial series has always written its files.
+ORIENTATION = "LPS"
 
 _TRAINED = re.compile(r"^(?P<variant>[A-Za-z0-9_]+)-seed(?P<seed>[0-9]+)$")
 # the wildcard patterns of a configured variant and of a trained model

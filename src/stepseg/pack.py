@@ -3,9 +3,10 @@
 
 A study is checked before it is stored (`stepseg.checks`: non-finite or negative SUV, implausible
 CTres, a step map that is not uint8 fail the split), SUV is stored as float16 and CT as whole HU
-in int16. The database is built in a temporary directory and renamed when complete
-(`stepseg.atomic.atomic_dir`), and `__meta__` is written last: a killed job never leaves a
-valid-looking LMDB.
+in int16. Arrays are stored in `stepseg.names.ORIENTATION` (`stepseg.nifti.load`), whatever the
+files' own, so that training sees every study as inference does. The database is built in a
+temporary directory and renamed when complete (`stepseg.atomic.atomic_dir`), and `__meta__` is
+written last: a killed job never leaves a valid-looking LMDB.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Typed settings of each stage: the one home of every setting's type, default and allowed values.
 
 These classes are what the package reads. config/schema.yaml, which Snakemake checks the config
-file against when it starts, is generated from them (`python -m stepseg.settings >
-config/schema.yaml`; tests/test_settings.py fails when the committed file differs): a field's
+file against when it starts, is generated from them (`make schema`: tools/schema.py >
+config/schema.yaml; tests/test_settings.py fails when the committed file differs): a field's
 annotation gives the type and enum, `Limits` in it the bounds, and a field without a default is
 required (TrainSettings' are filled by the recipe instead). Each class is frozen and
 keyword-only, and `from_mapping` refuses an unknown key, a missing key without a default, or a
@@ -650,20 +650,3 @@ def _type_schema(hint: Any) -> dict[str, Any]:
             **({"required": _required(hint)} if _required(hint) else {}),
         }
     return {"type": {float: "number", int: "integer", str: "string", bool: "boolean"}[hint]}
-
-
-def main() -> None:
-    """`python -m stepseg.settings > config/schema.yaml` (`make schema`; PyYAML, which the
-    workflow has, is imported only here)."""
-    import yaml
-
-    print("# GENERATED from src/stepseg/settings.py, the one home of every setting, by")
-    print("# `make schema` (python -m stepseg.settings > config/schema.yaml): edit the settings,")
-    print("# then regenerate; tests/test_settings.py fails while this file differs.")
-    print(
-        yaml.safe_dump(config_schema(), sort_keys=False, width=100, default_flow_style=None), end=""
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""The targets stage: one study's step map (uint8 NIfTI on the SEG grid) and its QC figure.
+"""The targets stage: one study's step map (uint8 NIfTI on the SUV grid) and its QC figure.
 
 The step map of the whole study (`stepseg.stepmap`, schedule from `stepseg.presets`) is what the
 pack rule stores; training uses its lesion voxels and rebuilds the steps of each crop. No torch:
@@ -8,6 +8,7 @@ the rule runs in the light I/O environment.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ def write_study_targets(
     qc_path: str | Path,
     settings: TargetsSettings,
 ) -> None:
-    """Check one study's inputs, write its step map (uint8 NIfTI, SEG grid) and a QC figure."""
+    """Check one study's inputs, write its step map (uint8 NIfTI, stored like the SUV file) and
+    a QC figure."""
     preset = presets.preset_from_settings(settings)
     seg = nifti.load(seg_path, study)
     suv = nifti.load(suv_path, study, dtype=np.float32)
@@ -52,7 +54,8 @@ def write_study_targets(
         preset.name,
         {int(v): int(n) for v, n in zip(*np.unique(steps, return_counts=True), strict=True)},
     )
-    nifti.save(nifti.Volume(steps, seg.affine), steps_path, dtype=np.uint8)
+    # on the SUV file's voxels, in its orientation and affine (arrays are canonical here)
+    nifti.save(replace(suv, array=steps), steps_path, dtype=np.uint8)
     qc.write_step_contours(study, suv.array, steps, suv.spacing_zyx, preset, qc_path)
 
 

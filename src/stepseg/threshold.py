@@ -8,6 +8,7 @@ clinical 41 % SUVmax rule, 0 = off), and components below `min_volume_ml` are dr
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import cc3d
@@ -44,8 +45,9 @@ def threshold_mask(suv: nifti.Volume, settings: ThresholdSettings) -> np.ndarray
 def predict_file(
     *, study: str, suv_path: str | Path, out_path: str | Path, settings: ThresholdSettings
 ) -> None:
-    """Threshold one study's SUV.nii.gz; the mask keeps SUV's shape and affine."""
+    """Threshold one study's SUV.nii.gz; the mask is stored like the SUV file (orientation and
+    affine)."""
     suv = nifti.load(suv_path, study, np.float32)
     mask = threshold_mask(suv, settings)
-    nifti.save(nifti.Volume(mask, suv.affine), out_path, dtype=np.uint8)
+    nifti.save(replace(suv, array=mask), out_path, dtype=np.uint8)
     log.info("%s: %.2f ml above the SUV threshold", study, float(mask.sum()) * suv.voxel_ml)

@@ -9,7 +9,8 @@ pixels (exact, and SEG files are small).
 the patient folder). Conversion is skipped: the download step validates the files (SUV, PET,
 CTres and SEG on one grid, SEG binary) and symlinks them into `results/raw/{study}`; the rule
 `link_nifti` (workflow/rules/nifti_dir.smk) then links them to `results/nifti/{study}` in place
-of `convert`.
+of `convert`. The files keep their own orientation (the release's is LAS): every stage reads them
+through `stepseg.nifti.load`, which brings them to stepseg's, and grids are compared there.
 
 Study ids are `<PatientID>_<visit>` with visits ranked by study date, as for `tcia`.
 """
