@@ -5,11 +5,13 @@ A study is checked before it is stored (`stepseg.checks`: non-finite or negative
 CTres, a step map that is not uint8 fail the split), SUV is stored as float16 and CT as whole HU
 in int16. The database is built in a temporary directory and renamed when complete
 (`stepseg.atomic.atomic_dir`), and `__meta__` is written last: a killed job never leaves a
-valid-looking LMDB.
+valid-looking LMDB. `__meta__` also holds each study's content digest (`study_digest`): a
+training state records them and is not resumed on other data (`stepseg.train`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
@@ -63,6 +65,7 @@ def pack_split(
     hot_suv_min = settings.hot_suv_min
     with atomic_dir(out_dir) as tmp:
         env = lmdb.open(str(tmp), map_size=_map_size(suv_paths), subdir=True, meminit=False)
+        digests: dict[str, str] = {}
         try:
             for study, suv_path, ct_path, steps_path in zip(
                 studies, suv_paths, ctres_paths, steps_paths, strict=True
@@ -75,13 +78,15 @@ def pack_split(
                     settings.hot_index_max,
                     ct_hu_range,
                 )
+                meta_record = encode(meta, None)
+                digests[study] = study_digest(volumes, meta_record)
                 with env.begin(write=True) as txn:
                     for index, box in iter_tiles(meta["shape"], tile_shape):
                         tiles = {n: np.ascontiguousarray(a[box]) for n, a in volumes.items()}
                         key = tile_key(study, index)
                         txn.put(key, seal(key, encode_record(tiles, codec, level, max_ratio)))
                     key = study_meta_key(study)
-                    txn.put(key, seal(key, encode(meta, None)))
+                    txn.put(key, seal(key, meta_record))
                 log.info(
                     "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
                     study,
@@ -98,6 +103,7 @@ def pack_split(
                 "targets": dict(target_settings),
                 "hot_suv_min": hot_suv_min,
                 "studies": list(studies),
+                "digests": digests,
             }
             with env.begin(write=True) as txn:
                 txn.put(META_KEY, seal(META_KEY, encode(store_meta, None)))
@@ -106,6 +112,17 @@ def pack_split(
             env.close()
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
         log.info("LMDB of %d studies: %.1f MB", len(studies), size / 1e6)
+
+
+def study_digest(volumes: Mapping[str, np.ndarray], meta_record: bytes) -> str:
+    """SHA-256 of what training reads of a study: its volumes as stored (name, dtype, shape,
+    voxels) and its metadata record. Codec and tile shape do not enter: a re-pack that only
+    stores the same voxels differently keeps every digest."""
+    digest = hashlib.sha256(meta_record)
+    for name, array in volumes.items():
+        digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def _map_size(suv_paths: Sequence[str | Path]) -> int:
