@@ -160,7 +160,7 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
 
 def _set_up(job: _Job, ctx: distributed.DistContext) -> _Run:
     """Network, loss, optimiser and schedule from the seed, then the saved state if it is of the
-    same settings and data, and the training and validation patches."""
+    same settings and data (`_restore`), and the training and validation patches."""
     settings = job.settings
     torch.set_num_threads(max(1, job.threads // ctx.world_size))
     device = ctx.device
@@ -180,17 +180,7 @@ def _set_up(job: _Job, ctx: distributed.DistContext) -> _Run:
         len(channel_losses), device, amp_dtype,
     )  # fmt: skip
 
-    _seed_everything(settings.seed)
-    net = model.build(spec)
-    if settings.mask_prior > 0:
-        model.init_mask_prior(net, settings.mask_prior)
-    net = net.to(device, memory_format=model.memory_format(device))
-    criterion = losses.StepwiseLoss(channel_losses, settings).to(device)
-    optimizer = torch.optim.Adam(
-        [*net.parameters(), *criterion.parameters()],
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-    )
+    net, criterion, optimizer = _build(spec, channel_losses, settings, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     lr_schedule = schedule.LrSchedule(settings)
     resumable = {
@@ -231,6 +221,27 @@ def _set_up(job: _Job, ctx: distributed.DistContext) -> _Run:
         val_set=val_set,
         state_path=state_path,
     )
+
+
+def _build(
+    spec: model.NetworkSpec,
+    channel_losses: list[str],
+    settings: TrainSettings,
+    device: torch.device,
+) -> tuple[torch.nn.Module, losses.StepwiseLoss, torch.optim.Optimizer]:
+    """Network, loss (with its learned weights) and optimiser, initialised from the seed."""
+    _seed_everything(settings.seed)
+    net = model.build(spec)
+    if settings.mask_prior > 0:
+        model.init_mask_prior(net, settings.mask_prior)
+    net = net.to(device, memory_format=model.memory_format(device))
+    criterion = losses.StepwiseLoss(channel_losses, settings).to(device)
+    optimizer = torch.optim.Adam(
+        [*net.parameters(), *criterion.parameters()],
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+    )
+    return net, criterion, optimizer
 
 
 def _datasets(job: _Job) -> tuple[data.PatchDataset, data.PatchDataset | None]:
