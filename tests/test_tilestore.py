@@ -66,6 +66,31 @@ def packed(tmp_path_factory):
     return pack_studies(tmp_path, [tmp_path / name for name in shapes]), data
 
 
+def test_data_identity_follows_the_content_not_its_storage(packed, tmp_path):
+    """Each study's digest covers what training reads (voxels as stored, study metadata), not
+    the codec or tile shape; one changed voxel changes its study's digest only."""
+    path, data = packed
+    identity = tilestore.TileStore(path).data_identity
+    assert [study for study, _ in identity["studies"]] == ["PETCT_a", "PETCT_b"]
+    assert all(len(digest) == 64 for _, digest in identity["studies"])
+    assert identity["targets"] == TARGETS.to_dict()
+    folders = [path.parent / study for study in data]
+    other_storage = {**PACK, "codec": "bz2", "tile_shape": [4, 8, 8]}
+    repacked = pack_studies(tmp_path, folders, out="bz2.lmdb", settings=other_storage)
+    assert tilestore.TileStore(repacked).data_identity == identity
+    suv, ct, steps = data["PETCT_b"]
+    changed = tmp_path / "PETCT_b"
+    changed.mkdir()
+    ct = ct.copy()
+    ct[4, 10, 9] += 1
+    nifti.save(nifti.Volume(suv, AFFINE), changed / "SUV.nii.gz")
+    nifti.save(nifti.Volume(ct, AFFINE), changed / "CTres.nii.gz")
+    nifti.save(nifti.Volume(steps, AFFINE), changed / "steps.nii.gz")
+    one_voxel = pack_studies(tmp_path, [folders[0], changed], out="voxel.lmdb")
+    a, b = tilestore.TileStore(one_voxel).data_identity["studies"]
+    assert a == identity["studies"][0] and b[0] == "PETCT_b" and b != identity["studies"][1]
+
+
 def full_box(shape):
     return tuple(slice(0, n) for n in shape)
 
@@ -108,7 +133,7 @@ def test_metadata(packed):
     path, data = packed
     reader = tilestore.TileStore(path)
     meta = reader.meta
-    assert meta["format_version"] == tilestore.FORMAT_VERSION == 4
+    assert meta["format_version"] == tilestore.FORMAT_VERSION == 5
     assert meta["studies"] == ["PETCT_a", "PETCT_b"]
     assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
     assert meta["targets"] == TARGETS.to_dict() and "normalisation" not in meta
@@ -221,16 +246,16 @@ def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
 
 @pytest.mark.parametrize("sealed", [False, True])
 def test_other_format_version_asks_for_a_repack(packed, tmp_path, sealed):
-    """Versions up to 3 stored values without a checksum; a later one will have its own."""
+    """Versions up to 3 stored values without a checksum, version 4 no content digests."""
     path, env = _writable_copy(packed[0], tmp_path / "old.lmdb")
     with env.begin(write=True) as txn:
         meta = codec.decode(tilestore.unseal(tilestore.META_KEY, txn.get(tilestore.META_KEY)))
-        value = codec.encode({**meta, "format_version": 5 if sealed else 3}, None)
+        value = codec.encode({**meta, "format_version": 4 if sealed else 3}, None)
         txn.put(tilestore.META_KEY, tilestore.seal(tilestore.META_KEY, value) if sealed else value)
     env.close()
     with pytest.raises(
         tilestore.StoreError,
-        match=rf"old.lmdb: format version {5 if sealed else 3}, expected 4: written by another "
+        match=rf"old.lmdb: format version {4 if sealed else 3}, expected 5: written by another "
         r"stepseg version; delete it and re-pack \(the pack rule rebuilds it\)",
     ):
         _ = tilestore.TileStore(path).meta

@@ -1,10 +1,13 @@
+import copy
 import csv
+import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from stepseg import losses, model, nifti, pack, presets, stepmap, train
+from stepseg import data, distributed, losses, model, nifti, pack, presets, stepmap, train
 from stepseg.settings import PackSettings, SettingsError, TargetsSettings, TrainSettings
 
 AFFINE = np.diag([-4.0, -4.0, 4.0, 1.0])
@@ -185,6 +188,99 @@ def test_state_from_other_settings_is_not_resumed(lmdbs, tmp_path, caplog):
         _, log_csv = _train(lmdbs, tmp_path, {"epochs": 2, "lr": 5e-4})
     assert "from other settings; starting afresh" in caplog.text
     assert len(_rows(log_csv)) == 2
+
+
+def test_state_from_other_data_is_not_resumed(lmdbs, tmp_path, caplog):
+    """A finished state of one training split is discarded on another (as after a new split
+    seed): the job trains all its epochs again and the log names what changed."""
+    _fit(lmdbs["train"], lmdbs["val"], tmp_path, _settings(epochs=1))
+    with caplog.at_level("INFO"):
+        _, log_csv = _fit(lmdbs["val"], lmdbs["val"], tmp_path, _settings(epochs=1))
+    assert (
+        "is from other data (train split studies differ: 1 of 1 new or changed (D), "
+        "3 dropped (A, B, C)); starting afresh"
+    ) in caplog.text
+    assert "resumed from" not in caplog.text and "epoch 1: " in caplog.text
+    assert [int(r["epoch"]) for r in _rows(log_csv)] == [1]
+
+
+def test_state_of_another_format_is_not_resumed(tmp_path, caplog):
+    """A state of the format before the data identity (nothing to compare the data with)."""
+    path = tmp_path / "state.pt"
+    torch.save({"format": "stepseg-train-state-1", "settings": _settings().to_dict()}, path)
+    with caplog.at_level("WARNING"):
+        assert not train._restore(path, _settings(), {}, {}, [])
+    assert (
+        "has format stepseg-train-state-1, not stepseg-train-state-2 (written by another "
+        "stepseg version); starting afresh"
+    ) in caplog.text
+
+
+def _identity(*studies, targets=TARGETS):
+    return {"studies": [list(s) for s in studies], "targets": targets}
+
+
+def test_data_changes_name_each_difference():
+    saved = {"train": _identity(("A", "1"), ("B", "2"), ("C", "3")), "val": _identity(("D", "4"))}
+    assert train.data_changes(saved, saved) == []
+    moved = {
+        "train": _identity(("A", "1"), ("B", "9"), ("D", "4"), ("E", "5"), ("F", "6")),
+        "val": _identity(("C", "3")),
+    }
+    assert train.data_changes(saved, moved) == [
+        "train split studies differ: 4 of 5 new or changed (B, D, E, ...), 1 dropped (C)",
+        "val split studies differ: 1 of 1 new or changed (C), 1 dropped (D)",
+    ]
+    reordered = {**saved, "train": _identity(("B", "2"), ("A", "1"), ("C", "3"))}
+    assert train.data_changes(saved, reordered) == [
+        "train split holds the same studies in another order"
+    ]
+    other_targets = {**saved, "val": _identity(("D", "4"), targets={"preset": "released_code"})}
+    assert train.data_changes(saved, other_targets) == [
+        "val split was packed with other target settings"
+    ]
+
+
+def test_an_optimiser_step_uses_its_own_batchs_gradient_only(lmdbs, tmp_path):
+    """After the steps on two batches, the gradient the parameters hold is the second batch's
+    alone: that of a copy of the network and loss, taken before the second step."""
+    job = train._Job(
+        train_lmdb=lmdbs["train"],
+        val_lmdb=lmdbs["val"],
+        model_path=tmp_path / "model.pt",
+        log_csv=tmp_path / "train_log.csv",
+        state_dir=tmp_path / "state",
+        settings=_settings(amp="off"),
+        threads=1,
+    )
+    cpu = torch.device("cpu")
+    run = train._set_up(job, distributed.DistContext(0, 1, 0, cpu))
+    step = run.step
+    run.train_set.set_epoch(1)
+    first, second = (
+        data.device_batch(batch, cpu)
+        for batch in itertools.islice(train._loader(run.train_set, job.settings, cpu), 2)
+    )
+    train._optimise(step, train._batch_loss(step, *first)[0])
+    alone = dataclasses.replace(
+        step, net=copy.deepcopy(step.net), criterion=copy.deepcopy(step.criterion)
+    )
+    for module in (alone.net, alone.criterion):
+        module.zero_grad(set_to_none=True)
+    train._batch_loss(alone, *second)[0].backward()
+    train._optimise(step, train._batch_loss(step, *second)[0])
+
+    def gradients(s):
+        pairs = [*s.net.named_parameters(), *s.criterion.named_parameters()]
+        return {name: p.grad for name, p in pairs}
+
+    expected, held = gradients(alone), gradients(step)
+    assert expected.keys() == held.keys() and len(held) > 10
+    assert all(grad is not None for grad in held.values())
+    for name, grad in held.items():
+        torch.testing.assert_close(
+            grad, expected[name], rtol=1e-5, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_empty_training_split_is_a_clear_error(lmdbs, tmp_path):

@@ -366,10 +366,20 @@ def study_file_times(workdir: Path, studies: set[str]) -> dict[str, int]:
     }
 
 
-def test_split_change_real_run_fetches_and_converts_nothing(run, tmp_path):
-    """A real run after a new split seed, up to both LMDBs: the manifest is rewritten and only
-    studies new to training or validation get step maps; no study is fetched or converted."""
-    workdir = tmp_path / "copy"
+@dataclass(frozen=True)
+class MovedRun:
+    """A copy of the finished run after a new split seed, run up to both LMDBs."""
+
+    workdir: Path
+    change: dict  # the config change that moved the studies
+    output: str  # Snakemake's output of the run up to the LMDBs
+    studies: set[str]  # every study of the cohort
+    file_times: dict[str, int]  # their `study_file_times` before that run
+
+
+@pytest.fixture(scope="module")
+def moved_run(run, tmp_path_factory) -> MovedRun:
+    workdir = tmp_path_factory.mktemp("moved") / "copy"
     shutil.copytree(run, workdir, symlinks=True)  # copy2 keeps the times Snakemake compares
     studies = set(manifest.read(run / "results" / "manifest.tsv")["study_id"])
     before = study_file_times(workdir, studies)
@@ -377,11 +387,39 @@ def test_split_change_real_run_fetches_and_converts_nothing(run, tmp_path):
     output = snakemake(
         workdir, "results/lmdb/train.lmdb", "results/lmdb/val.lmdb", overrides=change
     )
+    return MovedRun(workdir, change, output, studies, before)
+
+
+def test_split_change_real_run_fetches_and_converts_nothing(run, moved_run):
+    """A real run after a new split seed, up to both LMDBs: the manifest is rewritten and only
+    studies new to training or validation get step maps; no study is fetched or converted."""
+    workdir = moved_run.workdir
     new_train_val = split_studies(workdir, ["train", "val"]) - split_studies(run, ["train", "val"])
     assert new_train_val  # seed 1 moves studies into training on this cohort
-    assert ran_jobs(output) == {"manifest": 1, "targets": len(new_train_val), "pack": 2}
-    assert job_wildcards(output, "targets") == sorted(f"study={s}" for s in new_train_val)
-    assert study_file_times(workdir, studies) == before
+    assert ran_jobs(moved_run.output) == {"manifest": 1, "targets": len(new_train_val), "pack": 2}
+    assert job_wildcards(moved_run.output, "targets") == sorted(f"study={s}" for s in new_train_val)
+    assert study_file_times(workdir, moved_run.studies) == moved_run.file_times
+
+
+def test_split_change_real_run_trains_afresh(run, moved_run):
+    """The new LMDBs hold other studies: the finished training state of the old split is
+    discarded, training runs all its epochs and writes another model (it resumed that state and
+    wrote the old model byte for byte before the state recorded its data)."""
+    workdir, trained = moved_run.workdir, "plain-seed0"
+    model = Path("results") / "models" / trained / "model.pt"
+    output = snakemake(workdir, str(model), overrides=moved_run.change)
+    assert ran_jobs(output) == {"train": 1}
+    # this job's log only: Snakemake removes a job's log before it runs the job
+    logged = (workdir / "results" / "logs" / "train" / f"{trained}.log").read_text()
+    assert "train split studies differ" in logged and "starting afresh" in logged
+    assert "resumed from" not in logged
+    epochs = yaml.safe_load((workdir / "tiny.yaml").read_text())["train"]["epochs"]
+    assert re.findall(r"epoch (\d+): ", logged) == [str(e) for e in range(1, epochs + 1)]
+    log_csv = Path("results") / "models" / trained / "train_log.csv"
+    new_log, old_log = (pd.read_csv(d / log_csv) for d in (workdir, run))
+    assert new_log["epoch"].tolist() == list(range(1, epochs + 1))
+    assert not np.isclose(new_log["loss"], old_log["loss"]).any()
+    assert (workdir / model).read_bytes() != (run / model).read_bytes()
 
 
 @dataclass(frozen=True)

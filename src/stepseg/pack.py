@@ -6,14 +6,17 @@ CTres, a step map that is not uint8 fail the split), SUV is stored as float16 an
 in int16. Arrays are stored in `stepseg.names.ORIENTATION` (`stepseg.nifti.load`), whatever the
 files' own, so that training sees every study as inference does. The database is built in a
 temporary directory and renamed when complete (`stepseg.atomic.atomic_dir`), and `__meta__` is
-written last: a killed job never leaves a valid-looking LMDB.
+written last: a killed job never leaves a valid-looking LMDB. `__meta__` also holds each study's
+content digest (`study_digest`): a training state records them and is not resumed on other data
+(`stepseg.train`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,7 @@ def pack_split(
     with atomic_dir(out_dir) as tmp, _naming_write_errors(out_dir):
         map_size = _map_size(studies, suv_paths)
         env = lmdb.open(str(tmp), map_size=map_size, subdir=True, meminit=False)
+        digests: dict[str, str] = {}
         try:
             for study, suv_path, ct_path, steps_path in zip(
                 studies, suv_paths, ctres_paths, steps_paths, strict=True
@@ -78,13 +82,15 @@ def pack_split(
                     settings.hot_index_max,
                     ct_hu_range,
                 )
+                meta_record = encode(meta, None)
+                digests[study] = study_digest(volumes, meta_record)
                 with env.begin(write=True) as txn:
                     for index, box in iter_tiles(meta["shape"], tile_shape):
                         tiles = {n: np.ascontiguousarray(a[box]) for n, a in volumes.items()}
                         key = tile_key(study, index)
                         txn.put(key, seal(key, encode_record(tiles, codec, level, max_ratio)))
                     key = study_meta_key(study)
-                    txn.put(key, seal(key, encode(meta, None)))
+                    txn.put(key, seal(key, meta_record))
                 log.info(
                     "packed %s: shape %s, %d lesion voxels, %d hot non-lesion voxels",
                     study,
@@ -101,6 +107,7 @@ def pack_split(
                 "targets": target_settings.to_dict(),
                 "hot_suv_min": hot_suv_min,
                 "studies": list(studies),
+                "digests": digests,
             }
             with env.begin(write=True) as txn:
                 txn.put(META_KEY, seal(META_KEY, encode(store_meta, None)))
@@ -121,6 +128,17 @@ def _naming_write_errors(path: str | Path) -> Iterator[None]:
         raise StoreError(
             path, f"writing failed ({type(exc).__name__}: {exc}); the disk may be full"
         ) from exc
+
+
+def study_digest(volumes: Mapping[str, np.ndarray], meta_record: bytes) -> str:
+    """SHA-256 of what training reads of a study: its volumes as stored (name, dtype, shape,
+    voxels) and its metadata record. Codec and tile shape do not enter: a re-pack that only
+    stores the same voxels differently keeps every digest."""
+    digest = hashlib.sha256(meta_record)
+    for name, array in volumes.items():
+        digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def _map_size(studies: Sequence[str], suv_paths: Sequence[str | Path]) -> int:

@@ -1,6 +1,6 @@
 """The LMDB layout of a packed split and its reader, `TileStore`.
 
-Layout (format version 4): the volumes of a study (SUV as float16, CT as int16 HU, step map as
+Layout (format version 5): the volumes of a study (SUV as float16, CT as int16 HU, step map as
 uint8) are cut into tiles of `tile_shape` (z, y, x); the three tiles at one position form one
 LMDB value under the key `{study}/{tz}/{ty}/{tx}`: a compressed pickle (`stepseg.codec`, codec
 configurable) of `{"suv": ..., "ct": ..., "steps": ...}` (`encode_record`), each a 3-D array or,
@@ -11,8 +11,9 @@ patch (bench/loader.py: 14-16 ms against 11-12 ms, of which 7-8 ms is the DataLo
 transfer). `{study}/meta` holds the study's shape, spacing, affine, a lesion voxel index and a hot
 voxel index (SUV >= `hot_suv_min` outside lesions: the physiological uptake that crops learn to
 reject), `__meta__` the format version, codec, tile shape, dtypes, normalisation and target
-settings; both metadata records are uncompressed pickles, so they are readable before the codec
-is known. `stepseg.pack` writes it.
+settings, the studies and each study's content digest (`data_identity`); both metadata records
+are uncompressed pickles, so they are readable before the codec is known. `stepseg.pack` writes
+it.
 
 Every value is stored behind the CRC32 of its key and its bytes (`seal`), verified on every read
 (`unseal`): LMDB checks its own pages but not the values, and a flipped byte inside a plain tile
@@ -240,6 +241,17 @@ class TileStore:
     @property
     def studies(self) -> list[str]:
         return list(self.meta["studies"])
+
+    @property
+    def data_identity(self) -> dict[str, Any]:
+        """What a model trained on this store depends on: its studies in order, each with the
+        content digest written at pack time, and the target settings (`stepseg.train` records it
+        in a training state and resumes that state only on the same data)."""
+        meta = self.meta
+        return {
+            "studies": [[study, meta["digests"][study]] for study in meta["studies"]],
+            "targets": meta["targets"],
+        }
 
     def study_meta(self, study: str) -> dict[str, Any]:
         """Shape, spacing, affine, has_lesions and lesion voxel index of one study."""

@@ -7,7 +7,10 @@ DiceFocal only, everything else identical).
 After every epoch the full training state (model, optimiser, schedule, loss weights, RNG states,
 log rows) is written atomically to `state_dir`; a restarted job continues from there and, on CPU,
 ends with exactly the weights of an uninterrupted run (data sampling is a pure function of seed and
-epoch, see `stepseg.data`).
+epoch, see `stepseg.data`). A state records the settings and the data (both LMDBs'
+`TileStore.data_identity`) it was trained with; with either changed the job starts afresh and
+logs why, so a finished state never stands in for training on new data (the state folder is no
+Snakemake output: nothing else would notice).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from stepseg.settings import TargetsSettings, TrainSettings
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "stepseg-train-state-1"
+STATE_FORMAT = "stepseg-train-state-2"  # 2: the data identity
 STATE_FILE = "state.pt"
 
 
@@ -117,6 +120,23 @@ class _Step:
     amp_dtype: torch.dtype | None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """What set-up builds for one process's training. The schedule, the parts in `resumable`
+    (the checkpoint, by their key in the state file) and `rows` change from epoch to epoch."""
+
+    step: _Step
+    net: torch.nn.Module  # unwrapped: validated and saved
+    spec: model.NetworkSpec
+    lr_schedule: schedule.LrSchedule
+    resumable: dict[str, Any]
+    rows: list[dict[str, Any]]
+    data_identity: dict[str, Any]  # the train and val LMDBs' `TileStore.data_identity`
+    train_set: data.PatchDataset
+    val_set: data.PatchDataset | None
+    state_path: Path
+
+
 def _run(job: _Job) -> None:
     """One process's training (DDP rank or the only process)."""
     with distributed.process_group(model.resolve_device(job.settings.device)) as ctx:
@@ -124,16 +144,33 @@ def _run(job: _Job) -> None:
 
 
 def _train(job: _Job, ctx: distributed.DistContext) -> None:
+    """nnU-Net's trainer steps: set-up (resuming a saved state of the same settings and data),
+    then epochs, each followed by a checkpoint, until the schedule ends; then the model."""
+    run = _set_up(job, ctx)
+    while not run.lr_schedule.finished:
+        row = _epoch(run)
+        run.rows.append(row)
+        log.info("epoch %d: %s", row["epoch"], _format_row(row))
+        if ctx.is_main:
+            _save_state(run.state_path, job.settings, run.data_identity, run.resumable, run.rows)
+        distributed.barrier(ctx)
+    if ctx.is_main:
+        _finish(job, run)
+
+
+def _set_up(job: _Job, ctx: distributed.DistContext) -> _Run:
+    """Network, loss, optimiser and schedule from the seed, then the saved state if it is of the
+    same settings and data (`_restore`), and the training and validation patches."""
     settings = job.settings
     torch.set_num_threads(max(1, job.threads // ctx.world_size))
     device = ctx.device
     amp_dtype = model.autocast_dtype(device, settings.amp)
     model.autotune_convolutions(device)
-    meta = tilestore.TileStore(job.train_lmdb).meta
-    if not meta["studies"]:
+    train_store = tilestore.TileStore(job.train_lmdb)
+    if not train_store.studies:
         raise TrainingError(f"training split {job.train_lmdb} holds no study: nothing to train on")
     preset = presets.preset_from_settings(
-        TargetsSettings.from_mapping(meta["targets"], f"{job.train_lmdb} targets")
+        TargetsSettings.from_mapping(train_store.meta["targets"], f"{job.train_lmdb} targets")
     )
     channel_losses = (
         list(preset.channel_losses) if settings.targets == "stepwise" else ["dicefocal"]
@@ -146,21 +183,9 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
         len(channel_losses), device, amp_dtype,
     )  # fmt: skip
 
-    _seed_everything(settings.seed)
-    net = model.build(spec)
-    if settings.mask_prior > 0:
-        model.init_mask_prior(net, settings.mask_prior)
-    net = net.to(device, memory_format=model.memory_format(device))
-    criterion = losses.StepwiseLoss(channel_losses, settings).to(device)
-    optimizer = torch.optim.Adam(
-        [*net.parameters(), *criterion.parameters()],
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-    )
+    net, criterion, optimizer = _build(spec, channel_losses, settings, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     lr_schedule = schedule.LrSchedule(settings)
-    rows: list[dict[str, Any]] = []
-    # what a resumed run must get back, by its key in the state file
     resumable = {
         "model": net,
         "criterion": criterion,
@@ -168,9 +193,13 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
         "scaler": scaler,
         "schedule": lr_schedule,
     }
-
+    rows: list[dict[str, Any]] = []
+    data_identity = {
+        "train": train_store.data_identity,
+        "val": tilestore.TileStore(job.val_lmdb).data_identity,
+    }
     state_path = job.state_dir / STATE_FILE
-    if _restore(state_path, settings, resumable, rows):
+    if _restore(state_path, settings, data_identity, resumable, rows):
         log.info("resumed from %s after epoch %d", state_path, lr_schedule.epoch)
     step = _Step(
         net=distributed.wrap(net, ctx, extras=criterion),  # DDP averages the loss weights too
@@ -182,51 +211,88 @@ def _train(job: _Job, ctx: distributed.DistContext) -> None:
         ctx=ctx,
         amp_dtype=amp_dtype,
     )
+    train_set, val_set = _datasets(job)
+    return _Run(
+        step=step,
+        net=net,
+        spec=spec,
+        lr_schedule=lr_schedule,
+        resumable=resumable,
+        rows=rows,
+        data_identity=data_identity,
+        train_set=train_set,
+        val_set=val_set,
+        state_path=state_path,
+    )
 
+
+def _build(
+    spec: model.NetworkSpec,
+    channel_losses: list[str],
+    settings: TrainSettings,
+    device: torch.device,
+) -> tuple[torch.nn.Module, losses.StepwiseLoss, torch.optim.Optimizer]:
+    """Network, loss (with its learned weights) and optimiser, initialised from the seed."""
+    _seed_everything(settings.seed)
+    net = model.build(spec)
+    if settings.mask_prior > 0:
+        model.init_mask_prior(net, settings.mask_prior)
+    net = net.to(device, memory_format=model.memory_format(device))
+    criterion = losses.StepwiseLoss(channel_losses, settings).to(device)
+    optimizer = torch.optim.Adam(
+        [*net.parameters(), *criterion.parameters()],
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+    )
+    return net, criterion, optimizer
+
+
+def _datasets(job: _Job) -> tuple[data.PatchDataset, data.PatchDataset | None]:
+    """The training patches and the fixed validation patches (None without validation studies)."""
+    settings = job.settings
     train_set = _dataset(job.train_lmdb, settings, seed=settings.seed, validation=False)
     if len(train_set) == 0:
         raise TrainingError(f"training split {job.train_lmdb} yields no patch: nothing to train on")
-    has_val = bool(tilestore.TileStore(job.val_lmdb).studies)
-    val_set = (
-        _dataset(job.val_lmdb, settings, seed=10_000 + settings.seed, validation=True)
-        if has_val
-        else None
-    )
-    if val_set is None:
+    if not tilestore.TileStore(job.val_lmdb).studies:
         log.warning("validation split %s holds no study: no validation Dice", job.val_lmdb)
+        return train_set, None
+    return train_set, _dataset(job.val_lmdb, settings, seed=10_000 + settings.seed, validation=True)
 
-    while not lr_schedule.finished:
-        epoch = lr_schedule.epoch + 1
-        started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_schedule.lr
-        train_set.set_epoch(epoch)
-        means = _train_epoch(step, train_set, epoch)
-        # every rank steps the schedule with the global mean loss, so learning rates stay equal
-        means = {name: distributed.mean_over_ranks(value, ctx) for name, value in means.items()}
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr_schedule.lr, **means}
-        weights = criterion.weighting.weights()
-        row.update({f"s_{n}": s for n, s in zip(criterion.term_names, weights, strict=True)})
-        lr_schedule.step(means["loss"])
-        validate = epoch % settings.val_every == 0 or lr_schedule.finished
-        row["val_dice"] = (
-            _validate(net, val_set, settings, device, amp_dtype) if validate and val_set else ""
-        )
-        row["seconds"] = round(time.perf_counter() - started, 3)
-        rows.append(row)
-        log.info("epoch %d: %s", epoch, _format_row(row))
-        if ctx.is_main:
-            _save_state(state_path, settings, resumable, rows)
-        distributed.barrier(ctx)
 
-    if ctx.is_main:
-        model.save(
-            job.model_path,
-            net,
-            model.ModelInfo(settings=settings, network=spec, target_preset=preset.to_dict()),
-        )
-        _write_log(job.log_csv, rows)
-        log.info("wrote %s and %s", job.model_path, job.log_csv)
+def _epoch(run: _Run) -> dict[str, Any]:
+    """One epoch at the schedule's learning rate, the schedule's step with the mean loss of all
+    ranks, and validation when due: the epoch's log row."""
+    step, lr_schedule, settings = run.step, run.lr_schedule, run.step.settings
+    epoch = lr_schedule.epoch + 1
+    started = time.perf_counter()
+    for group in step.optimizer.param_groups:
+        group["lr"] = lr_schedule.lr
+    run.train_set.set_epoch(epoch)
+    means = _train_epoch(step, run.train_set, epoch)
+    # every rank steps the schedule with the global mean loss, so learning rates stay equal
+    means = {name: distributed.mean_over_ranks(value, step.ctx) for name, value in means.items()}
+    row: dict[str, Any] = {"epoch": epoch, "lr": lr_schedule.lr, **means}
+    weights = step.criterion.weighting.weights()
+    row.update({f"s_{n}": s for n, s in zip(step.criterion.term_names, weights, strict=True)})
+    lr_schedule.step(means["loss"])
+    validate = epoch % settings.val_every == 0 or lr_schedule.finished
+    row["val_dice"] = (
+        _validate(run.net, run.val_set, settings, step.ctx.device, step.amp_dtype)
+        if validate and run.val_set
+        else ""
+    )
+    row["seconds"] = round(time.perf_counter() - started, 3)
+    return row
+
+
+def _finish(job: _Job, run: _Run) -> None:
+    """Write the trained model and the training log (the main process only)."""
+    info = model.ModelInfo(
+        settings=job.settings, network=run.spec, target_preset=run.step.preset.to_dict()
+    )
+    model.save(job.model_path, run.net, info)
+    _write_log(job.log_csv, run.rows)
+    log.info("wrote %s and %s", job.model_path, job.log_csv)
 
 
 def _seed_everything(seed: int) -> None:
@@ -284,6 +350,8 @@ def _loader(
 
 
 def _train_epoch(step: _Step, dataset: data.PatchDataset, epoch: int) -> dict[str, float]:
+    """One pass over the epoch's batches: the mean loss and terms, and the term gradient norms
+    of its first batch."""
     net, criterion, settings, ctx = step.net, step.criterion, step.settings, step.ctx
     net.train()
     device = ctx.device
@@ -300,13 +368,7 @@ def _train_epoch(step: _Step, dataset: data.PatchDataset, epoch: int) -> dict[st
         disable=not ctx.is_main,
     )
     for batch in batches:
-        image, steps = data.device_batch(batch, device)
-        target, regions = _targets(steps, image, step.preset, settings)
-        small = small_lesion_mask(steps) if settings.small_lesion_dice_weight > 0 else None
-        inputs = model.network_inputs(image, settings.zero_input_channel)
-        with _autocast(device, step.amp_dtype):
-            logits = net(inputs.contiguous(memory_format=model.memory_format(device)))
-        total, terms = criterion(logits, target, regions, small)
+        total, terms = _batch_loss(step, *data.device_batch(batch, device))
         if not torch.isfinite(total):
             raise TrainingError(
                 f"{settings.trained_name}: loss is {total.item()} at epoch {epoch}, "
@@ -315,10 +377,7 @@ def _train_epoch(step: _Step, dataset: data.PatchDataset, epoch: int) -> dict[st
             )
         if n_batches == 0:  # once an epoch: what each term asks of the shared features
             sums.update(term_gradient_norms(criterion, terms, shared["features"]))
-        step.optimizer.zero_grad(set_to_none=True)
-        step.scaler.scale(total).backward()
-        step.scaler.step(step.optimizer)
-        step.scaler.update()
+        _optimise(step, total)
         n_batches += 1
         for name, value in [("loss", total), *terms.items()]:
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -330,6 +389,28 @@ def _train_epoch(step: _Step, dataset: data.PatchDataset, epoch: int) -> dict[st
         name: value if name.startswith("grad_") else value / n_batches
         for name, value in sums.items()
     }
+
+
+def _batch_loss(
+    step: _Step, image: torch.Tensor, steps: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one batch (`data.device_batch`) and its terms, with the graph for backward."""
+    settings, device = step.settings, step.ctx.device
+    target, regions = _targets(steps, image, step.preset, settings)
+    small = small_lesion_mask(steps) if settings.small_lesion_dice_weight > 0 else None
+    inputs = model.network_inputs(image, settings.zero_input_channel)
+    with _autocast(device, step.amp_dtype):
+        logits = step.net(inputs.contiguous(memory_format=model.memory_format(device)))
+    return step.criterion(logits, target, regions, small)
+
+
+def _optimise(step: _Step, loss: torch.Tensor) -> None:
+    """One optimiser step on the gradient of `loss` alone: the previous batch's is cleared
+    first (backward adds to what the parameters hold)."""
+    step.optimizer.zero_grad(set_to_none=True)
+    step.scaler.scale(loss).backward()
+    step.scaler.step(step.optimizer)
+    step.scaler.update()
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> torch.autocast:
@@ -433,11 +514,18 @@ def _plain(value: Any) -> Any:
 
 
 def _save_state(
-    path: Path, settings: TrainSettings, resumable: Mapping[str, Any], rows: list[dict[str, Any]]
+    path: Path,
+    settings: TrainSettings,
+    data_identity: Mapping[str, Any],
+    resumable: Mapping[str, Any],
+    rows: list[dict[str, Any]],
 ) -> None:
+    """The checkpoint after an epoch: everything `_restore` needs to go on, and the settings and
+    data (`TileStore.data_identity` of each split) it is valid for."""
     state = {
         "format": STATE_FORMAT,
         "settings": settings.to_dict(),
+        "data": dict(data_identity),
         **{key: part.state_dict() for key, part in resumable.items()},
         "rng": _rng_state(),
         "rows": rows,
@@ -446,10 +534,14 @@ def _save_state(
 
 
 def _restore(
-    path: Path, settings: TrainSettings, resumable: Mapping[str, Any], rows: list[dict[str, Any]]
+    path: Path,
+    settings: TrainSettings,
+    data_identity: Mapping[str, Any],
+    resumable: Mapping[str, Any],
+    rows: list[dict[str, Any]],
 ) -> bool:
     """Load a saved state into `resumable` (key -> object with `load_state_dict`) and `rows` if
-    it was written with the same settings; else start afresh."""
+    it was written with the same settings on the same data; else start afresh and say why."""
     if not path.is_file():
         return False
     try:
@@ -457,14 +549,54 @@ def _restore(
     except Exception as exc:
         log.warning("ignoring unreadable training state %s (%s); starting afresh", path, exc)
         return False
-    if state.get("format") != STATE_FORMAT or state.get("settings") != settings.to_dict():
+    if state.get("format") != STATE_FORMAT:
+        log.warning(
+            "training state %s has format %s, not %s (written by another stepseg version); "
+            "starting afresh", path, state.get("format"), STATE_FORMAT,
+        )  # fmt: skip
+        return False
+    if state.get("settings") != settings.to_dict():
         log.warning("training state %s is from other settings; starting afresh", path)
+        return False
+    changes = data_changes(state["data"], data_identity)
+    if changes:
+        log.warning(
+            "training state %s is from other data (%s); starting afresh", path, "; ".join(changes)
+        )
         return False
     for key, part in resumable.items():
         part.load_state_dict(state[key])
     rows.extend(state["rows"])
     _set_rng_state(state["rng"])
     return True
+
+
+def data_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """How the data of a training state (split -> `TileStore.data_identity`) differ from the
+    job's, one line per split; empty when they are the same."""
+    changes = []
+    for split, identity in current.items():
+        before = saved[split]
+        old, new = dict(before["studies"]), dict(identity["studies"])
+        changed = [study for study, digest in new.items() if old.get(study) != digest]
+        dropped = [study for study in old if study not in new]
+        if changed or dropped:
+            changes.append(
+                f"{split} split studies differ: {len(changed)} of {len(new)} new or changed"
+                f"{_some(changed)}, {len(dropped)} dropped{_some(dropped)}"
+            )
+        elif before["studies"] != identity["studies"]:
+            changes.append(f"{split} split holds the same studies in another order")
+        if before["targets"] != identity["targets"]:
+            changes.append(f"{split} split was packed with other target settings")
+    return changes
+
+
+def _some(studies: Sequence[str], shown: int = 3) -> str:
+    """` (A, B, C, ...)`: the first few of `studies`, for a log line."""
+    if not studies:
+        return ""
+    return f" ({', '.join(studies[:shown])}{', ...' if len(studies) > shown else ''})"
 
 
 def _write_log(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
