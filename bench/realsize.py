@@ -48,7 +48,8 @@ SPLIT = "train"  # the one-study LMDB; the split's name only names the folder
 
 
 def load_config() -> dict:
-    """config/config.yaml with config/realsize.yaml over it, as `--configfile` merges them."""
+    """config/config.yaml with config/realsize.yaml over it, as `--configfile` merges them (in
+    the parent only: the stages read its JSON copy, so that none pays Snakemake's import)."""
     from snakemake.utils import update_config
 
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -251,14 +252,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--study", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = load_config()
     if args.stage:
+        config = json.loads((args.work / "config.json").read_text())
         STAGES[args.stage](config, args.work, args.study, args.threads)
         return
 
     if args.keep:
         args.keep.mkdir(parents=True)
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-realsize-"))
+    config = load_config()
+    (work / "config.json").write_text(json.dumps(config))
     try:
         rows = {}
         study = ""
