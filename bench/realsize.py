@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stepseg import checks, names  # noqa: E402  (standard library and numpy only)
+from stepseg import checks, names  # noqa: E402  (numpy and nibabel, no torch)
 
 # Each stage imports what it uses inside its function (bench/convert.py and bench/infer.py
 # included), so that a stage's process pays only its own imports' time and memory.
