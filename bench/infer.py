@@ -34,6 +34,17 @@ def volumes(shape, spacing, seed=0):
     return nifti.Volume(suv, affine), nifti.Volume(ct, affine)
 
 
+def save_random_model(train_config: dict, path: Path) -> model.NetworkSpec:
+    """The stepwise variant's network of `train_config` with seeded random weights, saved as a
+    trained model: inference costs the same whatever the weights."""
+    settings = TrainSettings.for_variant(train_config, "stepwise", 0)
+    spec = model.network_spec(settings, out_channels=8)
+    torch.manual_seed(0)
+    info = model.ModelInfo(settings=settings, network=spec, target_preset=presets.PAPER.to_dict())
+    model.save(path, model.build(spec), info)
+    return spec
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
@@ -44,7 +55,6 @@ def main():
     torch.set_num_threads(args.threads)
     config = yaml.safe_load(Path(args.config).read_text())
     settings = TrainSettings.for_variant(config["train"], "stepwise", 0)
-    spec = model.network_spec(settings, out_channels=8)
     infer_settings = InferSettings.from_mapping(config["infer"])
     synthetic = config["download"]["synthetic"]
     cases = [
@@ -56,12 +66,7 @@ def main():
         cases = [c for c in cases if not c[3]]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
-        torch.manual_seed(0)
-        net = model.build(spec)
-        info = model.ModelInfo(
-            settings=settings, network=spec, target_preset=presets.PAPER.to_dict()
-        )
-        model.save(path, net, info)
+        spec = save_random_model(config["train"], path)
         print(
             f"network: channels {list(spec.channels)}, {spec.num_res_units} residual units, "
             f"patch {list(settings.patch_size)}, overlap {infer_settings.overlap}, "

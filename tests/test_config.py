@@ -21,7 +21,9 @@ def default_config() -> dict:
     return yaml.safe_load((ROOT / "config/config.yaml").read_text())
 
 
-@pytest.mark.parametrize("overlay", [None, "config/paper.yaml", "tests/data/tiny.yaml"])
+@pytest.mark.parametrize(
+    "overlay", [None, "config/paper.yaml", "config/realsize.yaml", "tests/data/tiny.yaml"]
+)
 def test_shipped_configs_are_valid(overlay):
     config = default_config()
     if overlay:

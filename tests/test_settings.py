@@ -51,7 +51,9 @@ def shipped(overlay: str | None = None) -> dict:
     return config
 
 
-@pytest.mark.parametrize("overlay", [None, "config/paper.yaml", "config/long.yaml"])
+@pytest.mark.parametrize(
+    "overlay", [None, "config/paper.yaml", "config/long.yaml", "config/realsize.yaml"]
+)
 def test_every_shipped_config_gives_every_stage_its_settings(overlay):
     config = shipped(overlay)
     sections = {kind: config[kind.section] for kind in STAGES}

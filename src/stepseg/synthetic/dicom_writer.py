@@ -183,7 +183,8 @@ def write_ct(
         template.PixelPaddingValue = padding_hu + 1024  # a stored value: before the rescale
     folder = series_folder(*CT_SERIES, template.SeriesInstanceUID)
     (out_dir / folder).mkdir()
-    stored = (hu.astype(np.int16) + np.int16(1024)).astype("<i2")
+    stored = hu.astype("<i2")  # one copy of the study's largest array, offset in place
+    stored += np.int16(1024)
     nz = grid.shape[0]
     for instance, k in enumerate(range(nz - 1, -1, -1), start=1):
         ds = _slice(template, uids.uid("ct", k), grid, k, instance)

@@ -603,7 +603,8 @@ def render(
     axes = (lx - table_offset[0], ly - table_offset[1], lz - table_offset[2])  # body frame
     labels = np.zeros(grid.shape, dtype=np.uint8)
     lesion_mask = np.zeros(grid.shape, dtype=bool)
-    lesion_suv = np.zeros(grid.shape, dtype=np.float32)
+    # the CT's labels need no SUV (at the collection's CT grid, 350 MB saved)
+    lesion_suv = None if uptake is None else np.zeros(grid.shape, dtype=np.float32)
 
     def paint(bounds: np.ndarray) -> tuple[tuple[slice, ...], tuple[np.ndarray, ...]] | None:
         sx, sy, sz = (
@@ -636,10 +637,11 @@ def render(
                 inside[nearest[::-1]] = labels[window][nearest[::-1]] != LABEL["air"]
             labels[window][inside] = LABEL["lesion"]
             lesion_mask[window] |= inside
-            lesion_suv[window] = np.where(
-                inside, np.maximum(lesion_suv[window], suv), lesion_suv[window]
-            )
-    if uptake is None:
+            if lesion_suv is not None:
+                lesion_suv[window] = np.where(
+                    inside, np.maximum(lesion_suv[window], suv), lesion_suv[window]
+                )
+    if lesion_suv is None:
         return labels, None, lesion_mask
     suv_map = uptake[labels]
     suv_map[lesion_mask] = lesion_suv[lesion_mask]
