@@ -29,7 +29,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stepseg import manifest, nifti  # noqa: E402
+from stepseg import manifest, names, nifti  # noqa: E402
 
 SKIPPED = 77  # the exit status `make bench` reads as "cannot run here", after the reason
 THRESHOLD_QUANTILES = np.linspace(0.01, 0.99, 99)
@@ -86,7 +86,7 @@ def main() -> None:
     print(f"{'split':<8}{'studies':>8}{'best threshold':>16}{'41% SUVmax':>12}")
     for split, part in frame.groupby("split", sort=False):
         print(f"{split:<8}{len(part):>8}{part['best'].mean():>16.3f}{part['41%'].mean():>12.3f}")
-    for split in ("val", "test"):
+    for split in names.EVAL_SPLITS:  # oof or val, and test
         summaries = sorted((args.results / "metrics").glob(f"*/{split}_summary.csv"))
         if summaries:
             print(f"\n{split} split, trained and threshold variants (results/metrics)")

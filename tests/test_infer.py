@@ -27,9 +27,9 @@ def _info(zero_channel=False) -> model.ModelInfo:
 AFFINE = np.array([[-4.0, 0, 0, 10.0], [0, -4.0, 0, 20.0], [0, 0, 3.0, -30.0], [0, 0, 0, 1]])
 
 
-def _checkpoint(path, zero_channel=False):
+def _checkpoint(path, zero_channel=False, seed=0):
     info = _info(zero_channel)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = model.build(info.network)
     with torch.no_grad():  # a bias so the mask is neither empty nor full
         for p in net.parameters():
@@ -169,7 +169,7 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
         nifti.save(ct, tmp_path / study / "CTres.nii.gz")
     out = tmp_path / "pred" / "test"
     infer.predict_split(
-        model_path=path,
+        model_paths=[path],
         studies=list(shapes),
         suv_paths=[tmp_path / s / "SUV.nii.gz" for s in shapes],
         ctres_paths=[tmp_path / s / "CTres.nii.gz" for s in shapes],
@@ -186,7 +186,7 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
         assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1}
     with pytest.raises(ValueError, match="2 studies but 1 SUV and 2 CTres files"):
         infer.predict_split(
-            model_path=path,
+            model_paths=[path],
             studies=list(shapes),
             suv_paths=[tmp_path / "S1.nii.gz"],
             ctres_paths=[1, 2],
@@ -194,6 +194,42 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
             settings=InferSettings(),
             threads=1,
         )
+
+
+def test_a_fold_ensemble_thresholds_the_mean_probability_of_its_models(tmp_path):
+    """Two models (seeds 0 and 1) on one volume: the written mask is mean(p0, p1) >= 0.5 with
+    each model's probability from the same sliding window; it is neither model's own mask nor
+    their voxelwise AND or OR (a vote over masks); one model alone gives its own mask."""
+    paths = [tmp_path / "fold0" / "model.pt", tmp_path / "fold1" / "model.pt"]
+    for seed, path in enumerate(paths):
+        path.parent.mkdir()
+        _checkpoint(path, seed=seed)
+    suv, ct = _volumes((12, 24, 20))
+    np.clip(ct.array, -1000, 1000, out=ct.array)  # plausible CT (checks) at this many voxels
+    nifti.save(suv, tmp_path / "SUV.nii.gz")
+    nifti.save(ct, tmp_path / "CTres.nii.gz")
+    dev = torch.device("cpu")
+    own = [
+        infer.predict_probability(*model.load(path, dev), suv.array, ct.array, FP32, dev)
+        for path in paths
+    ]
+    expected = ((own[0] + own[1]) / 2 >= 0.5).astype(np.uint8)
+    masks = [(p >= 0.5).astype(np.uint8) for p in own]
+
+    def written(model_paths, name):
+        files = infer.StudyFiles("S1", tmp_path / "SUV.nii.gz", tmp_path / "CTres.nii.gz",
+                                 tmp_path / f"{name}.nii.gz")  # fmt: skip
+        (voxels,) = infer.predict_studies(model_paths, [files], FP32, device="cpu")
+        mask = nifti.load(files.out, "S1").array
+        assert voxels == mask.sum()
+        return mask
+
+    ensemble = written(paths, "ensemble")
+    np.testing.assert_array_equal(ensemble, expected)
+    assert 0 < expected.sum() < expected.size
+    for other in (*masks, masks[0] & masks[1], masks[0] | masks[1]):
+        assert (ensemble != other).sum() > 0
+    np.testing.assert_array_equal(written(paths[:1], "alone"), masks[0])
 
 
 def _bad_study(folder, volume, value):
@@ -222,7 +258,7 @@ def test_predict_split_refuses_bad_inputs_before_loading_the_model(
     bad = re.escape(str(tmp_path / "S1" / f"{volume}.nii.gz"))
     with pytest.raises(StudyError, match=f"study S1, file {bad}: {message}"):
         infer.predict_split(
-            model_path=tmp_path / "no-model.pt",
+            model_paths=[tmp_path / "no-model.pt"],
             studies=["S1"],
             suv_paths=[suv_path],
             ctres_paths=[ctres_path],
@@ -237,7 +273,7 @@ def test_a_wider_configured_ct_range_lets_the_study_through(tmp_path):
     suv_path, ctres_path = _bad_study(tmp_path, "CTres", 5000.0)
     with pytest.raises(FileNotFoundError, match=r"no-model\.pt does not exist"):
         infer.predict_split(
-            model_path=tmp_path / "no-model.pt",
+            model_paths=[tmp_path / "no-model.pt"],
             studies=["S1"],
             suv_paths=[suv_path],
             ctres_paths=[ctres_path],

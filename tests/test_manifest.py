@@ -42,6 +42,61 @@ def test_round_trip_keeps_types(tmp_path):
     assert list(back.columns[: len(manifest.COLUMNS)]) == manifest.COLUMNS
 
 
+# cohort(12), seed 0, as assigned before cross-validation existed (main at 1dc2f7d)
+SPLITS_BEFORE_FOLDS = {
+    "P000_0": "val", "P000_1": "val", "P001_0": "val", "P002_0": "train", "P002_1": "train",
+    "P003_0": "test", "P004_0": "train", "P004_1": "train", "P005_0": "train", "P006_0": "test",
+    "P006_1": "test", "P007_0": "train", "P008_0": "train", "P008_1": "train", "P009_0": "train",
+    "P010_0": "train", "P010_1": "train", "P011_0": "train",
+}  # fmt: skip
+
+
+def test_one_fold_keeps_the_split_as_it_was():
+    """folds 1 writes the manifest of before: same splits, same columns, no fold column."""
+    table = manifest.assign_splits(cohort(12), FRACTIONS, seed=0, folds=1)
+    assert list(table.columns) == manifest.COLUMNS
+    assert dict(zip(table["study_id"], table["split"], strict=True)) == SPLITS_BEFORE_FOLDS
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_folds_deal_the_non_test_patients_by_patient_and_stratified(folds):
+    """Test patients as with one fold; every other patient in exactly one fold (split train),
+    all studies of a patient in it; per lesion stratum and overall the fold sizes (patients)
+    differ by at most one."""
+    one = manifest.assign_splits(cohort(40), FRACTIONS, seed=3)
+    table = manifest.assign_splits(cohort(40), FRACTIONS, seed=3, folds=folds)
+    assert list(table.columns) == [*manifest.COLUMNS[:3], "fold", *manifest.COLUMNS[3:]]
+    test = table["split"] == "test"
+    assert test.equals(one["split"] == "test")
+    assert set(table.loc[test, "fold"]) == {""}
+    assert set(table.loc[~test, "split"]) == {"train"}
+    patients = table[~test].groupby("patient_id")
+    assert patients["fold"].nunique().max() == 1
+    dealt = patients.first()
+    assert set(dealt["fold"]) == {str(f) for f in range(folds)}
+    assert len(dealt) == (one["split"] != "test").groupby(one["patient_id"]).any().sum() == 32
+    sizes = dealt["fold"].value_counts()
+    assert sizes.max() - sizes.min() <= 1
+    for _, stratum in dealt.groupby("has_lesions"):
+        counts = stratum["fold"].value_counts().reindex(map(str, range(folds)), fill_value=0)
+        assert counts.max() - counts.min() <= 1, counts.to_dict()
+    assert table["fold"].equals(
+        manifest.assign_splits(cohort(40), FRACTIONS, seed=3, folds=folds)["fold"]
+    )
+    assert not table["fold"].equals(
+        manifest.assign_splits(cohort(40), FRACTIONS, seed=4, folds=folds)["fold"]
+    )
+
+
+def test_fold_column_round_trips_and_more_folds_than_patients_are_refused(tmp_path):
+    table = manifest.assign_splits(cohort(10), FRACTIONS, seed=0, folds=2)
+    manifest.write(table, tmp_path / "manifest.tsv")
+    back = manifest.read(tmp_path / "manifest.tsv")
+    assert back["fold"].tolist() == table["fold"].tolist()
+    with pytest.raises(ValueError, match=r"^9 folds but only 8 patients outside the test split$"):
+        manifest.assign_splits(cohort(10), FRACTIONS, seed=0, folds=9)
+
+
 def test_duplicate_study_ids_are_refused_naming_where_each_came_from():
     records = [*cohort(3), {"study_id": "P000_0", "patient_id": "P 000", "has_lesions": False}]
     records = [{**r, "study_uid": f"1.2.{i}"} for i, r in enumerate(records)]
@@ -77,8 +132,9 @@ FETCH_ONLY = {"verify_md5", "timeout_s", "max_attempts", "backoff_s", "cache_dir
 
 
 def test_study_identity_is_the_row_without_split_and_lesion_status():
-    """A tcia study's download reruns on new series, not on a new split, clinical table or
-    fetch setting: its identity is the manifest row without split and has_lesions, no setting."""
+    """A tcia study's download reruns on new series, not on a new split or fold, clinical table
+    or fetch setting: its identity is the manifest row without split, fold and has_lesions, no
+    setting."""
     identity = sources.study_identity("tcia", TCIA_SETTINGS, TCIA_ROW)
     assert identity == {
         "row": {
@@ -91,7 +147,7 @@ def test_study_identity_is_the_row_without_split_and_lesion_status():
         },
         "settings": {},
     }
-    moved = {**TCIA_ROW, "split": "test", "has_lesions": False}
+    moved = {**TCIA_ROW, "split": "test", "fold": "1", "has_lesions": False}
     slower = {**TCIA_SETTINGS, "timeout_s": 5, "max_attempts": 1, "verify_md5": True}
     assert sources.study_identity("tcia", slower, moved) == identity
     other_series = {**TCIA_ROW, "ct_series_uid": "1.2.3.9"}

@@ -18,6 +18,8 @@ VOXEL_ML = 0.012
 STUDIES = {"val": ["V1", "V2"], "test": ["T1", "T2", "T3", "T4"]}
 TRAINED = ["stepwise-seed0", "stepwise-seed1", "plain-seed0"]
 VARIANTS = [*TRAINED, "threshold"]
+# one training job per trained model without cross-validation: its fold 0
+FOLD_MODELS = {f"{v}-fold0": v for v in TRAINED}
 
 
 def lesion_volume(study: str) -> np.ndarray:
@@ -83,7 +85,7 @@ def build_results(root: Path) -> dict[str, list[Path]]:
                 "note": ["warm-up"] * 5,  # non-numeric columns are ignored
             }
         )
-        path = root / "models" / variant / "train_log.csv"
+        path = root / "models" / variant / "fold0" / "train_log.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         log.to_csv(path, index=False)
     return {
@@ -92,7 +94,9 @@ def build_results(root: Path) -> dict[str, list[Path]]:
             for v in VARIANTS
             for s in ("val", "test")
         },
-        "train_logs": {v: root / "models" / v / "train_log.csv" for v in TRAINED},
+        "train_logs": {
+            name: root / "models" / v / "fold0" / "train_log.csv" for name, v in FOLD_MODELS.items()
+        },
         "test_images": {
             s: (root / "nifti" / s / "SUV.nii.gz", root / "nifti" / s / "SEG.nii.gz")
             for s in STUDIES["test"]
@@ -113,7 +117,7 @@ def outputs(root: Path, cases=("best", "median", "worst")) -> report.ReportOutpu
         html=out / "results.html",
         distributions=out / "per_study_metrics.png",
         learning_curves=out / "learning_curves.png",
-        curves={v: out / "training" / f"{v}.png" for v in TRAINED},
+        curves={name: out / "training" / f"{name}.png" for name in FOLD_MODELS},
         cases={c: out / "cases" / f"{c}.png" for c in cases},
     )
 
@@ -128,6 +132,7 @@ def written(tmp_path_factory):
         outputs=outs,
         settings=ReportSettings(mip_cases=("best", "median", "worst"), figure_dpi=50),
         data_source="synthetic",
+        folds=1,
     )
     return root, inputs, outs
 
@@ -177,7 +182,7 @@ def test_markdown_table1_and_ablation(written):
     assert expected in text
     threshold = summaries["threshold"]["dice"]
     assert f"| threshold | Validation set | 1 | {threshold:.3f} |" in text
-    for figure in ("per_study_metrics.png", "training/plain-seed0.png", "cases/worst.png"):
+    for figure in ("per_study_metrics.png", "training/plain-seed0-fold0.png", "cases/worst.png"):
         assert f"]({figure})" in text
     # val Dice: stepwise's seeds 0.923 and 0.853 (mean 0.888) against plain's 0.633
     assert "Best variant: stepwise, the highest Dice on the val split (its seeds averaged)" in text
@@ -271,7 +276,7 @@ def test_markdown_table1_puts_each_value_under_its_header(tmp_path):
         report.load_per_study(metrics_csvs), cases=["best"], data_source="synthetic"
     )
     page = report.markdown_page(
-        report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic"), []
+        report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic", 1), []
     )
     rows = markdown_section(page, "Table 1 layout: the paper's numbers and ours")
     assert [list(row) for row in rows] == [TABLE1_COLUMNS] * len(TABLE1)
@@ -446,7 +451,7 @@ def test_pairwise_compares_every_two_configured_variants_by_hand():
         5, 0.0, "no difference at 95 %")  # fmt: skip
 
     page = report.markdown_page(
-        report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic"), []
+        report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic", 1), []
     )
     shown = markdown_section(
         page, "Pairwise comparison of the trained variants (seeds averaged per study)"
@@ -491,7 +496,7 @@ def test_best_variant_is_chosen_on_validation_never_on_test():
     tables = report.compute_tables(per_study, cases=["best", "worst"], data_source="synthetic")
     assert (tables.selection, tables.best, tables.best_model) == ("val", "beta", "beta-seed1")
     assert tables.cases == {"best": "test2", "worst": "test1"}  # beta-seed1: 0.2, 0.1
-    note = report.report_notes(tables, "synthetic")[2]
+    note = report.report_notes(tables, "synthetic", 1)[2]
     assert note.startswith("Best variant: beta, the highest Dice on the val split")
     assert "On test: DSC 0.200 ± 0.071, " in note  # beta's seeds 0.25 and 0.15
 
@@ -507,6 +512,40 @@ def test_selection_split_prefers_out_of_fold_and_never_takes_test():
     assert report.selection_split(["test", "val", "oof"]) == "oof"
     with pytest.raises(ValueError, match=r"none of oof, val: .*\(test is never used to choose\)"):
         report.selection_split(["test"])
+
+
+def test_cross_validated_metrics_are_chosen_on_out_of_fold_and_say_their_folds():
+    """oof and test metrics (train.folds 2): the best variant is chosen out of fold, the paper's
+    validation row stands beside our out-of-fold rows, and the notes name seeds and folds."""
+    values = {
+        "oof": {
+            "alpha-seed0": [(0.4, 1.0, 1.0), (0.5, 1.0, 1.0)],
+            "alpha-seed1": [(0.6, 1.0, 1.0), (0.5, 1.0, 1.0)],
+            "beta-seed0": [(0.7, 1.0, 1.0), (0.6, 1.0, 1.0)],
+        },
+        "test": {
+            "alpha-seed0": [(0.9, 1.0, 1.0)], "alpha-seed1": [(0.9, 1.0, 1.0)],
+            "beta-seed0": [(0.1, 1.0, 1.0)],
+        },
+    }  # fmt: skip
+    tables = report.compute_tables(per_study_frame(values), cases=["best"], data_source="synthetic")
+    assert (tables.selection, tables.best, tables.best_model) == ("oof", "beta", "beta-seed0")
+    paper = tables.results[tables.results["source"] == "paper"]
+    assert paper[["split", "set", "dice", "fpv_ml", "fnv_ml"]].values.tolist() == [
+        ["oof", "Out-of-fold", 0.80, 1.87, 1.14],
+        ["test", "Preliminary test set", 0.92, 0.89, 0.53],
+    ]
+    assert set(tables.pairwise["split"]) == {"oof", "test"}
+    notes = report.report_notes(tables, "synthetic", 2)
+    assert notes[2].startswith("Best variant: beta, the highest Dice on the oof split")
+    assert notes[3].startswith(
+        "Trained models: alpha seeds 0, 1; beta seeds 0; each seed 2 models, one per fold of a "
+        "2-fold cross-validation (folds by patient, stratified by lesion status)."
+    )
+    assert report.report_notes(tables, "synthetic", 1)[3] == (
+        "Trained models: alpha seeds 0, 1; beta seeds 0; one model per seed, trained on the "
+        "train split and validated on the val split (no cross-validation: train.folds 1)."
+    )
 
 
 def test_ranking_weights_dice_half():
@@ -566,7 +605,9 @@ def test_metrics_of_a_split_that_is_not_evaluated_are_refused(tmp_path):
     bad = tmp_path / "threshold" / "train_per_study.csv"
     bad.parent.mkdir()
     pd.DataFrame({c: [] for c in metrics.PER_STUDY_COLUMNS}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"train_per_study.csv: split 'train' is not one of val"):
+    with pytest.raises(
+        ValueError, match=r"train_per_study.csv: split 'train' is not one of oof, val, test"
+    ):
         report.load_per_study({("threshold", "train"): bad})
 
 
@@ -599,6 +640,7 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
             from stepseg import names
             from stepseg.settings import ReportSettings
             EVAL_SPLITS = ["val", "test"]
+            FOLDS = 1
             SETTINGS = {{"report": ReportSettings.from_mapping(config["report"])}}
             def studies(split):
                 return {STUDIES!r}[split]
@@ -612,6 +654,9 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
                 return [f"results/predictions/{{variant}}/{{split}}/{{s}}.nii.gz"
                         for s in studies(split)]
             prediction_inputs = prediction_paths
+            def train_logs():
+                return {{f"{{t}}-fold0": f"results/models/{{t}}/fold0/train_log.csv"
+                        for t in trained_variants()}}
             include: "{REPO}/workflow/rules/report.smk"
             rule all:
                 input: rules.report.output
@@ -632,14 +677,14 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
         "results.csv",
         "pairwise.csv",
         "per_study_metrics.png",
-        "stepwise-seed1.png",
-        "plain-seed0.png",
+        "stepwise-seed1-fold0.png",
+        "plain-seed0-fold0.png",
         "best.png",
         "worst.png",
     ):
         assert name in page, name
     for caption in (
-        "Training log of one variant",
+        "Training log of one training job",
         "Per-study Dice",
         "coronal maximum-intensity",
         "Every two trained variants",

@@ -117,6 +117,9 @@ def test_recipe_then_section_then_variant():
         ({"recipe": "nnunet"}, r"^train\.variants\.plain\.recipe: expected one of 'paper', "),
         ({"device": "cpu", "amp": "fp16"},
          r"^train variant plain: amp fp16 needs a CUDA device; on a CPU use bf16, auto or off$"),
+        ({"folds": 3},
+         r"^train\.variants\.plain: folds is a setting of the train section only \(the variants "
+         r"are compared on the same folds\), not of a variant$"),
     ],
 )  # fmt: skip
 def test_a_variants_bad_override_is_an_error_naming_it(variant, message):

@@ -162,11 +162,11 @@ def refused_sbatch_calls(output: str) -> list[tuple[str, str]]:
         (
             {"train": {"variants": {"stepwise": {"targets": "stepwise", "seeds": [0],
                                                  "processes": 2}}}},
-            ["results/models/stepwise-seed0/model.pt"],
+            ["results/models/stepwise-seed0/fold0/model.pt"],
             2,
         ),
         # infer: one GPU, requested again for an existing model
-        ({}, ["results/predictions/plain-seed0/val/chunk-0", "--forcerun", "infer"], 1),
+        ({}, ["results/predictions/plain-seed0/test/chunk-0", "--forcerun", "infer"], 1),
     ],
     ids=["train", "infer"],
 )  # fmt: skip

@@ -23,12 +23,16 @@ import pytest
 import yaml
 from reference.geometry import assert_ctres_geometry
 
-from stepseg import devices, manifest, nifti
+from stepseg import devices, manifest, names, nifti
+from stepseg.tilestore import TileStore
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+# the tiny run's cross-validation folds and the splits its models are evaluated on
+TINY_FOLDS = yaml.safe_load((ROOT / "tests" / "data" / "tiny.yaml").read_text())["train"]["folds"]
+TINY_EVAL_SPLITS = names.eval_splits(TINY_FOLDS)
 
 
 def snakemake(
@@ -106,8 +110,75 @@ def test_conversion_matches_the_generators_truth_for_every_study(run):
 def test_report_has_the_paper_table_for_every_variant(run):
     results = pd.read_csv(run / "results" / "report" / "results.csv")
     text = (run / "results" / "report" / "results.md").read_text()
-    assert "Preliminary test set" in text and "Validation set" in text
+    assert "Preliminary test set" in text
+    assert report_set_label(TINY_EVAL_SPLITS[0]) in text
     assert {"threshold", "stepwise-seed0"} <= set(results["variant"])
+    assert set(results["split"]) == set(TINY_EVAL_SPLITS)
+
+
+def report_set_label(split: str) -> str:
+    from stepseg import report
+
+    return report.SET_LABELS[split]
+
+
+# one study's line in an infer job's log: the models that predicted it
+PREDICTED = re.compile(
+    r" INFO stepseg\.infer: (\S+): \d+ lesion voxels .* predicted with (.+)$",
+    re.M,
+)
+
+
+def predicted_by(run: Path, trained: str, split: str) -> dict[str, str]:
+    """study -> the model(s) that predicted it, from the infer logs of `trained` on `split`;
+    a study predicted twice fails."""
+    found: dict[str, str] = {}
+    for log in sorted((run / "results" / "logs" / "infer" / trained / split).glob("*.log")):
+        for study, models in PREDICTED.findall(log.read_text()):
+            assert study not in found, f"{study} predicted twice on {split}: {log}"
+            found[study] = models
+    return found
+
+
+def test_out_of_fold_predictions_come_from_the_model_that_did_not_train_on_the_study(run):
+    """The finished tiny run (train.folds 2): fold f's LMDBs hold the other folds' studies
+    (train) and fold f's (val), as the manifest deals them; each fold model trained on its own
+    train LMDB; every non-test study was predicted out of fold exactly once, by the model of its
+    fold, whose train LMDB lacks it; every test study by the ensemble of all fold models; the
+    out-of-fold metrics cover every non-test study."""
+    assert TINY_FOLDS >= 2
+    table = manifest.read(run / "results" / "manifest.tsv")
+    non_test = table[table["split"] != "test"]
+    fold_of = dict(zip(non_test["study_id"], non_test["fold"].astype(int), strict=True))
+    assert set(fold_of.values()) == set(range(TINY_FOLDS))
+    lmdb_dir = run / "results" / "lmdb"
+    lmdb = {
+        (fold, part): set(TileStore(lmdb_dir / f"fold{fold}" / f"{part}.lmdb").studies)
+        for fold in range(TINY_FOLDS)
+        for part in SETS
+    }
+    for fold in range(TINY_FOLDS):
+        assert lmdb[(fold, "val")] == {s for s, f in fold_of.items() if f == fold}
+        assert lmdb[(fold, "train")] == {s for s, f in fold_of.items() if f != fold}
+    models = [f"{v}-seed0" for v in ("stepwise", "plain")]
+    for trained in models:
+        fold_models = [f"results/models/{trained}/fold{f}/model.pt" for f in range(TINY_FOLDS)]
+        for fold in range(TINY_FOLDS):
+            logged = (run / "results" / "logs" / "train" / trained / f"fold{fold}.log").read_text()
+            assert f"training {trained} on results/lmdb/fold{fold}/train.lmdb:" in logged
+        out_of_fold = predicted_by(run, trained, names.OUT_OF_FOLD)
+        assert out_of_fold == {study: fold_models[fold] for study, fold in fold_of.items()}
+        for study, fold in fold_of.items():
+            assert study not in lmdb[(fold, "train")] and study in lmdb[(fold, "val")]
+        chunks = run / "results" / "predictions" / trained / names.OUT_OF_FOLD
+        written = sorted(path.name for path in chunks.glob("*/*.nii.gz"))
+        assert written == sorted(f"{s}.nii.gz" for s in fold_of)
+        test_studies = set(table.loc[table["split"] == "test", "study_id"])
+        assert predicted_by(run, trained, "test") == dict.fromkeys(
+            test_studies, " + ".join(fold_models)
+        )
+        metrics_csv = run / "results" / "metrics" / trained / f"{names.OUT_OF_FOLD}_per_study.csv"
+        assert sorted(pd.read_csv(metrics_csv)["study"]) == sorted(fold_of)
 
 
 def test_finished_run_is_a_no_op(run):
@@ -116,29 +187,31 @@ def test_finished_run_is_a_no_op(run):
 
 @dataclass(frozen=True)
 class Cohort:
-    """What the job counts of a rerun depend on: studies per role and trained models."""
+    """What the job counts of a rerun depend on: studies per role, trained models and folds."""
 
     studies: int
     train_val: int  # studies with step maps (targets), packed for training and validation
-    evaluated: int  # val and test studies: predicted by every variant
+    evaluated: int  # studies of the evaluation splits (val or oof, test): every variant's
     trained: int  # models (variants x seeds); the threshold baseline comes on top
+    folds: int  # training jobs per trained model
 
     @classmethod
-    def of(cls, workdir: Path) -> Cohort:
+    def of(cls, workdir: Path, folds: int = TINY_FOLDS) -> Cohort:
         table = manifest.read(workdir / "results" / "manifest.tsv")
         train_val = int(table["split"].isin(["train", "val"]).sum())
-        evaluated = int(table["split"].isin(["val", "test"]).sum())
+        evaluated = len(evaluated_pairs(workdir, folds))
         config = yaml.safe_load((workdir / "tiny.yaml").read_text())["train"]["variants"]
         trained = sum(len(v["seeds"]) for v in config.values())
-        return cls(len(table), train_val, evaluated, trained)
+        return cls(len(table), train_val, evaluated, trained, folds)
 
 
 # Job counts per rule, in one place: the rules' granularity changes here and nowhere else.
 def infer_jobs(c: Cohort, models: int) -> int:
-    """Trained-model predictions: one job per model and evaluation split (val, test): each split
-    of the tiny cohort fits one chunk of `infer.studies_per_job` studies (larger cohorts:
+    """Trained-model predictions: one job per model and infer chunk; in the tiny cohort each
+    split (val or each fold's out-of-fold studies, test) fits one chunk of
+    `infer.studies_per_job` studies (larger cohorts:
     test_inference_of_the_collection_is_spread_over_chunk_jobs)."""
-    return 2 * models
+    return models * (2 if c.folds == 1 else c.folds + 1)
 
 
 def evaluate_jobs(models: int) -> int:
@@ -161,12 +234,12 @@ def from_targets(c: Cohort) -> dict[str, int]:
 
 
 def from_packing(c: Cohort) -> dict[str, int]:
-    return {"pack": 2, **from_training(c)}  # the train and val LMDBs
+    return {"pack": 2 * c.folds, **from_training(c)}  # each fold's train and val LMDBs
 
 
 def from_training(c: Cohort, models: int | None = None) -> dict[str, int]:
     models = c.trained if models is None else models
-    return {"train": models, **from_inference(c, models)}
+    return {"train": models * c.folds, **from_inference(c, models)}
 
 
 def from_inference(c: Cohort, models: int | None = None) -> dict[str, int]:
@@ -218,8 +291,8 @@ def test_one_variants_setting_reruns_only_that_variant(run):
     change = {"train": {"variants": {"plain": {"targets": "plain", "seeds": [0], "lr": 5.0e-4}}}}
     assert planned_jobs(run, change) == from_training(Cohort.of(run), models=1)
     dry_run = snakemake(run, "--dry-run", overrides=change)
-    assert "output: results/models/plain-seed0/model.pt" in dry_run
-    assert "output: results/models/stepwise-seed0/model.pt" not in dry_run
+    assert "output: results/models/plain-seed0/fold0/model.pt" in dry_run
+    assert "output: results/models/stepwise-seed0/fold0/model.pt" not in dry_run
 
 
 def changed_manifest(run: Path, workdir: Path, change: dict) -> tuple[Cohort, Cohort]:
@@ -236,11 +309,15 @@ def split_studies(workdir: Path, splits: list[str]) -> set[str]:
     return set(table.loc[table["split"].isin(splits), "study_id"])
 
 
-def evaluated_pairs(workdir: Path) -> set[tuple[str, str]]:
-    """(study, split) of every evaluated study: predictions live under their split's folder."""
+def evaluated_pairs(workdir: Path, folds: int = TINY_FOLDS) -> set[tuple[str, str]]:
+    """(study, split) of every evaluated study: predictions live under their split's folder
+    (out of fold: every non-test study)."""
     table = manifest.read(workdir / "results" / "manifest.tsv")
-    evaluated = table[table["split"].isin(["val", "test"])]
-    return set(zip(evaluated["study_id"], evaluated["split"], strict=True))
+    split = table["split"]
+    if folds > 1:
+        split = split.where(split == "test", names.OUT_OF_FOLD)
+    chosen = split.isin(names.eval_splits(folds))
+    return set(zip(table.loc[chosen, "study_id"], split[chosen], strict=True))
 
 
 def test_split_change_reruns_neither_download_nor_conversion(run, tmp_path):
@@ -255,12 +332,35 @@ def test_split_change_reruns_neither_download_nor_conversion(run, tmp_path):
     assert new_train_val and new_evaluated  # seed 1 moves studies both ways on this cohort
     expected = {
         "targets": len(new_train_val),
-        "pack": 2,
+        "pack": 2 * after.folds,
         **from_training(after),
         "infer_threshold": len(new_evaluated),
         "evaluate": evaluate_jobs(after.trained + 1),
     }
     assert planned_jobs(moved, change) == expected
+
+
+@pytest.mark.parametrize("folds", sorted({1, 3} - {TINY_FOLDS}))
+def test_folds_change_reruns_packing_training_and_after_never_the_data(run, tmp_path, folds):
+    """Another `train.folds` rewrites the manifest (the same test patients, other folds) and
+    reruns packing, every training, inference, evaluation and the report, plus the threshold
+    baseline on studies new to an evaluation split; never a download, conversion or step map."""
+    change = {"train": {"folds": folds}}
+    before, after = changed_manifest(run, tmp_path / "copy", change)
+    moved = manifest.read(tmp_path / "copy" / "results" / "manifest.tsv")
+    original = manifest.read(run / "results" / "manifest.tsv")
+    assert moved["split"].eq("test").equals(original["split"].eq("test"))
+    after = Cohort.of(tmp_path / "copy", folds=folds)
+    assert (after.studies, after.train_val) == (before.studies, before.train_val)
+    new_evaluated = evaluated_pairs(tmp_path / "copy", folds) - evaluated_pairs(run)
+    expected = {
+        **from_packing(after),
+        "infer_threshold": len(new_evaluated),
+        # the threshold baseline's test metrics stand (the same test studies); it is evaluated
+        # anew only on a new evaluation split
+        "evaluate": evaluate_jobs(after.trained) + bool(new_evaluated),
+    }
+    assert planned_jobs(tmp_path / "copy", change) == {k: v for k, v in expected.items() if v}
 
 
 @pytest.mark.parametrize(
@@ -277,19 +377,21 @@ def test_source_setting_change_reruns_everything_from_the_download(run, tmp_path
 def test_threshold_baseline_finds_the_lesions(run):
     """The classical baseline on the tiny cohort: a finite, non-zero Dice on both evaluation
     splits, each of which holds a lesion study (empty predictions would score 0)."""
-    for split in ("val", "test"):
+    for split in TINY_EVAL_SPLITS:
         summary = pd.read_csv(run / "results" / "metrics" / "threshold" / f"{split}_summary.csv")
         assert int(summary.at[0, "n_lesion_studies"]) >= 1, split
         dice = float(summary.at[0, "dice"])
         assert np.isfinite(dice) and dice > 0, (split, dice)
 
 
-@pytest.mark.parametrize(("cores", "threads"), [(2, 1), (8, 4), (64, 8)])
-def test_trainings_share_the_cores(run, cores, threads):
-    """tiny.yaml trains 2 variants: each training job gets cores // 2 threads, 1 to 8."""
+@pytest.mark.parametrize("cores", [2, 8, 64])
+def test_trainings_share_the_cores(run, cores):
+    """tiny.yaml trains 2 variants, each in `folds` jobs: each training job gets
+    cores // (2 x folds) threads, 1 to 8."""
     dry_run = snakemake(run, "--dry-run", "--forcerun", "train", "--cores", str(cores))
     jobs = dry_run.split("rule train:")[1:]
-    assert len(jobs) == 2
+    assert len(jobs) == 2 * TINY_FOLDS
+    threads = {2: 1, 8: 8 // (2 * TINY_FOLDS), 64: 8}[cores]
     for job in jobs:
         block = job.split("\n[")[0]  # up to the next job's timestamp line
         shown = re.search(r"^\s+threads: (\d+)$", block, flags=re.MULTILINE)
@@ -384,10 +486,12 @@ def moved_run(run, tmp_path_factory) -> MovedRun:
     studies = set(manifest.read(run / "results" / "manifest.tsv")["study_id"])
     before = study_file_times(workdir, studies)
     change = {"split": {"seed": 1}}
-    output = snakemake(
-        workdir, "results/lmdb/train.lmdb", "results/lmdb/val.lmdb", overrides=change
-    )
+    lmdbs = [f"results/lmdb/fold{f}/{part}.lmdb" for f in range(TINY_FOLDS) for part in SETS]
+    output = snakemake(workdir, *lmdbs, overrides=change)
     return MovedRun(workdir, change, output, studies, before)
+
+
+SETS = ("train", "val")  # each fold's LMDBs
 
 
 def test_split_change_real_run_fetches_and_converts_nothing(run, moved_run):
@@ -396,7 +500,11 @@ def test_split_change_real_run_fetches_and_converts_nothing(run, moved_run):
     workdir = moved_run.workdir
     new_train_val = split_studies(workdir, ["train", "val"]) - split_studies(run, ["train", "val"])
     assert new_train_val  # seed 1 moves studies into training on this cohort
-    assert ran_jobs(moved_run.output) == {"manifest": 1, "targets": len(new_train_val), "pack": 2}
+    assert ran_jobs(moved_run.output) == {
+        "manifest": 1,
+        "targets": len(new_train_val),
+        "pack": 2 * TINY_FOLDS,
+    }
     assert job_wildcards(moved_run.output, "targets") == sorted(f"study={s}" for s in new_train_val)
     assert study_file_times(workdir, moved_run.studies) == moved_run.file_times
 
@@ -405,17 +513,19 @@ def test_split_change_real_run_trains_afresh(run, moved_run):
     """The new LMDBs hold other studies: the finished training state of the old split is
     discarded, training runs all its epochs and writes another model (it resumed that state and
     wrote the old model byte for byte before the state recorded its data)."""
-    workdir, trained = moved_run.workdir, "plain-seed0"
-    model = Path("results") / "models" / trained / "model.pt"
+    # fold 1: its new train LMDB shares one study with the old; fold 0's shares two, and its
+    # first epoch logged the old first-epoch loss to the last digit (measured)
+    workdir, trained, fold = moved_run.workdir, "plain-seed0", "fold1"
+    model = Path("results") / "models" / trained / fold / "model.pt"
     output = snakemake(workdir, str(model), overrides=moved_run.change)
     assert ran_jobs(output) == {"train": 1}
     # this job's log only: Snakemake removes a job's log before it runs the job
-    logged = (workdir / "results" / "logs" / "train" / f"{trained}.log").read_text()
+    logged = (workdir / "results" / "logs" / "train" / trained / f"{fold}.log").read_text()
     assert "train split studies differ" in logged and "starting afresh" in logged
     assert "resumed from" not in logged
     epochs = yaml.safe_load((workdir / "tiny.yaml").read_text())["train"]["epochs"]
     assert re.findall(r"epoch (\d+): ", logged) == [str(e) for e in range(1, epochs + 1)]
-    log_csv = Path("results") / "models" / trained / "train_log.csv"
+    log_csv = Path("results") / "models" / trained / fold / "train_log.csv"
     new_log, old_log = (pd.read_csv(d / log_csv) for d in (workdir, run))
     assert new_log["epoch"].tolist() == list(range(1, epochs + 1))
     assert not np.isclose(new_log["loss"], old_log["loss"]).any()
@@ -519,13 +629,23 @@ def gpu_requests(output: str) -> dict[str, int]:
 
 
 def expected_gpus(stepwise_train: int, stepwise_infer: int, plain: int) -> dict[str, int]:
+    """Every train job (one per fold) and infer job (one per chunk: each fold's out-of-fold
+    studies or val, and test) of the tiny run."""
+    chunks = {"val": ["chunk-0"], "test": ["chunk-0"]} | {
+        names.OUT_OF_FOLD: [f"fold{f}-chunk-0" for f in range(TINY_FOLDS)]
+    }
+    models = (("stepwise-seed0", stepwise_train, stepwise_infer), ("plain-seed0", plain, plain))
     return {
-        "train trained=stepwise-seed0": stepwise_train,
-        "train trained=plain-seed0": plain,
         **{
-            f"infer trained={variant}, eval_split={split}, chunk=0": gpus
-            for variant, gpus in (("stepwise-seed0", stepwise_infer), ("plain-seed0", plain))
-            for split in ("val", "test")
+            f"train trained={variant}, fold={fold}": gpus
+            for variant, gpus, _ in models
+            for fold in range(TINY_FOLDS)
+        },
+        **{
+            f"infer trained={variant}, eval_split={split}, chunk={chunk}": gpus
+            for variant, _, gpus in models
+            for split in TINY_EVAL_SPLITS
+            for chunk in chunks[split]
         },
     }
 
@@ -574,9 +694,9 @@ def default_config_snakemake(workdir: Path, *args: str) -> str:
     return output
 
 
-def planned_chunks(output: str) -> dict[tuple[str, str], dict[int, list[str]]]:
+def planned_chunks(output: str) -> dict[tuple[str, str], dict[str, list[str]]]:
     """(model, split) -> chunk -> the studies its infer job reads, from a dry run's job blocks."""
-    chunks: dict[tuple[str, str], dict[int, list[str]]] = {}
+    chunks: dict[tuple[str, str], dict[str, list[str]]] = {}
     for rule, body in JOB_BLOCK.findall(output):
         if rule == "infer":
             wildcards = dict(
@@ -586,7 +706,7 @@ def planned_chunks(output: str) -> dict[tuple[str, str], dict[int, list[str]]]:
             inputs = re.search(r"^\s+input: (.*)$", body, re.M).group(1).split(", ")
             studies = [p.split("/")[2] for p in inputs if p.endswith("/SUV.nii.gz")]
             key = (wildcards["trained"], wildcards["eval_split"])
-            chunks.setdefault(key, {})[int(wildcards["chunk"])] = studies
+            chunks.setdefault(key, {})[wildcards["chunk"]] = studies
     return chunks
 
 
@@ -630,10 +750,11 @@ def test_inference_of_the_collection_is_spread_over_chunk_jobs(tmp_path):
     assert {key: len(jobs) for key, jobs in chunks.items()} == {
         (model, split): 17 for model in MODELS for split in ("val", "test")
     }
+    chunk_names = [f"chunk-{k}" for k in range(17)]
     for (model, split), jobs in chunks.items():
-        assert sorted(jobs) == list(range(17))
-        assert [len(jobs[k]) for k in range(17)] == [12] * 16 + [len(splits[split]) - 16 * 12]
-        assert [s for k in range(17) for s in jobs[k]] == splits[split], (model, split)
+        assert sorted(jobs) == sorted(chunk_names)
+        assert [len(jobs[k]) for k in chunk_names] == [12] * 16 + [len(splits[split]) - 16 * 12]
+        assert [s for k in chunk_names for s in jobs[k]] == splits[split], (model, split)
     evaluated = evaluated_predictions(output)
     for model in MODELS:
         for split in ("val", "test"):
@@ -652,7 +773,9 @@ def test_default_run_infers_each_split_in_one_job(tmp_path):
 
     chunks = planned_chunks(default_config_snakemake(tmp_path, "--dry-run"))
 
-    assert chunks == {(model, split): {0: splits[split]} for model in MODELS for split in splits}
+    assert chunks == {
+        (model, split): {"chunk-0": splits[split]} for model in MODELS for split in splits
+    }
 
 
 def test_studies_per_job_rechunks_every_inference(run):
@@ -660,9 +783,13 @@ def test_studies_per_job_rechunks_every_inference(run):
     inference reruns (the setting is part of the infer params), then its evaluation and the
     report; the threshold baseline's per-study predictions stay."""
     cohort = Cohort.of(run)
-    splits = eval_split_studies(run)
-    chunks = sum(-(-len(studies) // 2) for studies in splits.values())
-    assert chunks > len(splits)  # at least one split holds more than 2 studies
+    table = manifest.read(run / "results" / "manifest.tsv")
+    if TINY_FOLDS == 1:
+        table = table[table["split"] != "train"]
+    # each fold (test: fold "") or split: the studies of one model's or ensemble's infer jobs
+    sizes = table.groupby(table["fold"] if TINY_FOLDS > 1 else table["split"]).size().tolist()
+    chunks = sum(-(-size // 2) for size in sizes)
+    assert chunks > len(sizes)  # at least one split or fold holds more than 2 studies
     change = {"infer": {"studies_per_job": 2}}
     assert planned_jobs(run, change) == {
         "infer": cohort.trained * chunks,

@@ -2,6 +2,7 @@
 
     stepseg predict --model model.pt --suv SUV.nii.gz --ctres CTres.nii.gz --out pred.nii.gz
     stepseg predict --model model.pt [--input-dir /input] [--output-dir /output]
+    stepseg predict --model fold0/model.pt --model fold1/model.pt ...   # a fold ensemble
 
 The second form is the grand-challenge algorithm container layout used by autoPET: SUV images in
 `<input>/images/pet/*.mha`, CTres in `<input>/images/ct/*.mha`, masks written to
@@ -12,7 +13,9 @@ mask takes the CT image's uuid (as in the autoPET baseline containers).
 Images in .mha/.mhd/.nrrd are read with SimpleITK and converted exactly to `stepseg.nifti.Volume`
 ((z, y, x) array + RAS affine): ITK keeps LPS origin/direction/spacing, NIfTI a RAS affine. Every
 image is predicted in stepseg's canonical orientation, whatever its storage order, and each mask is
-written in its SUV image's own orientation, direction and origin.
+written in its SUV image's own orientation, direction and origin. Several --model options
+predict with their ensemble, as the workflow predicts the test split with a seed's fold models:
+the mean of the models' probabilities, then one threshold.
 """
 
 from __future__ import annotations
@@ -155,7 +158,8 @@ def check_outputs(paths: Sequence[Path], force: bool) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    """Predict every study with one model, loaded once (`stepseg.infer.predict_studies`): inputs
+    """Predict every study with the given models, each loaded once
+    (`stepseg.infer.predict_studies`; several: their mean probability): inputs
     that fail `stepseg.checks` and unusable outputs are refused before the model is loaded."""
     from stepseg import infer  # torch and MONAI load only when a prediction is asked for
 
@@ -170,7 +174,7 @@ def _predict(args: argparse.Namespace) -> int:
     check_outputs([out for _, _, out in pairs], args.force)
     studies = [infer.StudyFiles(study_name(suv), suv, ctres, out) for suv, ctres, out in pairs]
     masks = infer.predict_studies(
-        Path(args.model), studies, settings,
+        [Path(path) for path in args.model], studies, settings,
         device=args.device, ct_hu_range=tuple(args.ct_hu_range),
         read=read_image, write=write_image,
     )  # fmt: skip
@@ -208,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_argument("--model", required=True, help="model.pt written by the train rule")
+    predict.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="model.pt written by the train rule; repeated: the models' mean probability",
+    )
     predict.add_argument("--suv", help="SUV image (.nii.gz or .mha)")
     predict.add_argument("--ctres", help="CT resampled to the SUV grid (.nii.gz or .mha)")
     predict.add_argument("--out", help="output mask (.nii.gz, .nii, .mha or .nrrd)")

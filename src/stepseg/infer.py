@@ -62,21 +62,24 @@ def predict_volume(
             study, f"SUV shape {suv.array.shape} and CTres shape {ctres.array.shape} differ"
         )
     dev = model.resolve_device(device)
-    net, info = model.load(model_path, dev)
-    mask = predict_mask(net, info, suv.array, ctres.array, settings, dev)
+    mask = predict_mask([model.load(model_path, dev)], suv.array, ctres.array, settings, dev)
     return nifti.to_stored(nifti.Volume(mask, suv.affine, stored_affine=given)).array
 
 
 def predict_mask(
-    net: torch.nn.Module,
-    info: model.ModelInfo,
+    models: Sequence[tuple[torch.nn.Module, model.ModelInfo]],
     suv: np.ndarray,
     ct_hu: np.ndarray,
     settings: InferSettings,
     device: torch.device,
 ) -> np.ndarray:
-    """Binary lesion mask (z, y, x) uint8: the lesion probability >= `settings.threshold`."""
-    probability = predict_probability(net, info, suv, ct_hu, settings, device)
+    """Binary lesion mask (z, y, x) uint8: the lesion probability, averaged over `models` (a
+    fold ensemble, as nnU-Net's: the mean of the probabilities, then one threshold), >=
+    `settings.threshold`. One model: its own probability, unchanged."""
+    total = predict_probability(*models[0], suv, ct_hu, settings, device)
+    for net, info in models[1:]:
+        total += predict_probability(net, info, suv, ct_hu, settings, device)
+    probability = total / len(models) if len(models) > 1 else total
     return (probability >= settings.threshold).astype(np.uint8)
 
 
@@ -148,7 +151,7 @@ def _pad_to(raw: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, tupl
 
 
 def predict_studies(
-    model_path: str | Path,
+    model_paths: Sequence[str | Path],
     studies: Sequence[StudyFiles],
     settings: InferSettings,
     *,
@@ -157,7 +160,8 @@ def predict_studies(
     read: Read = READ_NIFTI,
     write: Write = nifti.save,
 ) -> Iterator[int]:
-    """Predict `studies` with one model, loaded once: each study's mask (uint8, SUV grid) is
+    """Predict `studies` with the models of `model_paths` (one, or a fold ensemble averaged by
+    `predict_mask`), each loaded once: each study's mask (uint8, SUV grid) is
     written to its `out` in the SUV file's orientation and affine (the network sees the arrays
     in `stepseg.names.ORIENTATION`, as in training); the iterator yields the masks' voxel
     counts, one study per step.
@@ -169,17 +173,20 @@ def predict_studies(
     for files in studies:  # every input, before any work
         _read_inputs(files, ct_hu_range, read)
     dev = model.resolve_device(device)
+    if not model_paths:
+        raise ValueError("no model to predict with")
     model.autotune_convolutions(dev)
-    net, info = model.load(model_path, dev)
+    models = [model.load(path, dev) for path in model_paths]
+    described = " + ".join(str(path) for path in model_paths)
 
     def masks() -> Iterator[int]:
         for files in studies:
             suv, ctres = _read_inputs(files, ct_hu_range, read)
-            mask = predict_mask(net, info, suv.array, ctres.array, settings, dev)
+            mask = predict_mask(models, suv.array, ctres.array, settings, dev)
             write(replace(suv, array=mask), files.out)  # stored like the SUV file
             log.info(
                 "%s: %d lesion voxels (%.2f ml) predicted with %s",
-                files.study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, model_path,
+                files.study, int(mask.sum()), float(mask.sum()) * suv.voxel_ml, described,
             )  # fmt: skip
             yield int(mask.sum())
 
@@ -198,7 +205,7 @@ def _read_inputs(
 
 def predict_split(
     *,
-    model_path: str | Path,
+    model_paths: Sequence[str | Path],
     studies: Sequence[str],
     suv_paths: Sequence[str | Path],
     ctres_paths: Sequence[str | Path],
@@ -207,8 +214,8 @@ def predict_split(
     threads: int,
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
-    """Predict `studies` (an infer job's chunk of a split) with one model:
-    `out_dir/<study>.nii.gz` on SUV's grid.
+    """Predict `studies` (an infer job's chunk of a split) with one model or a fold ensemble
+    (`predict_mask`): `out_dir/<study>.nii.gz` on SUV's grid.
 
     One process per chunk of studies instead of one per study: importing torch and MONAI and
     loading the model took about three times as long as predicting one 128 x 88 x 88 study on
@@ -224,7 +231,7 @@ def predict_split(
         for study, suv, ctres in zip(studies, suv_paths, ctres_paths, strict=True)
     ]
     torch.set_num_threads(max(1, int(threads)))
-    predictions = predict_studies(model_path, files, settings, ct_hu_range=ct_hu_range)
+    predictions = predict_studies(model_paths, files, settings, ct_hu_range=ct_hu_range)
     out_dir.mkdir(parents=True, exist_ok=True)
     for _ in predictions:
         pass

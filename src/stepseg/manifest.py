@@ -2,7 +2,8 @@
 
 Splits are drawn per patient, never per study, so that follow-up studies of one patient cannot
 sit on both sides of the train/test line. Patients are stratified by whether any of their studies
-has lesions, so that small cohorts still get lesions in every split.
+has lesions, so that small cohorts still get lesions in every split. With cross-validation
+(`folds` >= 2) the non-test patients are dealt into folds the same way, by patient and stratified.
 """
 
 from __future__ import annotations
@@ -29,12 +30,22 @@ COLUMNS = [
 
 
 def assign_splits(
-    records: Iterable[Mapping[str, object]], fractions: Mapping[str, float], seed: int
+    records: Iterable[Mapping[str, object]],
+    fractions: Mapping[str, float],
+    seed: int,
+    folds: int = 1,
 ) -> pd.DataFrame:
     """Return the records as a manifest table with a `split` column assigned per patient.
 
     Each record needs `study_id`, `patient_id` and `has_lesions`; series columns are kept as given.
+    With `folds` >= 2 the test patients are the same as with 1 (the same draw), every other
+    patient's split is "train" and a `fold` column (after `split`; empty for test) holds its fold
+    0..folds-1: within each lesion stratum the shuffled patients are dealt round robin, the next
+    stratum continuing where the last stopped, so that fold sizes differ by at most one patient
+    overall and per stratum. The `val` fraction then only sets how many patients are not test.
     """
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
     table = pd.DataFrame(list(records))
     if table.empty:
         raise ValueError("the cohort has no studies")
@@ -52,6 +63,8 @@ def assign_splits(
     rng = np.random.default_rng(seed)
     patient_lesions = table.groupby("patient_id")["has_lesions"].any()
     split_of: dict[str, str] = {}
+    fold_of: dict[str, str] = {}
+    dealt = 0  # non-test patients dealt into folds so far, over the strata
     for _, patients in sorted(patient_lesions.groupby(patient_lesions), key=lambda kv: kv[0]):
         ids = sorted(patients.index)
         rng.shuffle(ids)
@@ -61,9 +74,20 @@ def assign_splits(
             for patient in ids[start : start + count]:
                 split_of[patient] = split
             start += count
+        if folds >= 2:  # the same draw, its non-test patients (train, then val) in folds
+            for patient in ids[: len(ids) - counts[-1]]:
+                split_of[patient] = "train"
+                fold_of[patient] = str(dealt % folds)
+                dealt += 1
+    if folds > 1 and dealt < folds:  # an empty fold: a model without validation studies
+        raise ValueError(f"{folds} folds but only {dealt} patients outside the test split")
     table["split"] = table["patient_id"].map(split_of)
     table["has_lesions"] = table["has_lesions"].astype(bool)
-    return table[COLUMNS + [c for c in table.columns if c not in COLUMNS]].sort_values(
+    columns = list(COLUMNS)
+    if folds >= 2:
+        table["fold"] = table["patient_id"].map(fold_of).fillna("")
+        columns.insert(columns.index("split") + 1, "fold")
+    return table[columns + [c for c in table.columns if c not in columns]].sort_values(
         "study_id", ignore_index=True
     )
 

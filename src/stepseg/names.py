@@ -9,8 +9,29 @@ from __future__ import annotations
 import re
 
 SPLITS = ("train", "val", "test")
-# the splits trained models are evaluated on
-EVAL_SPLITS = ("val", "test")
+# Every split a trained model may be evaluated on, in report order: "oof" = every non-test study,
+# predicted by the one fold model that did not train on it (`train.folds` >= 2)
+EVAL_SPLITS = ("oof", "val", "test")
+OUT_OF_FOLD = "oof"
+
+
+def eval_splits(folds: int) -> tuple[str, ...]:
+    """The splits trained models are evaluated on with `folds` folds: out-of-fold and test with
+    cross-validation, else validation and test. The one place the rule lives (workflow, report).
+    """
+    return (OUT_OF_FOLD, "test") if folds >= 2 else ("val", "test")
+
+
+def fold_folder(fold: int) -> str:
+    """`fold<f>`: a fold's folder under results/lmdb/, results/models/<trained>/ and
+    results/train_state/<trained>/ (fold0 alone without cross-validation: one layout)."""
+    return f"fold{fold}"
+
+
+def fold_model_name(trained: str, fold: int) -> str:
+    """`<variant>-seed<k>-fold<f>`: one fold model in logs and training-curve figures."""
+    return f"{trained}-{fold_folder(fold)}"
+
 
 _STUDY_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 

@@ -41,10 +41,14 @@ HELD_OUT = "test"
 # the splits the best variant may be chosen on, in order of preference; the first the metrics
 # hold is used: out-of-fold predictions where cross-validation gives them, else validation
 SELECTION_SPLITS = ("oof", "val")
-SET_LABELS = {"val": "Validation set", "test": "Preliminary test set"}
+SET_LABELS = {"oof": "Out-of-fold", "val": "Validation set", "test": "Preliminary test set"}
 # Liu, Zhong & Mo (autoPET 2022), Table 1: DSC, false positive and false negative volume (ml).
+# Their validation row stands beside our out-of-fold one too: both are the selection split,
+# on studies the model did not train on (theirs one held-out set, ours every non-test study).
 PAPER_TABLE1 = {"val": (0.80, 1.87, 1.14), "test": (0.92, 0.89, 0.53)}
+PAPER_TABLE1["oof"] = PAPER_TABLE1["val"]
 PAPER_DATA = {
+    "oof": "Liu et al. 2022 (paper): their validation set of 40 patients (not cross-validated)",
     "val": "Liu et al. 2022 (paper): their validation set of 40 patients",
     "test": "Liu et al. 2022 (paper): the autoPET 2022 challenge's preliminary test set",
 }
@@ -262,7 +266,8 @@ def pick_cases(per_study: pd.DataFrame, cases: Sequence[str]) -> dict[str, str]:
 
 
 def results_table(summary: pd.DataFrame, data_source: str) -> pd.DataFrame:
-    """results.csv: the paper's Table 1 rows, then every (variant, split)'s summary."""
+    """results.csv: the paper's Table 1 rows of the evaluated splits, then every (variant,
+    split)'s summary."""
     paper = pd.DataFrame(
         [
             {
@@ -273,6 +278,7 @@ def results_table(summary: pd.DataFrame, data_source: str) -> pd.DataFrame:
             }
             | dict(zip(HEADLINE, PAPER_TABLE1[split], strict=True))
             for split in SPLITS
+            if split in set(summary["split"])
         ]
     )
     ours = summary.assign(
@@ -344,7 +350,7 @@ def _mean_sd(mean: float, sd: float, digits: int) -> str:
 def table1_rows(summary: pd.DataFrame, data_source: str) -> pd.DataFrame:
     """The paper's Table 1 layout, with the paper's numbers above ours in each set."""
     rows = []
-    for split in SPLITS:
+    for split in [s for s in SPLITS if s in set(summary["split"])]:
         dice, fpv, fnv = PAPER_TABLE1[split]
         paper = [f"{dice:.2f}", f"{fpv:.2f}", f"{fnv:.2f}", "n/a"]
         rows.append([SET_LABELS[split], PAPER_DATA[split], *paper])
@@ -476,9 +482,10 @@ def text_tables(tables: ReportTables, data_source: str) -> dict[str, pd.DataFram
     return text
 
 
-def report_notes(tables: ReportTables, data_source: str) -> list[str]:
-    """What the reader must know to read the tables: metrics, sources, the best variant and
-    its held-out numbers, how the pairwise comparison is made."""
+def report_notes(tables: ReportTables, data_source: str, folds: int) -> list[str]:
+    """What the reader must know to read the tables: metrics, sources, the models trained
+    (seeds and `folds`), the best variant and its held-out numbers, how the pairwise comparison
+    is made."""
     held_out = tables.ablation[
         (tables.ablation["model"] == tables.best) & (tables.ablation["split"] == HELD_OUT)
     ].iloc[0]
@@ -502,6 +509,7 @@ def report_notes(tables: ReportTables, data_source: str) -> list[str]:
         f"{best_on_held_out} ({models}). Example cases are the "
         f"{', '.join(tables.cases)} {HELD_OUT} studies of {tables.best_model}, its model with "
         f"the highest {tables.selection} Dice.",
+        models_note(tables.summary, folds),
     ]
     if not tables.pairwise.empty:
         notes.append(
@@ -514,6 +522,27 @@ def report_notes(tables: ReportTables, data_source: str) -> list[str]:
             "not the training noise beyond what averaging the seeds removes."
         )
     return notes
+
+
+def models_note(summary: pd.DataFrame, folds: int) -> str:
+    """Which models the rows stand for: each variant's seeds, and the folds behind each seed."""
+    trained = summary.dropna(subset=["seed"]).groupby("model", sort=False)["seed"]
+    seeds = "; ".join(
+        f"{model} seeds {', '.join(str(int(s)) for s in sorted(set(group)))}"
+        for model, group in trained
+    )
+    if folds == 1:
+        return (
+            f"Trained models: {seeds}; one model per seed, trained on the train split and "
+            "validated on the val split (no cross-validation: train.folds 1)."
+        )
+    return (
+        f"Trained models: {seeds}; each seed {folds} models, one per fold of a {folds}-fold "
+        "cross-validation (folds by patient, stratified by lesion status). Out-of-fold: every "
+        "non-test study, predicted by the one model of its seed that did not train on it. Test: "
+        f"each seed's fold ensemble (the mean of its {folds} models' probabilities, then "
+        "infer.threshold). A seed's row is that seed's out-of-fold and ensemble predictions."
+    )
 
 
 def markdown_page(
@@ -626,17 +655,19 @@ def plot_learning_curves(
 
 
 def plot_distributions(per_study: pd.DataFrame, out_png: str | Path, dpi: int) -> None:
-    """Per-study Dice, FPV and FNV of every variant: box plots with the studies as points."""
+    """Per-study Dice, FPV and FNV of every variant: box plots with the studies as points, one
+    row per evaluated split."""
     variants = sorted(per_study["variant"].unique())
+    splits = eval_splits(per_study)
     fig, axes = plt.subplots(
-        len(SPLITS),
+        len(splits),
         len(HEADLINE),
-        figsize=(4.5 * len(HEADLINE), 3.2 * len(SPLITS)),
+        figsize=(4.5 * len(HEADLINE), 3.2 * len(splits)),
         squeeze=False,
         layout="constrained",
     )
     rng = np.random.default_rng(0)
-    for i, split in enumerate(SPLITS):
+    for i, split in enumerate(splits):
         for j, (column, label) in enumerate(HEADLINE.items()):
             ax = axes[i, j]
             data = [
@@ -740,12 +771,14 @@ def write_report(
     outputs: ReportOutputs,
     settings: ReportSettings,
     data_source: str,
+    folds: int,
 ) -> None:
     """Write results.csv, pairwise.csv, results.md, results.html and every figure of `outputs`.
 
-    `metrics_csvs`: each (variant, split)'s per-study metrics; `train_logs`: each trained
-    variant's log; `test_images`: each test study's (SUV, SEG) files; `test_predictions`: every
-    variant's test prediction by study. The cases are drawn from the best variant's model
+    `metrics_csvs`: each (variant, split)'s per-study metrics; `train_logs`: each training job's
+    log (one per trained variant and fold, `names.fold_model_name`); `test_images`: each test
+    study's (SUV, SEG) files; `test_predictions`: every variant's test prediction by study;
+    `folds`: `train.folds`, named in the notes. The cases are drawn from the best variant's model
     chosen on the selection split (`compute_tables`).
     """
     if set(outputs.curves) != set(train_logs):
@@ -770,7 +803,7 @@ def write_report(
     base = outputs.markdown.parent
     links = [(title, Path(path).relative_to(base).as_posix()) for title, path in figures]
     text = text_tables(tables, data_source)
-    notes = report_notes(tables, data_source)
+    notes = report_notes(tables, data_source, folds)
     with atomic_file(outputs.markdown) as tmp:
         tmp.write_text(markdown_page(text, notes, links), encoding="utf-8")
     with atomic_file(outputs.html) as tmp:

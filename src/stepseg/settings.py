@@ -426,6 +426,9 @@ class TrainSettings(Settings):
     amp: Amp = "auto"
     num_workers: Count = 0
     processes: PositiveInt = 1
+    # cross-validation (stepseg.manifest): the section's alone (SECTION_ONLY), so that every
+    # variant's out-of-fold predictions cover the same studies from the same folds
+    folds: PositiveInt = 1
 
     def __post_init__(self) -> None:
         if self.device == "cpu" and self.amp == "fp16":
@@ -451,6 +454,12 @@ class TrainSettings(Settings):
         if variant is not None:
             where = f"train.variants.{variant}"
             overrides = {k: v for k, v in train["variants"][variant].items() if k != "seeds"}
+            shared = sorted(set(overrides) & set(SECTION_ONLY))
+            if shared:
+                raise SettingsError(
+                    f"{where}: {', '.join(shared)} is a setting of the train section only (the "
+                    "variants are compared on the same folds), not of a variant"
+                )
             merged.update(overrides, name=variant)
         if seed is not None:
             merged["seed"] = seed
@@ -522,6 +531,8 @@ class ReportSettings(Settings):
 Seeds = Annotated[tuple[Count, ...], Limits(minItems=1, uniqueItems=True)]
 # TrainSettings fields `for_variant` sets from the variant's key and `seeds`, never from the config
 SET_BY_VARIANT = ("name", "seed")
+# TrainSettings fields of the train section only, never a variant's
+SECTION_ONLY = ("folds",)
 TRAIN_KEYS = "#/$defs/train_settings"
 
 
@@ -539,8 +550,9 @@ def config_schema() -> dict[str, Any]:
         node["description"] = (kind.__doc__ or "").split("\n\n")[0].replace("\n", " ").strip()
         if kind is TrainSettings:
             keys = {k: v for k, v in _properties(kind).items() if k not in SET_BY_VARIANT}
+            section = {k: keys.pop(k) for k in SECTION_ONLY}
             defs["train_settings"] = {"type": "object", "properties": keys}
-            node.update(_train_section())
+            node.update(_train_section(section))
         else:
             node["properties"].update(_properties(kind))
             node["required"] = _required(kind)
@@ -573,8 +585,9 @@ def _required(kind: type[Settings]) -> list[str]:
     return [f.name for f in dataclasses.fields(kind) if f.default is dataclasses.MISSING]
 
 
-def _train_section() -> dict[str, Any]:
-    """`train`: its keys, plus `variants` mapping a name to overrides of those keys and `seeds`."""
+def _train_section(section: dict[str, Any]) -> dict[str, Any]:
+    """`train`: its keys, its own `section` keys (`SECTION_ONLY`), plus `variants` mapping a
+    name to overrides of its keys and `seeds`."""
     variant = {
         "type": "object",
         "allOf": [{"$ref": TRAIN_KEYS}],
@@ -587,12 +600,13 @@ def _train_section() -> dict[str, Any]:
         "unevaluatedProperties": False,
         "required": ["variants"],
         "properties": {
+            **section,
             "variants": {
                 "type": "object",
                 "minProperties": 1,
                 "propertyNames": {"pattern": f"^{names.VARIANT_PATTERN}$"},
                 "additionalProperties": variant,
-            }
+            },
         },
     }
 

@@ -108,8 +108,10 @@ TRAINED = {
     for seed in spec["seeds"]
 }
 
+# cross-validation folds (`train.folds`, the section's alone): 1 = the train/val split
+FOLDS = TrainSettings.for_variant(config["train"]).folds
 SPLITS = list(names.SPLITS)
-EVAL_SPLITS = list(names.EVAL_SPLITS)
+EVAL_SPLITS = list(names.eval_splits(FOLDS))
 SOURCE = config["download"]["source"]
 
 
@@ -118,11 +120,13 @@ wildcard_constraints:
     split="|".join(SPLITS),
     eval_split="|".join(EVAL_SPLITS),
     trained=names.TRAINED_PATTERN,
+    fold=r"0|[1-9][0-9]*",
     variant=rf"{names.TRAINED_PATTERN}|{names.VARIANT_PATTERN}",
 
 
 def studies(split=None):
-    """Sorted study ids (of one split), once the manifest checkpoint has run.
+    """Sorted study ids (of one split; "oof": every non-test study), once the manifest checkpoint
+    has run.
 
     Asks the checkpoint on every call (that is what makes the calling job wait for the manifest),
     but parses the table once per version of the file: the input functions of the pack, evaluate
@@ -132,8 +136,26 @@ def studies(split=None):
     return list(by_split[split])
 
 
+def fold_studies(fold):
+    """Sorted study ids of cross-validation fold `fold` (an int), once the manifest has run."""
+    _, by_split = _manifest(checkpoints.manifest.get().output[0])
+    return list(by_split[("fold", fold)])
+
+
+def pack_studies(fold, part):
+    """The studies of fold `fold`'s `part` LMDB: with cross-validation every non-test study not in
+    the fold (train) or in it (val); without, the train and val splits (fold 0 only)."""
+    if FOLDS == 1:
+        return studies(part)
+    if part == "val":
+        return fold_studies(fold)
+    held_out = set(fold_studies(fold))
+    return [study for study in studies(names.OUT_OF_FOLD) if study not in held_out]
+
+
 def _manifest(path):
-    """({study id: manifest row}, {split or None: sorted study ids}) of the manifest file."""
+    """({study id: manifest row}, {split, "oof", ("fold", f) or None: sorted study ids}) of the
+    manifest file."""
     version = os.stat(path)
     return _parse_manifest(path, version.st_ino, version.st_mtime_ns, version.st_size)
 
@@ -148,6 +170,14 @@ def _parse_manifest(path, inode, mtime_ns, size):
     by_split = {None: tuple(sorted(rows))}
     for split in SPLITS:
         by_split[split] = tuple(sorted(table.loc[table["split"] == split, "study_id"]))
+    by_split[names.OUT_OF_FOLD] = tuple(
+        sorted(table.loc[table["split"] != "test", "study_id"])
+    )
+    for fold in range(FOLDS):
+        chosen = (
+            table["fold"] == str(fold) if "fold" in table else table["split"] == "val"
+        )
+        by_split[("fold", fold)] = tuple(sorted(table.loc[chosen, "study_id"]))
     return rows, by_split
 
 
@@ -180,68 +210,108 @@ def _manifest_row(path, study):
 
 
 def trained_variants():
-    """Trained models, one per configured variant and seed: `<variant>-seed<k>`."""
+    """Trained models, one per configured variant and seed: `<variant>-seed<k>` (a fold ensemble
+    with cross-validation: the report's model of that seed)."""
     return list(TRAINED)
+
+
+def fold_model(trained, fold):
+    """The model.pt of fold `fold` of a trained model (fold0 alone without cross-validation)."""
+    return f"results/models/{trained}/{names.fold_folder(fold)}/model.pt"
+
+
+def train_logs():
+    """{`<variant>-seed<k>-fold<f>`: its train_log.csv} of every training job."""
+    return {
+        names.fold_model_name(trained, fold): (
+            f"results/models/{trained}/{names.fold_folder(fold)}/train_log.csv"
+        )
+        for trained in trained_variants()
+        for fold in range(FOLDS)
+    }
 
 
 def model_job_threads():
     """Threads of one training or inference job: the cores shared by the models that can run
-    side by side (one job per trained variant), at most 8.
+    side by side (one training job per trained variant and fold), at most 8.
 
     A small network keeps two threads only about 75 % busy, so on 2 cores two models train side
     by side on one thread each rather than one after the other on two.
     profiles/slurm sets the threads of a cluster job itself.
     """
     cores = workflow.resource_settings.cores or 1
-    return min(8, max(1, cores // max(1, len(trained_variants()))))
+    return min(8, max(1, cores // max(1, len(trained_variants()) * FOLDS)))
 
 
 def nifti_paths(name, split, chunk=None):
     """`results/nifti/{study}/<name>.nii.gz` of every study of `split` (of its infer chunk
     `chunk` only, if given), in study order."""
-    chosen = studies(split) if chunk is None else infer_chunk(split, chunk)
+    chosen = studies(split) if chunk is None else infer_chunk(split, chunk)[0]
     return expand(f"results/nifti/{{study}}/{name}.nii.gz", study=chosen)
 
 
+def _chunked(chosen):
+    """`chosen` in chunks of at most `infer.studies_per_job` studies, in order."""
+    per_job = SETTINGS["infer"].studies_per_job
+    return [chosen[start : start + per_job] for start in range(0, len(chosen), per_job)]
+
+
 def infer_chunks(split):
-    """The studies of each infer job of `split`: chunk k holds the sorted studies k * n to
-    k * n + n - 1 (n = `infer.studies_per_job`), so a cluster spreads a model's inference over
-    nodes while each job loads torch and the model once.
+    """{chunk name: (its studies, the folds whose models predict them)} of the infer jobs of
+    `split`: `chunk-<k>` holds the sorted studies k * n to k * n + n - 1 (n =
+    `infer.studies_per_job`), so a cluster spreads a model's inference over nodes while each job
+    loads torch and the models once. Test chunks are predicted by every fold's model (the fold
+    ensemble), val chunks by fold 0's (no cross-validation); out-of-fold chunks are
+    `fold<f>-chunk-<k>`, fold f's studies predicted by the model that did not train on them.
 
     By sorted position rather than by hash: every chunk but the last is full, so there are as few
     jobs as there can be. A study added to (or removed from) a split reruns its chunk and every
     later one of that split; adding a patient redraws the splits anyway (`manifest.assign_splits`).
     """
-    per_job = SETTINGS["infer"].studies_per_job
-    chosen = studies(split)
-    return [chosen[start : start + per_job] for start in range(0, len(chosen), per_job)]
+    if split == names.OUT_OF_FOLD:
+        return {
+            f"{names.fold_folder(fold)}-chunk-{k}": (chosen, [fold])
+            for fold in range(FOLDS)
+            for k, chosen in enumerate(_chunked(fold_studies(fold)))
+        }
+    folds = list(range(FOLDS)) if split == "test" else [0]
+    return {
+        f"chunk-{k}": (chosen, folds)
+        for k, chosen in enumerate(_chunked(studies(split)))
+    }
 
 
 def infer_chunk(split, chunk):
-    """The studies of infer chunk `chunk` (a wildcard value) of `split`."""
+    """(studies, folds) of infer chunk `chunk` (a wildcard value) of `split`."""
     chunks = infer_chunks(split)
-    if int(chunk) >= len(chunks):
+    if chunk not in chunks:
         raise ValueError(
-            f"{split} has {len(chunks)} infer chunk(s) (chunk-0 to chunk-{len(chunks) - 1}), "
-            f"not chunk-{chunk}"
+            f"{split} has the infer chunks {', '.join(chunks)}, not {chunk}"
         )
-    return chunks[int(chunk)]
+    return chunks[chunk]
+
+
+def infer_models(wildcards):
+    """The model.pt of every fold whose model predicts this infer job's studies."""
+    _, folds = infer_chunk(wildcards.eval_split, wildcards.chunk)
+    return [fold_model(wildcards.trained, fold) for fold in folds]
 
 
 def infer_chunk_dir(variant, split, chunk):
-    """The output of the infer job of a trained `variant` on chunk `chunk` of `split`."""
-    return f"results/predictions/{variant}/{split}/chunk-{chunk}"
+    """The output of the infer job of a trained `variant` on chunk `chunk` (a name) of `split`."""
+    return f"results/predictions/{variant}/{split}/{chunk}"
 
 
 def prediction_paths(variant, split):
     """Every prediction of `variant` on `split`, in the order of `studies(split)`: a trained
     model's in its infer chunks' folders, the threshold baseline's one per study."""
     if variant in trained_variants():
-        return [
-            f"{infer_chunk_dir(variant, split, chunk)}/{study}.nii.gz"
-            for chunk, chosen in enumerate(infer_chunks(split))
+        path = {
+            study: f"{infer_chunk_dir(variant, split, chunk)}/{study}.nii.gz"
+            for chunk, (chosen, _) in infer_chunks(split).items()
             for study in chosen
-        ]
+        }
+        return [path[study] for study in studies(split)]
     return expand(
         "results/predictions/{variant}/{split}/{study}.nii.gz",
         variant=variant,
@@ -254,10 +324,7 @@ def prediction_inputs(variant, split):
     """The inputs that give those predictions: a trained model's chunk folders (the infer jobs),
     the threshold baseline's per-study files (the infer_threshold jobs)."""
     if variant in trained_variants():
-        return [
-            infer_chunk_dir(variant, split, chunk)
-            for chunk in range(len(infer_chunks(split)))
-        ]
+        return [infer_chunk_dir(variant, split, chunk) for chunk in infer_chunks(split)]
     return prediction_paths(variant, split)
 
 

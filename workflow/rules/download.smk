@@ -13,6 +13,7 @@ checkpoint manifest:
         source=SOURCE,
         listing=stepseg.sources.listing_settings(SOURCE, config["download"][SOURCE]),
         split=config["split"],
+        folds=FOLDS,
     script:
         "../scripts/manifest.py"
 

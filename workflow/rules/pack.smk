@@ -1,20 +1,30 @@
+# One train and one val LMDB per fold (fold0 alone without cross-validation): `pack_studies`.
 rule pack:
     input:
-        suv=lambda wc: nifti_paths("SUV", wc.split),
-        ctres=lambda wc: nifti_paths("CTres", wc.split),
+        suv=lambda wc: expand(
+            "results/nifti/{study}/SUV.nii.gz",
+            study=pack_studies(int(wc.fold), wc.part),
+        ),
+        ctres=lambda wc: expand(
+            "results/nifti/{study}/CTres.nii.gz",
+            study=pack_studies(int(wc.fold), wc.part),
+        ),
         steps=lambda wc: expand(
-            "results/targets/{study}/steps.nii.gz", study=studies(wc.split)
+            "results/targets/{study}/steps.nii.gz",
+            study=pack_studies(int(wc.fold), wc.part),
         ),
     output:
-        directory("results/lmdb/{split}.lmdb"),
+        directory("results/lmdb/fold{fold}/{part}.lmdb"),
     log:
-        "results/logs/pack/{split}.log",
+        "results/logs/pack/fold{fold}/{part}.log",
     benchmark:
-        "results/benchmarks/pack/{split}.tsv"
+        "results/benchmarks/pack/fold{fold}/{part}.tsv"
+    wildcard_constraints:
+        part="train|val",
     conda:
         "../../envs/torch.yaml"
     params:
-        studies=lambda wc: studies(wc.split),
+        studies=lambda wc: pack_studies(int(wc.fold), wc.part),
         pack=SETTINGS["pack"].to_dict(),
         targets=SETTINGS["targets"].to_dict(),
         # a new LMDB layout in the code re-packs (the code trigger sees only the entry script)

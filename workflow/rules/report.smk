@@ -5,9 +5,7 @@ rule report:
             variant=all_variants(),
             eval_split=EVAL_SPLITS,
         ),
-        train_logs=expand(
-            "results/models/{trained}/train_log.csv", trained=trained_variants()
-        ),
+        train_logs=list(train_logs().values()),
         suv=lambda wc: nifti_paths("SUV", "test"),
         seg=lambda wc: nifti_paths("SEG", "test"),
         pred=lambda wc: [
@@ -49,13 +47,14 @@ rule report:
         ),
         curves=[
             report(
-                f"results/report/training/{variant}.png",
+                f"results/report/training/{names.fold_model_name(trained, fold)}.png",
                 caption="../report/training_curves.rst",
                 category="Training",
-                subcategory=names.parse_trained(variant)[0],
-                labels={"variant": variant},
+                subcategory=names.parse_trained(trained)[0],
+                labels={"model": names.fold_model_name(trained, fold)},
             )
-            for variant in trained_variants()
+            for trained in trained_variants()
+            for fold in range(FOLDS)
         ],
         cases=[
             report(
@@ -75,7 +74,9 @@ rule report:
         # the keys of the input lists above, in their order
         variants=all_variants(),
         eval_splits=EVAL_SPLITS,
-        trained=trained_variants(),
+        # every fold model, in the order of the train_logs input
+        fold_models=list(train_logs()),
+        folds=FOLDS,
         test_studies=lambda wc: studies("test"),
         settings=SETTINGS["report"].to_dict(),
         data_source=config["download"]["source"],

@@ -1,4 +1,5 @@
-"""Entry script: sliding-window inference of one infer chunk of a split's studies, one model."""
+"""Entry script: sliding-window inference of one infer chunk of a split's studies, by one model
+or a fold ensemble (mean probability)."""
 
 from stepseg import checks, devices, infer, logs
 from stepseg.settings import InferSettings
@@ -9,7 +10,7 @@ with (
     devices.claimed_gpus(snakemake.resources.gpu),
 ):
     infer.predict_split(
-        model_path=snakemake.input.model,
+        model_paths=list(snakemake.input.models),
         studies=snakemake.params.studies,
         suv_paths=snakemake.input.suv,
         ctres_paths=snakemake.input.ctres,

@@ -11,4 +11,5 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         settings=snakemake.config["download"][source],
         split=snakemake.params.split,
         out_path=snakemake.output[0],
+        folds=snakemake.params.folds,
     )

@@ -13,7 +13,7 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         metrics_csvs=dict(
             zip(itertools.product(params.variants, params.eval_splits), inputs.metrics, strict=True)
         ),
-        train_logs=dict(zip(params.trained, inputs.train_logs, strict=True)),
+        train_logs=dict(zip(params.fold_models, inputs.train_logs, strict=True)),
         test_images=dict(
             zip(params.test_studies, zip(inputs.suv, inputs.seg, strict=True), strict=True)
         ),
@@ -25,9 +25,10 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
             html=Path(outputs.html),
             distributions=Path(outputs.distributions),
             learning_curves=Path(outputs.learning_curves),
-            curves=dict(zip(params.trained, map(Path, outputs.curves), strict=True)),
+            curves=dict(zip(params.fold_models, map(Path, outputs.curves), strict=True)),
             cases=dict(zip(params.settings["mip_cases"], map(Path, outputs.cases), strict=True)),
         ),
         settings=ReportSettings.from_mapping(params.settings),
         data_source=params.data_source,
+        folds=params.folds,
     )

@@ -46,7 +46,7 @@ STUDY_SETTINGS: dict[str, frozenset[str] | None] = {
 }
 # Manifest columns a study's files do not depend on: a new split or a new clinical table
 # rewrites them without re-downloading anything.
-NOT_STUDY_COLUMNS = frozenset({"split", "has_lesions"})
+NOT_STUDY_COLUMNS = frozenset({"split", "fold", "has_lesions"})
 
 
 def _check(source: str) -> None:
@@ -83,13 +83,17 @@ def study_identity(
 
 
 def write_manifest(
-    source: str, settings: Mapping[str, Any], split: Mapping[str, Any], out_path: str | Path
+    source: str,
+    settings: Mapping[str, Any],
+    split: Mapping[str, Any],
+    out_path: str | Path,
+    folds: int = 1,
 ) -> None:
     from stepseg import manifest  # pandas: not needed by the workflow's parse-time imports
 
     records = _module(source).list_studies(settings)
     fractions = {name: split[name] for name in manifest.SPLITS}
-    manifest.write(manifest.assign_splits(records, fractions, split["seed"]), out_path)
+    manifest.write(manifest.assign_splits(records, fractions, split["seed"], folds), out_path)
 
 
 def fetch_study(
