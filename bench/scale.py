@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -93,8 +95,13 @@ def measure(workdir: Path, *args: str, repeat: int = 1) -> dict:
     }
 
 
-def write_manifest(workdir: Path, n_studies: int) -> None:
-    """N studies of ~0.8 N patients (a quarter with a follow-up), split by patient as usual."""
+def write_manifest(workdir: Path, n_studies: int, folds: int | None = None) -> None:
+    """N studies of ~0.8 N patients (a quarter with a follow-up), split by patient as usual;
+    with `folds` (default: `train.folds` of the working directory's config/config.yaml) >= 2
+    the non-test patients are dealt into folds, as the manifest rule does."""
+    if folds is None:
+        config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+        folds = config["train"]["folds"]
     records = []
     patient = 0
     while len(records) < n_studies:
@@ -108,7 +115,9 @@ def write_manifest(workdir: Path, n_studies: int) -> None:
                 }
             )
         patient += 1
-    table = manifest.assign_splits(records, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    table = manifest.assign_splits(
+        records, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0, folds=folds
+    )
     manifest.write(table, workdir / "results" / "manifest.tsv")
 
 

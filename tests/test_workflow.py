@@ -721,61 +721,77 @@ def evaluated_predictions(output: str) -> dict[str, list[str]]:
     return found
 
 
-def eval_split_studies(workdir: Path) -> dict[str, list[str]]:
-    """Evaluation split -> its sorted study ids, from the working directory's manifest."""
-    table = manifest.read(workdir / "results" / "manifest.tsv")
-    return {
-        split: sorted(table.loc[table["split"] == split, "study_id"]) for split in ("val", "test")
-    }
-
-
+DEFAULT_FOLDS = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["train"]["folds"]
 MODELS = ("stepwise-seed0", "plain-seed0")  # config/config.yaml's variants
 
 
+def expected_chunks(workdir: Path, per_job: int) -> dict[str, dict[str, list[str]]]:
+    """Evaluation split -> {chunk name: its studies} under the default config's folds, from the
+    working directory's manifest: consecutive sorted studies, at most `per_job` a chunk; out of
+    fold, each fold's own studies (`fold<f>-chunk-<k>`)."""
+    table = manifest.read(workdir / "results" / "manifest.tsv")
+
+    def chunked(studies: list[str], prefix: str = "") -> dict[str, list[str]]:
+        return {
+            f"{prefix}chunk-{k}": studies[start : start + per_job]
+            for k, start in enumerate(range(0, len(studies), per_job))
+        }
+
+    test = sorted(table.loc[table["split"] == "test", "study_id"])
+    if DEFAULT_FOLDS == 1:
+        return {"val": chunked(sorted(table.loc[table["split"] == "val", "study_id"])),
+                "test": chunked(test)}  # fmt: skip
+    out_of_fold = {}
+    for fold in range(DEFAULT_FOLDS):
+        studies = sorted(table.loc[table["fold"] == str(fold), "study_id"])
+        out_of_fold.update(chunked(studies, f"{names.fold_folder(fold)}-"))
+    return {names.OUT_OF_FOLD: out_of_fold, "test": chunked(test)}
+
+
 def test_inference_of_the_collection_is_spread_over_chunk_jobs(tmp_path):
-    """1,014 studies (bench/scale.py's manifest) under the default config: each model's val and
-    test inference is 17 jobs of at most 12 (`infer.studies_per_job`) consecutive sorted studies,
-    which cover each split once; each evaluate job reads every chunk of its model and split."""
+    """1,014 studies (bench/scale.py's manifest) under the default config: each model's
+    evaluation inference (out of fold, or val without cross-validation) and test inference are
+    at least 16 jobs of at most 12 (`infer.studies_per_job`) consecutive sorted studies, which
+    cover each split once; each evaluate job reads every chunk of its model and split."""
     spec = importlib.util.spec_from_file_location("scale", ROOT / "bench" / "scale.py")
     scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale)
     shutil.copytree(ROOT / "config", tmp_path / "config")
-    scale.write_manifest(tmp_path, 1014)
-    splits = eval_split_studies(tmp_path)
-    assert {split: len(s) for split, s in splits.items()} == {"val": 197, "test": 203}
+    scale.write_manifest(tmp_path, 1014, folds=DEFAULT_FOLDS)
+    expected = expected_chunks(tmp_path, 12)
+    assert {split: sum(map(len, chunks.values())) for split, chunks in expected.items()} == {
+        names.eval_splits(DEFAULT_FOLDS)[0]: 811 if DEFAULT_FOLDS > 1 else 197,
+        "test": 203,
+    }
 
     output = default_config_snakemake(tmp_path, "--dry-run")
 
     chunks = planned_chunks(output)
-    assert {key: len(jobs) for key, jobs in chunks.items()} == {
-        (model, split): 17 for model in MODELS for split in ("val", "test")
-    }
-    chunk_names = [f"chunk-{k}" for k in range(17)]
-    for (model, split), jobs in chunks.items():
-        assert sorted(jobs) == sorted(chunk_names)
-        assert [len(jobs[k]) for k in chunk_names] == [12] * 16 + [len(splits[split]) - 16 * 12]
-        assert [s for k in chunk_names for s in jobs[k]] == splits[split], (model, split)
+    assert chunks == {(model, split): expected[split] for model in MODELS for split in expected}
+    assert all(len(jobs) >= 16 for jobs in chunks.values())
     evaluated = evaluated_predictions(output)
     for model in MODELS:
-        for split in ("val", "test"):
+        for split, split_chunks in expected.items():
             assert evaluated[f"results/metrics/{model}/{split}_summary.csv"] == [
-                f"results/predictions/{model}/{split}/chunk-{k}" for k in range(17)
+                f"results/predictions/{model}/{split}/{chunk}" for chunk in split_chunks
             ]
 
 
 def test_default_run_infers_each_split_in_one_job(tmp_path):
-    """The default cohort (8 val and 9 test studies) fits one chunk per split: one infer job per
-    model and split, as before chunking (starting torch costs more than a study on a CPU)."""
+    """The default cohort fits one chunk per split and fold (no more than 12 studies in each):
+    one infer job per model and fold out of fold and one per model for the test split's fold
+    ensemble (starting torch and loading models cost more than a study on a CPU)."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     default_config_snakemake(tmp_path, "results/manifest.tsv")
-    splits = eval_split_studies(tmp_path)
-    assert {split: len(s) for split, s in splits.items()} == {"val": 8, "test": 9}
+    expected = expected_chunks(tmp_path, 12)
+    assert {split: len(chunks) for split, chunks in expected.items()} == {
+        names.eval_splits(DEFAULT_FOLDS)[0]: DEFAULT_FOLDS,
+        "test": 1,
+    }
 
     chunks = planned_chunks(default_config_snakemake(tmp_path, "--dry-run"))
 
-    assert chunks == {
-        (model, split): {"chunk-0": splits[split]} for model in MODELS for split in splits
-    }
+    assert chunks == {(model, split): expected[split] for model in MODELS for split in expected}
 
 
 def test_studies_per_job_rechunks_every_inference(run):

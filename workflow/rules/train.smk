@@ -13,6 +13,7 @@ rule train:
     conda:
         "../../envs/torch.yaml"
     threads: model_job_threads()
+    priority: train_priority
     resources:
         gpu=train_gpus,
     params:
