@@ -134,7 +134,7 @@ def run_infer(config: dict, work: Path, study: str, threads: int) -> None:
     f = files(work, study)
     save_random_model(config["train"], f["model"])
     predict_split(
-        model_path=f["model"],
+        model_paths=[f["model"]],
         studies=[study],
         suv_paths=[f["SUV"]],
         ctres_paths=[f["CTres"]],
@@ -180,18 +180,30 @@ OUTPUTS = {  # what each stage writes (the bytes column)
 
 
 def jobs_per_collection(config: dict, n_studies: int) -> dict[str, float]:
-    """Study-runs of each stage for `n_studies` under the config's split and variants."""
+    """Study-runs of each stage for `n_studies` under the config's split, folds and variants.
+
+    With k >= 2 folds every non-test study is packed k times (k - 1 training LMDBs and its own
+    fold's val LMDB), predicted once out of fold per trained seed, and every test study once per
+    fold model (the fold ensemble); with one fold, train and val studies are packed once and val
+    and test studies predicted once per trained seed.
+    """
     split = config["split"]
+    folds = config["train"]["folds"]
     total = sum(split[s] for s in names.SPLITS)
-    train_val = n_studies * (split["train"] + split["val"]) / total
-    evaluated = n_studies * (split["val"] + split["test"]) / total
+    test = n_studies * split["test"] / total
+    non_test = n_studies - test
     models = sum(len(v["seeds"]) for v in config["train"]["variants"].values())
+    if folds > 1:
+        packed, predicted, evaluated = non_test * folds, non_test + test * folds, n_studies
+    else:
+        val = n_studies * split["val"] / total
+        packed, predicted, evaluated = non_test, val + test, val + test
     return {
         "download": n_studies,
         "convert": n_studies,
         "targets": n_studies,
-        "pack": train_val,
-        "infer": evaluated * models,
+        "pack": packed,
+        "infer": predicted * models,
         "evaluate": evaluated * (models + 1),
     }
 
@@ -224,7 +236,7 @@ def report(rows: dict[str, dict], config: dict, threads: int) -> None:
     print(
         f"one study at PET {'x'.join(map(str, synthetic['pet_shape']))} and CT "
         f"{'x'.join(map(str, synthetic['ct_shape']))} (z,y,x), infer on {threads} thread(s); "
-        f"projection for {COLLECTION_STUDIES} studies (default split and variants)"
+        f"projection for {COLLECTION_STUDIES} studies (default split, folds and variants)"
     )
     header = f"{'stage':<9}{'wall s':>8}{'CPU s':>8}{'peak GiB':>9}{'MB':>8}"
     print(header + f"{'study-runs':>11}{'CPU h':>8}{'GB':>8}")
