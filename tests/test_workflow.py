@@ -794,6 +794,22 @@ def test_default_run_infers_each_split_in_one_job(tmp_path):
     assert chunks == {(model, split): expected[split] for model in MODELS for split in expected}
 
 
+def test_an_added_seed_trains_and_predicts_that_seed_only(run):
+    """A seed added to one variant: its fold models train, predict and are evaluated, and the
+    report is rebuilt; nothing of the other models reruns (with the report as the only target,
+    Snakemake ran nothing at all: the new metrics were missing files no target asked for)."""
+    cohort = Cohort.of(run)
+    variants = yaml.safe_load((run / "tiny.yaml").read_text())["train"]["variants"]
+    stepwise = variants["stepwise"]
+    change = {"train": {"variants": {"stepwise": {**stepwise, "seeds": [*stepwise["seeds"], 7]}}}}
+    assert planned_jobs(run, change) == {
+        "train": cohort.folds,
+        "infer": infer_jobs(cohort, 1),
+        "evaluate": evaluate_jobs(1),
+        "report": 1,
+    }
+
+
 def test_studies_per_job_rechunks_every_inference(run):
     """2 studies per infer job on the tiny run: its 3-study split becomes 2 chunks; every model's
     inference reruns (the setting is part of the infer params), then its evaluation and the

@@ -85,7 +85,17 @@ def train_priority(wildcards):
     (2.2 against 0.84 s an epoch on 2 CPU cores; docs/experiments.md). Only the order among jobs
     ready together changes, never a result.
     """
-    settings = TRAINED[wildcards.trained]
+    return _training_cost(TRAINED[wildcards.trained])
+
+
+def pack_priority(wildcards):
+    """Above every training: a pack job takes seconds and unblocks a fold's trainings, which
+    would otherwise wait behind every other ready training (Snakemake does not pass a job's
+    priority on to the jobs it needs)."""
+    return 1 + max(_training_cost(settings) for settings in TRAINED.values())
+
+
+def _training_cost(settings):
     cost = settings.epochs * settings.samples_per_epoch
     return int(cost * (2.6 if settings.targets == "stepwise" else 1.0))
 
@@ -350,4 +360,11 @@ def variant_settings(wildcards):
 
 
 def final_outputs(wildcards):
-    return ["results/report/results.md"]
+    """The report, and every variant's metrics by name: Snakemake looks for missing files only
+    from the jobs a target asks for, so with the report alone an added seed or variant (new
+    metrics the existing report has never read) ran nothing."""
+    return ["results/report/results.md"] + expand(
+        "results/metrics/{variant}/{eval_split}_per_study.csv",
+        variant=all_variants(),
+        eval_split=EVAL_SPLITS,
+    )

@@ -21,6 +21,7 @@ rule pack:
         "results/benchmarks/pack/fold{fold}/{part}.tsv"
     wildcard_constraints:
         part="train|val",
+    priority: pack_priority
     conda:
         "../../envs/torch.yaml"
     params:
