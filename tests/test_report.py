@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from stepseg import metrics, nifti, report
 from stepseg.settings import EvaluateSettings, ReportSettings
@@ -192,12 +193,12 @@ def test_markdown_table1_and_ablation(written):
     )
     assert [(r["Variants (A - B)"], r["Set"], r["Metric"]) for r in rows] == [
         ("stepwise - plain", split, metric)
-        for split in ("Validation set", "Preliminary test set")
+        for split in ("Validation set", "Preliminary test set", "Pooled (every evaluated study)")
         for metric in ("DSC", "False Positive (ml)", "False Negative (ml)")
     ]
     pairwise = pd.read_csv(outs.pairwise)
     assert pairwise.columns.tolist() == report.PAIRWISE_COLUMNS
-    assert len(pairwise) == 6 and set(pairwise["variant_a"] + "-" + pairwise["variant_b"]) == {
+    assert len(pairwise) == 9 and set(pairwise["variant_a"] + "-" + pairwise["variant_b"]) == {
         "stepwise-plain"
     }
 
@@ -428,11 +429,11 @@ def test_pairwise_compares_every_two_configured_variants_by_hand():
     pairwise = tables.pairwise
     compared = zip(pairwise["variant_a"], pairwise["variant_b"], pairwise["split"], strict=True)
     assert list(dict.fromkeys(compared)) == [
-        ("alpha", "beta", "val"), ("alpha", "beta", "test"),
-        ("alpha", "gamma", "val"), ("alpha", "gamma", "test"),
-        ("beta", "gamma", "val"), ("beta", "gamma", "test"),
+        ("alpha", "beta", "val"), ("alpha", "beta", "test"), ("alpha", "beta", "pooled"),
+        ("alpha", "gamma", "val"), ("alpha", "gamma", "test"), ("alpha", "gamma", "pooled"),
+        ("beta", "gamma", "val"), ("beta", "gamma", "test"), ("beta", "gamma", "pooled"),
     ]  # fmt: skip
-    assert len(pairwise) == 6 * 3
+    assert len(pairwise) == 9 * 3
     rows = pairwise.set_index(["variant_a", "variant_b", "split", "metric"])
     dice = rows.loc[("alpha", "beta", "test", "dice")]
     assert dice["n_studies"] == 5
@@ -449,6 +450,23 @@ def test_pairwise_compares_every_two_configured_variants_by_hand():
     fnv = rows.loc[("alpha", "beta", "test", "fnv_ml")]
     assert (fnv["n_studies"], fnv["mean_difference"], fnv["conclusion"]) == (
         5, 0.0, "no difference at 95 %")  # fmt: skip
+    # pooled: the val and test studies' seed-averaged differences together, one per study
+    differences = []
+    for split in ("val", "test"):
+        seeds = {
+            name: np.mean([[d for d, _, _ in THREE[split][f"{name}-seed{k}"]] for k in (0, 1)], 0)
+            for name in ("alpha", "beta")
+        }
+        differences += [
+            a - b for a, b in zip(seeds["alpha"], seeds["beta"], strict=True) if not np.isnan(a)
+        ]
+    pooled = rows.loc[("alpha", "beta", "pooled", "dice")]
+    half = stats.t.ppf(0.975, len(differences) - 1) * np.std(differences, ddof=1)
+    assert pooled["n_studies"] == len(differences) == 5 + len(THREE["val"]["alpha-seed0"])
+    assert pooled["mean_difference"] == pytest.approx(np.mean(differences), abs=1e-12)
+    assert pooled["ci_high"] - pooled["ci_low"] == pytest.approx(
+        2 * half / np.sqrt(len(differences)), abs=1e-12
+    )
 
     page = report.markdown_page(
         report.text_tables(tables, "synthetic"), report.report_notes(tables, "synthetic", 1), []
@@ -535,7 +553,7 @@ def test_cross_validated_metrics_are_chosen_on_out_of_fold_and_say_their_folds()
         ["oof", "Out-of-fold", 0.80, 1.87, 1.14],
         ["test", "Preliminary test set", 0.92, 0.89, 0.53],
     ]
-    assert set(tables.pairwise["split"]) == {"oof", "test"}
+    assert set(tables.pairwise["split"]) == {"oof", "test", "pooled"}
     notes = report.report_notes(tables, "synthetic", 2)
     assert notes[2].startswith("Best variant: beta, the highest Dice on the oof split")
     assert notes[3].startswith(

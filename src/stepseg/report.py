@@ -41,7 +41,15 @@ HELD_OUT = "test"
 # the splits the best variant may be chosen on, in order of preference; the first the metrics
 # hold is used: out-of-fold predictions where cross-validation gives them, else validation
 SELECTION_SPLITS = ("oof", "val")
-SET_LABELS = {"oof": "Out-of-fold", "val": "Validation set", "test": "Preliminary test set"}
+# the pairwise comparison's last "split": every evaluated study (out-of-fold or val, and test;
+# each study is in one split), the most studies a verdict between two variants can rest on
+POOLED = "pooled"
+SET_LABELS = {
+    "oof": "Out-of-fold",
+    "val": "Validation set",
+    "test": "Preliminary test set",
+    POOLED: "Pooled (every evaluated study)",
+}
 # Liu, Zhong & Mo (autoPET 2022), Table 1: DSC, false positive and false negative volume (ml).
 # Their validation row stands beside our out-of-fold one too: both are the selection split,
 # on studies the model did not train on (theirs one held-out set, ours every non-test study).
@@ -146,8 +154,9 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
 def paired_comparison(
     per_study: pd.DataFrame, variant_a: str, variant_b: str, split: str
 ) -> pd.DataFrame:
-    """`variant_a` minus `variant_b` per study of `split` (each variant's seeds averaged per
-    study), for Dice, FPV and FNV over the studies where both are defined: mean difference, its
+    """`variant_a` minus `variant_b` per study of `split` (`POOLED`: of every evaluated split;
+    each variant's seeds averaged per study), for Dice, FPV and FNV over the studies where both
+    are defined: mean difference, its
     95 % t-interval, the Wilcoxon signed-rank p-value and the conclusion the interval supports.
     Empty when either variant has no metrics on `split`.
 
@@ -159,7 +168,7 @@ def paired_comparison(
     """
     from scipy import stats
 
-    data = per_study[per_study["split"] == split]
+    data = per_study if split == POOLED else per_study[per_study["split"] == split]
     data = data.assign(model=[names.parse_trained(str(v))[0] for v in data["variant"]])
     rows = []
     for column in HEADLINE:
@@ -202,11 +211,15 @@ def conclusion(column: str, variant_a: str, variant_b: str, low: float, high: fl
 
 def pairwise_comparison(per_study: pd.DataFrame) -> pd.DataFrame:
     """`paired_comparison` of every two trained variants (the earlier in the config's order
-    first) on every evaluated split; empty with fewer than two trained variants."""
+    first) on every evaluated split, then pooled over them (with more than one); empty with
+    fewer than two trained variants."""
+    splits = eval_splits(per_study)
+    if len(splits) > 1:
+        splits.append(POOLED)
     frames = [
         paired_comparison(per_study, a, b, split)
         for a, b in itertools.combinations(trained_variants(per_study), 2)
-        for split in eval_splits(per_study)
+        for split in splits
     ]
     frames = [frame for frame in frames if not frame.empty]
     return (
@@ -514,8 +527,9 @@ def report_notes(tables: ReportTables, data_source: str, folds: int) -> list[str
     if not tables.pairwise.empty:
         notes.append(
             "Pairwise comparison: for every two trained variants A and B (in the config's order) "
-            "and each split, A - B per study, each variant's seeds averaged per study, over the "
-            "studies where both are defined; a 95 % t-interval over those studies (a bootstrap "
+            "and each split, then pooled over every evaluated study (the verdict: the most "
+            "studies, none chosen on), A - B per study, each variant's seeds averaged per study, "
+            "over the studies where both are defined; a 95 % t-interval over those studies (a bootstrap "
             "interval would cover less at so few studies) and the Wilcoxon signed-rank p. The "
             "conclusion names the variant the interval favours (higher Dice, lower FPV and FNV), "
             f"'{NO_DIFFERENCE}' when it holds zero. The interval covers the choice of studies, "
