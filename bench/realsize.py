@@ -94,6 +94,7 @@ def run_convert(config: dict, work: Path, study: str, threads: int) -> None:
 
 
 def run_targets(config: dict, work: Path, study: str, threads: int) -> None:
+    from stepseg.settings import TargetsSettings
     from stepseg.targets import write_study_targets
 
     f = files(work, study)
@@ -104,13 +105,13 @@ def run_targets(config: dict, work: Path, study: str, threads: int) -> None:
         ctres_path=f["CTres"],
         steps_path=f["targets"] / "steps.nii.gz",
         qc_path=f["targets"] / "qc.png",
-        settings=config["targets"],
+        settings=TargetsSettings.from_mapping(config["targets"]),
     )
 
 
 def run_pack(config: dict, work: Path, study: str, threads: int) -> None:
     from stepseg.pack import pack_split
-    from stepseg.settings import PackSettings
+    from stepseg.settings import PackSettings, TargetsSettings
 
     f = files(work, study)
     pack_split(
@@ -120,7 +121,7 @@ def run_pack(config: dict, work: Path, study: str, threads: int) -> None:
         steps_paths=[f["targets"] / "steps.nii.gz"],
         out_dir=f["lmdb"],
         settings=PackSettings.from_mapping(config["pack"]),
-        target_settings=config["targets"],
+        target_settings=TargetsSettings.from_mapping(config["targets"]),
         ct_hu_range=checks.ct_hu_range(config),
     )
 
