@@ -249,8 +249,7 @@ def test_nifti_dir_workflow_links_instead_of_converting(release, tmp_path):
     shutil.copytree(root / "config", workdir / "config")
     # the release holds too few patients for the default config's folds; linking needs none
     (workdir / "nifti.yaml").write_text(
-        f"download:\n  source: nifti_dir\n  nifti_dir:\n    path: {release}\n"
-        "train:\n  folds: 1\n"
+        f"download:\n  source: nifti_dir\n  nifti_dir:\n    path: {release}\ntrain:\n  folds: 1\n"
     )
     studies = ("PETCT_0a_2", "PETCT_0b_1")
     targets = [f"results/nifti/{s}/{n}.nii.gz" for s in studies for n in ("SUV", "SEG")]
