@@ -10,10 +10,10 @@ rule train:
         "results/logs/train/{trained}/fold{fold}.log",
     benchmark:
         "results/benchmarks/train/{trained}/fold{fold}.tsv"
+    priority: train_priority
     conda:
         "../../envs/torch.yaml"
     threads: model_job_threads()
-    priority: train_priority
     resources:
         gpu=train_gpus,
     params:
