@@ -96,9 +96,9 @@ def test_grand_challenge_pairs_by_name_or_single_images(tmp_path):
         cli.grand_challenge_pairs(tmp_path / "empty", tmp_path / "out")
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "model.pt"
+def save_random_model(path: Path, mask_prior: float | None = None) -> Path:
+    """A tiny network (one PATCH-sized window) with random weights far from their
+    initialisation, saved as a model.pt; `mask_prior` sets the mask channel's prior."""
     settings = TrainSettings.for_variant(
         {"channels": [4, 8], "num_res_units": 1, "norm": "instance", "patch_size": PATCH}
     )
@@ -112,8 +112,15 @@ def model_path(tmp_path_factory):
     with torch.no_grad():  # a bias so that the mask is neither empty nor full
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    if mask_prior is not None:
+        model.init_mask_prior(net, mask_prior)
     model.save(path, net, info)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_random_model(tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def network_mask(model_path, suv: nifti.Volume, ct: nifti.Volume) -> tuple[np.ndarray, np.ndarray]:

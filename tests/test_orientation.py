@@ -14,11 +14,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the conventional name)
 import torch
+from test_cli import save_random_model
 
-from stepseg import cli, metrics, model, nifti, presets, targets
+from stepseg import cli, metrics, model, nifti, targets
 from stepseg.convert import convert_study
 from stepseg.names import NIFTI_NAMES, ORIENTATION
-from stepseg.settings import ConvertSettings, TargetsSettings, TrainSettings
+from stepseg.settings import ConvertSettings, TargetsSettings
 from stepseg.sources import local
 from stepseg.synthetic import source
 
@@ -79,23 +80,7 @@ def study(tmp_path_factory, micro_synthetic_settings) -> tuple[str, Path, dict[s
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """A tiny network with random weights: nothing makes it flip- or transpose-invariant."""
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    settings = TrainSettings.for_variant(
-        {"channels": [4, 8], "num_res_units": 1, "norm": "instance", "patch_size": [8, 16, 16]}
-    )
-    info = model.ModelInfo(
-        settings=settings,
-        network=model.network_spec(settings, out_channels=8),
-        target_preset=presets.PAPER.to_dict(),
-    )
-    torch.manual_seed(0)
-    net = model.build(info.network)
-    with torch.no_grad():  # weights far from their initialisation: a structured, partial mask
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.init_mask_prior(net, 0.2)
-    model.save(path, net, info)
-    return path
+    return save_random_model(tmp_path_factory.mktemp("model") / "model.pt", mask_prior=0.2)
 
 
 def test_conversion_writes_the_canonical_orientation_whatever_the_dicom_order(study, tmp_path):
