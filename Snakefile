@@ -16,6 +16,7 @@ include: "workflow/rules/targets.smk"
 include: "workflow/rules/pack.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
+include: "workflow/rules/gate.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

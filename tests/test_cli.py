@@ -194,6 +194,34 @@ def test_predict_single_nifti_study_via_the_console_script(tmp_path, model_path)
     )
 
 
+def test_gate_threshold_keeps_or_drops_components_by_their_windows_presence(tmp_path, model_path):
+    """One window sees the whole volume, so every component's presence is that window's factor
+    of channel 7 on the normalised CT: a gate just below it keeps the network's mask, just
+    above it drops every component."""
+    rng = np.random.default_rng(2)
+    suv = nifti.Volume(rng.gamma(2.0, 1.0, tuple(PATCH)).astype(np.float32), AFFINE)
+    ct = nifti.Volume(rng.normal(0, 300, tuple(PATCH)).astype(np.float32), AFFINE)
+    nifti.save(suv, tmp_path / "SUV.nii.gz")
+    nifti.save(ct, tmp_path / "CTres.nii.gz")
+    net, _ = model.load(model_path, torch.device("cpu"))
+    canonical = [nifti.reorient(v) for v in (suv, ct)]
+    inputs = normalize.normalize_batch(*(torch.from_numpy(v.array)[None, None] for v in canonical))
+    with torch.no_grad():
+        whole = net(inputs)[:, 7:8]
+    presence = float((whole * inputs[:, 1:]).sum() / inputs[:, 1:].square().sum())
+    files = ["--suv", str(tmp_path / "SUV.nii.gz"), "--ctres", str(tmp_path / "CTres.nii.gz")]
+    masks = {}
+    for name, threshold in (("below", presence - 0.01), ("above", presence + 0.01)):
+        out = tmp_path / f"{name}.nii.gz"
+        args = ["predict", "--model", str(model_path), *files, "--out", str(out)]
+        gate = ["--gate-threshold", str(threshold), "--device", "cpu", "--amp", "off"]
+        assert cli.main(args + gate) == 0
+        masks[name] = nifti.to_stored(nifti.load(out, "s")).array
+    assert_mask_equals_the_network(masks["below"], *network_mask(model_path, suv, ct))
+    assert masks["above"].sum() == 0
+    assert not list(tmp_path.glob("*.presence.*"))  # the command writes masks only
+
+
 def test_grid_mismatch_is_reported_with_the_study(tmp_path, model_path, capsys):
     cli.write_image(volume((4, 5, 6)), tmp_path / "SUV.mha")
     cli.write_image(volume((4, 5, 7)), tmp_path / "CTres.mha")
@@ -344,7 +372,7 @@ def test_an_unexpected_error_is_logged_with_type_study_and_traceback(
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory in the sliding window")
 
-    monkeypatch.setattr(infer, "predict_mask", fail)
+    monkeypatch.setattr(infer, "predict", fail)
     log_path = tmp_path / "predict.log"
     args = ["predict", "--model", str(model_path), *_single_study(tmp_path)]
     assert cli.main([*args, "--out", str(tmp_path / "p.mha"), "--log", str(log_path)]) == 1

@@ -15,8 +15,10 @@ CFG = {"channels": [4, 8], "num_res_units": 1, "norm": "instance", "patch_size":
 FP32 = InferSettings(amp="off")  # exact comparisons with the float32 network
 
 
-def _info(zero_channel=False) -> model.ModelInfo:
-    settings = TrainSettings.for_variant({**CFG, "zero_input_channel": zero_channel})
+def _info(zero_channel=False, targets="stepwise") -> model.ModelInfo:
+    settings = TrainSettings.for_variant(
+        {**CFG, "zero_input_channel": zero_channel, "targets": targets}
+    )
     return model.ModelInfo(
         settings=settings,
         network=model.network_spec(settings, out_channels=8),
@@ -65,7 +67,7 @@ def test_single_window_equals_the_network_on_the_normalised_volume(tmp_path):
     loaded, checkpoint = model.load(path, torch.device("cpu"))
     prob = infer.predict_probability(
         loaded, checkpoint, suv.array, ct.array, FP32, torch.device("cpu")
-    )
+    )[0]
     np.testing.assert_allclose(prob, _manual_probability(net, suv.array, ct.array), atol=1e-5)
     mask = infer.predict_volume(path, suv, ct, FP32)
     assert mask.dtype == np.uint8
@@ -85,7 +87,7 @@ def test_flip_tta_averages_the_flipped_predictions(tmp_path):
         ct.array,
         dataclasses.replace(FP32, flip_tta=True),
         torch.device("cpu"),
-    )
+    )[0]
     expected = _manual_probability(net, suv.array, ct.array, flips=((), (2,), (3,), (4,)))
     np.testing.assert_allclose(prob, expected, atol=1e-5)
 
@@ -108,7 +110,7 @@ def test_windows_are_normalised_one_by_one(tmp_path):
         ct.array,
         dataclasses.replace(FP32, overlap=0.0),
         torch.device("cpu"),
-    )
+    )[0]
     windows = torch.cat(seen)
     assert windows.shape[0] == 2
     for w in windows:  # each window's PET z-scored on its own: mean 1, std 1/2
@@ -133,7 +135,7 @@ def test_bf16_inference_on_the_cpu_follows_float32(tmp_path):
             ct.array,
             dataclasses.replace(FP32, amp=amp),
             torch.device("cpu"),
-        )
+        )[0]
         for amp in ("off", "auto")
     }
     np.testing.assert_allclose(prob["auto"], prob["off"], atol=3e-2)
@@ -177,7 +179,10 @@ def test_predict_split_writes_every_study_on_its_suv_grid(tmp_path):
         settings=InferSettings(),
         threads=1,
     )
-    assert sorted(p.name for p in out.iterdir()) == ["S1.nii.gz", "S2.nii.gz"]
+    # beside each mask its components' lesion presence (a stepwise model: stepseg.gate)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "S1.nii.gz", "S1.presence.nii.gz", "S2.nii.gz", "S2.presence.nii.gz"
+    ]  # fmt: skip
     for study, (z, y, x) in shapes.items():
         image = nib.load(out / f"{study}.nii.gz")
         assert image.shape == (x, y, z)
@@ -210,7 +215,7 @@ def test_a_fold_ensemble_thresholds_the_mean_probability_of_its_models(tmp_path)
     nifti.save(ct, tmp_path / "CTres.nii.gz")
     dev = torch.device("cpu")
     own = [
-        infer.predict_probability(*model.load(path, dev), suv.array, ct.array, FP32, dev)
+        infer.predict_probability(*model.load(path, dev), suv.array, ct.array, FP32, dev)[0]
         for path in paths
     ]
     expected = ((own[0] + own[1]) / 2 >= 0.5).astype(np.uint8)
@@ -320,7 +325,7 @@ def test_cuda_inference_matches_the_cpu(tmp_path):
         settings = InferSettings(amp=amp)
         probability[device, amp] = infer.predict_probability(
             net, checkpoint, suv.array, ct.array, settings, torch.device(device)
-        )
+        )[0]
     reference = probability["cpu", "off"]
     # float32 on the GPU (TF32 convolutions allowed): the same probabilities to about 1e-3
     np.testing.assert_allclose(probability["cuda", "off"], reference, atol=2e-3)
@@ -367,7 +372,9 @@ def test_stitched_volume_is_the_input_everywhere(monkeypatch, shape, overlap, fl
     suv = rng.uniform(0.05, 0.95, shape).astype(np.float32)
     ct = rng.normal(0, 300, shape).astype(np.float32)
     settings = InferSettings(overlap=overlap, flip_tta=flip_tta, sw_batch_size=3)
-    prob = infer.predict_probability(CopyPet(), _info(), suv, ct, settings, torch.device("cpu"))
+    prob = infer.predict_probability(
+        CopyPet(), _info(targets="plain"), suv, ct, settings, torch.device("cpu")
+    )[0]
     assert prob.shape == shape
     assert prob.dtype == np.float32
     np.testing.assert_allclose(prob, suv, atol=1e-5)
@@ -383,7 +390,9 @@ def test_overlapping_windows_are_blended_with_gaussian_weights(monkeypatch):
     suv = np.full(shape, 0.5, np.float32)
     ct = np.zeros(shape, np.float32)
     settings = InferSettings(overlap=0.5)
-    prob = infer.predict_probability(WindowRamp(), _info(), suv, ct, settings, torch.device("cpu"))
+    prob = infer.predict_probability(
+        WindowRamp(), _info(targets="plain"), suv, ct, settings, torch.device("cpu")
+    )[0]
 
     # MONAI's gaussian window weights (z, y, x), floored at their smallest positive value
     weight = compute_importance_map(PATCH, mode="gaussian", sigma_scale=0.125).numpy()

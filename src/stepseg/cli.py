@@ -3,6 +3,7 @@
     stepseg predict --model model.pt --suv SUV.nii.gz --ctres CTres.nii.gz --out pred.nii.gz
     stepseg predict --model model.pt [--input-dir /input] [--output-dir /output]
     stepseg predict --model fold0/model.pt --model fold1/model.pt ...   # a fold ensemble
+    stepseg predict --model stepwise.pt --gate-threshold 0.61 ...  # the lesion-presence gate
 
 The second form is the grand-challenge algorithm container layout used by autoPET: SUV images in
 `<input>/images/pet/*.mha`, CTres in `<input>/images/ct/*.mha`, masks written to
@@ -15,7 +16,9 @@ Images in .mha/.mhd/.nrrd are read with SimpleITK and converted exactly to `step
 image is predicted in stepseg's canonical orientation, whatever its storage order, and each mask is
 written in its SUV image's own orientation, direction and origin. Several --model options
 predict with their ensemble, as the workflow predicts the test split with a seed's fold models:
-the mean of the models' probabilities, then one threshold.
+the mean of the models' probabilities, then one threshold. --gate-threshold drops the components
+a stepwise model's whole-crop channel calls lesion-free (`stepseg.gate`), with the threshold the
+workflow chose out of fold.
 """
 
 from __future__ import annotations
@@ -176,7 +179,7 @@ def _predict(args: argparse.Namespace) -> int:
     masks = infer.predict_studies(
         [Path(path) for path in args.model], studies, settings,
         device=args.device, ct_hu_range=tuple(args.ct_hu_range),
-        read=read_image, write=write_image,
+        read=read_image, write=write_image, gate_threshold=args.gate_threshold,
     )  # fmt: skip
     for study in studies:  # `masks` predicts one study per step
         log.info("study %s: %s + %s -> %s", study.study, study.suv, study.ctres, study.out)
@@ -250,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=typing.get_args(Amp),
         help=f"autocast: auto = bf16 on a GPU or a CPU that runs it natively "
         f"(default: {default.amp})",
+    )
+    predict.add_argument(
+        "--gate-threshold",
+        type=float,
+        help="drop the predicted components whose lesion presence (the whole-crop channel of a "
+        "stepwise model) is below this; the workflow's choice is `threshold` in "
+        "results/gate/<variant>-seed<k>.json (default: no gate)",
     )
     predict.add_argument(
         "--ct-hu-range",

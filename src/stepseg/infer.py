@@ -5,7 +5,8 @@ inference does the same, with the same function, for every sliding window (ROI =
 patch size; the windows of a sliding-window batch are such a batch) before the network sees it;
 windows are blended with gaussian weights on the sigmoid of channel 0 and thresholded at 0.5.
 A volume smaller than the patch is padded with air (SUV 0, -1024 HU, as in training) and
-cropped back.
+cropped back. A model with a trained whole-crop channel also gives each predicted component its
+lesion presence (`stepseg.gate`), written beside the mask as `<study>.presence.nii.gz`.
 """
 
 from __future__ import annotations
@@ -22,21 +23,31 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional
 
-from stepseg import checks, model, nifti, normalize
+from stepseg import checks, gate, model, nifti, normalize
 from stepseg.errors import StudyError
 from stepseg.names import AIR_HU
+from stepseg.presets import Preset
 from stepseg.settings import InferSettings
 
 log = logging.getLogger(__name__)
 
 
 class StudyFiles(NamedTuple):
-    """One study to predict: its id (named in every message), its inputs and the mask to write."""
+    """One study to predict: its id (named in every message), its inputs and the mask to write
+    (the presence map, where the models give one, beside it: `gate.presence_path`)."""
 
     study: str
     suv: Path
     ctres: Path
     out: Path
+
+
+class Prediction(NamedTuple):
+    """A study's binary lesion mask (z, y, x) uint8 and, where every model has a trained
+    whole-crop channel, its components' lesion presence (`gate.component_presence`), else None."""
+
+    mask: np.ndarray
+    presence: np.ndarray | None
 
 
 # (path, study) -> volume in `stepseg.names.ORIENTATION`, failures naming both
@@ -62,25 +73,31 @@ def predict_volume(
             study, f"SUV shape {suv.array.shape} and CTres shape {ctres.array.shape} differ"
         )
     dev = model.resolve_device(device)
-    mask = predict_mask([model.load(model_path, dev)], suv.array, ctres.array, settings, dev)
+    mask = predict([model.load(model_path, dev)], suv.array, ctres.array, settings, dev).mask
     return nifti.to_stored(nifti.Volume(mask, suv.affine, stored_affine=given)).array
 
 
-def predict_mask(
+def predict(
     models: Sequence[tuple[torch.nn.Module, model.ModelInfo]],
     suv: np.ndarray,
     ct_hu: np.ndarray,
     settings: InferSettings,
     device: torch.device,
-) -> np.ndarray:
-    """Binary lesion mask (z, y, x) uint8: the lesion probability, averaged over `models` (a
-    fold ensemble, as nnU-Net's: the mean of the probabilities, then one threshold), >=
-    `settings.threshold`. One model: its own probability, unchanged."""
-    total = predict_probability(*models[0], suv, ct_hu, settings, device)
-    for net, info in models[1:]:
-        total += predict_probability(net, info, suv, ct_hu, settings, device)
-    probability = total / len(models) if len(models) > 1 else total
-    return (probability >= settings.threshold).astype(np.uint8)
+) -> Prediction:
+    """The lesion probability, averaged over `models` (a fold ensemble, as nnU-Net's: the mean
+    of the probabilities, then one threshold), >= `settings.threshold`; one model: its own
+    probability, unchanged. The window presence is averaged likewise, where every model has it."""
+    outputs = [predict_probability(net, info, suv, ct_hu, settings, device) for net, info in models]
+    probability, presence = outputs[0]
+    for more_probability, more_presence in outputs[1:]:
+        probability += more_probability
+        presence = None if presence is None or more_presence is None else presence + more_presence
+    if len(outputs) > 1:
+        probability /= len(outputs)
+    mask = (probability >= settings.threshold).astype(np.uint8)
+    if presence is None:
+        return Prediction(mask, None)
+    return Prediction(mask, gate.component_presence(mask, presence / len(outputs)))
 
 
 def predict_probability(
@@ -90,9 +107,11 @@ def predict_probability(
     ct_hu: np.ndarray,
     settings: InferSettings,
     device: torch.device,
-) -> np.ndarray:
-    """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume; the window
-    is the model's training patch. CT padding values (`names.CT_PADDING_HU`) count as air."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gaussian-blended lesion probability (z, y, x) float32 over the whole volume and, for a
+    model with a trained whole-crop channel, the blended window presence (`window_presence`,
+    else None); the window is the model's training patch. CT padding values
+    (`names.CT_PADDING_HU`) count as air."""
     roi = info.settings.patch_size
     shape = suv.shape
     raw = torch.stack(
@@ -105,35 +124,64 @@ def predict_probability(
     zero_channel = info.settings.zero_input_channel
     amp_dtype = model.autocast_dtype(device, settings.amp)
     flips = [()] + ([(2,), (3,), (4,)] if settings.flip_tta else [])
+    whole = presence_channel(info)
 
-    def window_probability(windows: torch.Tensor) -> torch.Tensor:
+    def window_outputs(windows: torch.Tensor) -> torch.Tensor:
         # MONAI hands the windows over on sw_device: normalised there, each on its own
-        inputs = normalize.normalize_batch(windows[:, :1], windows[:, 1:])
-        inputs = model.network_inputs(inputs, zero_channel)
+        normalized = normalize.normalize_batch(windows[:, :1], windows[:, 1:])
+        inputs = model.network_inputs(normalized, zero_channel)
         inputs = inputs.contiguous(memory_format=model.memory_format(device))
-        total = torch.zeros_like(inputs[:, :1], dtype=torch.float32)
+        channels = 1 if whole is None else 2
+        total = torch.zeros_like(inputs[:, :channels], dtype=torch.float32)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
             for dims in flips:
                 flipped = inputs.flip(dims) if dims else inputs
-                logits = net(flipped)[:, :1].float()
-                total += torch.sigmoid(logits.flip(dims) if dims else logits)
+                output = net(flipped).float()
+                output = output.flip(dims) if dims else output
+                total[:, :1] += torch.sigmoid(output[:, :1])
+                if whole is not None:
+                    index, fill = whole
+                    factor = window_presence(output[:, index : index + 1], normalized, fill)
+                    total[:, 1:] += factor.view(-1, 1, 1, 1, 1)
         return total / len(flips)
 
     with torch.inference_mode():
-        prob = sliding_window_inference(
+        blended = sliding_window_inference(
             raw,
             roi_size=roi,
             sw_batch_size=settings.sw_batch_size,
-            predictor=window_probability,
+            predictor=window_outputs,
             overlap=settings.overlap,
             mode="gaussian",
             sw_device=device,
             device="cpu",
         )
-    out = prob[0, 0][crop].float().numpy()
-    if out.shape != shape:
-        raise AssertionError(f"prediction shape {out.shape} differs from input {shape}")
-    return out
+    out = blended[0][(slice(None), *crop)].float().numpy()
+    if out.shape[1:] != shape:
+        raise AssertionError(f"prediction shape {out.shape[1:]} differs from input {shape}")
+    return out[0], (out[1] if whole is not None else None)
+
+
+def presence_channel(info: model.ModelInfo) -> tuple[int, str] | None:
+    """(index, fill) of a model's trained whole-crop output channel (`gate.whole_crop_channel`);
+    None for a plain model, whose file keeps the preset it was packed with but one output."""
+    if info.settings.targets != "stepwise":
+        return None
+    return gate.whole_crop_channel(Preset.from_dict(info.target_preset))
+
+
+def window_presence(whole: torch.Tensor, inputs: torch.Tensor, fill: str) -> torch.Tensor:
+    """Per window (B,) the least-squares factor of the whole-crop channel `whole` (B, 1, ...)
+    on its fill, taken from the normalised network inputs (B, 2, ...) [PET, CT]."""
+    if fill == "one":
+        reference = torch.ones_like(whole)
+    else:
+        reference = inputs[:, :1] if fill == "pet" else inputs[:, 1:2]
+    reference = reference.float()
+    dims = tuple(range(1, whole.ndim))
+    energy = reference.square().sum(dim=dims)
+    factor = (whole.float() * reference).sum(dim=dims) / energy.clamp(min=1e-6)
+    return torch.where(energy > 1e-6, factor, torch.zeros_like(factor))
 
 
 def _pad_to(raw: torch.Tensor, roi: tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -159,12 +207,17 @@ def predict_studies(
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
     read: Read = READ_NIFTI,
     write: Write = nifti.save,
+    write_presence: bool = False,
+    gate_threshold: float | None = None,
 ) -> Iterator[int]:
     """Predict `studies` with the models of `model_paths` (one, or a fold ensemble averaged by
-    `predict_mask`), each loaded once: each study's mask (uint8, SUV grid) is
+    `predict`), each loaded once: each study's mask (uint8, SUV grid) is
     written to its `out` in the SUV file's orientation and affine (the network sees the arrays
     in `stepseg.names.ORIENTATION`, as in training); the iterator yields the masks' voxel
-    counts, one study per step.
+    counts, one study per step. With `write_presence`, the presence map goes beside each mask
+    (`gate.presence_path`) where every model has a trained whole-crop channel; with
+    `gate_threshold`, the mask keeps only the components whose presence reaches it
+    (`gate.apply`), which needs such models.
 
     Every study's inputs pass `stepseg.checks` before the model is loaded, here, not at the first
     step, so that a failing one is named with its file before any work. The rule (`predict_split`)
@@ -178,11 +231,26 @@ def predict_studies(
     model.autotune_convolutions(dev)
     models = [model.load(path, dev) for path in model_paths]
     described = " + ".join(str(path) for path in model_paths)
+    if gate_threshold is not None:
+        lacking = [
+            str(path)
+            for path, (_, info) in zip(model_paths, models, strict=True)
+            if presence_channel(info) is None
+        ]
+        if lacking:
+            raise ValueError(
+                f"the lesion-presence gate needs a trained whole-crop channel, which "
+                f"{', '.join(lacking)} lacks (a plain model, or targets without a whole step)"
+            )
 
     def masks() -> Iterator[int]:
         for files in studies:
             suv, ctres = _read_inputs(files, ct_hu_range, read)
-            mask = predict_mask(models, suv.array, ctres.array, settings, dev)
+            mask, presence = predict(models, suv.array, ctres.array, settings, dev)
+            if gate_threshold is not None:
+                mask = gate.apply(mask, presence, gate_threshold)
+            if write_presence and presence is not None:
+                write(replace(suv, array=presence), gate.presence_path(files.out))
             write(replace(suv, array=mask), files.out)  # stored like the SUV file
             log.info(
                 "%s: %d lesion voxels (%.2f ml) predicted with %s",
@@ -215,7 +283,8 @@ def predict_split(
     ct_hu_range: tuple[float, float] = checks.CT_HU_RANGE,
 ) -> None:
     """Predict `studies` (an infer job's chunk of a split) with one model or a fold ensemble
-    (`predict_mask`): `out_dir/<study>.nii.gz` on SUV's grid.
+    (`predict`): `out_dir/<study>.nii.gz` on SUV's grid, and where the models have a trained
+    whole-crop channel the presence map `out_dir/<study>.presence.nii.gz` (`stepseg.gate`).
 
     One process per chunk of studies instead of one per study: importing torch and MONAI and
     loading the model took about three times as long as predicting one 128 x 88 x 88 study on
@@ -231,7 +300,9 @@ def predict_split(
         for study, suv, ctres in zip(studies, suv_paths, ctres_paths, strict=True)
     ]
     torch.set_num_threads(max(1, int(threads)))
-    predictions = predict_studies(model_paths, files, settings, ct_hu_range=ct_hu_range)
+    predictions = predict_studies(
+        model_paths, files, settings, ct_hu_range=ct_hu_range, write_presence=True
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for _ in predictions:
         pass

@@ -77,7 +77,7 @@ def _as_mask(array: np.ndarray, name: str) -> np.ndarray:
     return array != 0
 
 
-def _foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
+def foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
     """The smallest box holding every True voxel (labelling only this box gives the same
     components: a component never leaves the foreground)."""
     box = []
@@ -88,7 +88,7 @@ def _foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+def components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
     contiguous = np.ascontiguousarray(mask).view(np.uint8)
     labels, count = cc3d.connected_components(contiguous, connectivity=connectivity, return_N=True)
     return labels, int(count)
@@ -109,14 +109,14 @@ def overlap_counts(
     pred = _as_mask(pred, "prediction")
     if gt.shape != pred.shape or gt.ndim != 3:
         raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape}: not one 3-D grid")
-    box = _foreground_box(gt | pred)
+    box = foreground_box(gt | pred)
     gt, pred = gt[box], pred[box]
     both = gt & pred
 
-    pred_labels, n_pred = _components(pred, connectivity)
+    pred_labels, n_pred = components(pred, connectivity)
     pred_sizes = np.bincount(pred_labels[pred], minlength=n_pred + 1)
     pred_hit = np.bincount(pred_labels[both], minlength=n_pred + 1) > 0
-    gt_labels, n_gt = _components(gt, connectivity)
+    gt_labels, n_gt = components(gt, connectivity)
     gt_sizes = np.bincount(gt_labels[gt], minlength=n_gt + 1)
     gt_hit = np.bincount(gt_labels[both], minlength=n_gt + 1) > 0
 
@@ -191,6 +191,11 @@ def summarise(per_study: pd.DataFrame) -> dict[str, float | int]:
     for column in METRIC_COLUMNS:
         values = pd.to_numeric(per_study[column], errors="raise").dropna()
         summary[column] = float(values.mean()) if len(values) else math.nan
+    # the false positives a lesion/no-lesion decision could remove: in studies without lesions
+    lesion_free = per_study.loc[~per_study["has_lesions"].astype(bool), "fpv_ml"]
+    summary["fpv_lesion_free_ml"] = (
+        float(pd.to_numeric(lesion_free).mean()) if len(lesion_free) else math.nan
+    )
     return summary
 
 

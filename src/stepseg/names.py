@@ -81,3 +81,15 @@ def parse_trained(name: str) -> tuple[str, int | None]:
     """(`variant`, seed) of a trained model's name; (name, None) for an untrained baseline."""
     match = _TRAINED.match(name)
     return (match["variant"], int(match["seed"])) if match else (name, None)
+
+
+# the lesion-presence gate's variant of a trained one (`stepseg.gate`): `<variant>_gated-seed<k>`
+GATED_SUFFIX = "_gated"
+
+
+def gated_name(trained: str) -> str:
+    """`<variant>_gated-seed<k>`: the gated predictions of the trained model `trained`."""
+    variant, seed = parse_trained(trained)
+    if seed is None:
+        raise ValueError(f"{trained} is not a trained model's name (<variant>-seed<k>)")
+    return trained_name(variant + GATED_SUFFIX, seed)

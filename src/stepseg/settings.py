@@ -508,6 +508,17 @@ class EvaluateSettings(Settings):
     connectivity: Literal[6, 18, 26] = 18
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GateSettings(Settings):
+    """The lesion-presence gate (stepseg.gate): the whole-crop channel drops components."""
+
+    section: ClassVar[str] = "gate"
+    # evaluate `<variant>_gated` beside every variant with step-by-step targets: its predictions
+    # without the components the whole-crop channel calls lesion-free, the threshold chosen on
+    # out-of-fold (or val) studies only
+    enabled: bool = True
+
+
 MipCase = Literal["best", "median", "worst"]
 
 

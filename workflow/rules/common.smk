@@ -29,6 +29,7 @@ from stepseg import names  # noqa: E402  (standard library only)
 from stepseg.settings import (  # noqa: E402  (standard library only)
     ConvertSettings,
     EvaluateSettings,
+    GateSettings,
     InferSettings,
     PackSettings,
     ReportSettings,
@@ -118,6 +119,7 @@ SETTINGS = {
         InferSettings,
         ThresholdSettings,
         EvaluateSettings,
+        GateSettings,
         ReportSettings,
     )
 }
@@ -129,6 +131,19 @@ TRAINED = {
     for variant, spec in config["train"]["variants"].items()
     for seed in spec["seeds"]
 }
+
+# the lesion-presence gate's variants (`gate.enabled`): {`<variant>_gated-seed<k>`: the trained
+# model whose predictions it gates}, one per model with step-by-step targets
+GATED = {
+    names.gated_name(trained): trained
+    for trained, settings in TRAINED.items()
+    if SETTINGS["gate"].enabled and settings.targets == "stepwise"
+}
+if set(GATED) & set(TRAINED):
+    raise ValueError(
+        f"variants {sorted(set(GATED) & set(TRAINED))} are configured and also the gated "
+        f"variants of others: rename them, or set gate.enabled: false"
+    )
 
 # cross-validation folds (`train.folds`, the section's alone): 1 = the train/val split
 FOLDS = TrainSettings.for_variant(config["train"]).folds
@@ -344,14 +359,44 @@ def prediction_paths(variant, split):
 
 def prediction_inputs(variant, split):
     """The inputs that give those predictions: a trained model's chunk folders (the infer jobs),
-    the threshold baseline's per-study files (the infer_threshold jobs)."""
+    a gated variant's folder (its gate job), the threshold baseline's per-study files (the
+    infer_threshold jobs)."""
     if variant in trained_variants():
         return [infer_chunk_dir(variant, split, chunk) for chunk in infer_chunks(split)]
+    if variant in GATED:
+        return [f"results/predictions/{variant}"]
     return prediction_paths(variant, split)
 
 
 def all_variants():
-    return trained_variants() + ["threshold"]
+    """Every evaluated variant: the trained models, their gated variants, the baseline."""
+    return trained_variants() + list(GATED) + ["threshold"]
+
+
+def gate_record(gated):
+    """The gate job's record (threshold, curve) of a gated variant."""
+    return f"results/gate/{GATED[gated]}.json"
+
+
+def gate_selection(trained):
+    """{selection split: [(study, its prediction, its SEG, its fold)]} of the gate job of
+    `trained`: the out-of-fold studies with cross-validation, else the val split (fold 0).
+    """
+    split = EVAL_SPLITS[0]
+    fold_of = {study: fold for fold in range(FOLDS) for study in fold_studies(fold)}
+    return {
+        split: [
+            (
+                study,
+                prediction,
+                f"results/nifti/{study}/SEG.nii.gz",
+                fold_of.get(study, 0),
+            )
+            for study, prediction in zip(
+                studies(split), prediction_paths(trained, split)
+            )
+        ]
+    }
 
 
 def variant_settings(wildcards):

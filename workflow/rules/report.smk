@@ -6,6 +6,7 @@ rule report:
             eval_split=EVAL_SPLITS,
         ),
         train_logs=list(train_logs().values()),
+        gate_records=[gate_record(gated) for gated in GATED],
         suv=lambda wc: nifti_paths("SUV", "test"),
         seg=lambda wc: nifti_paths("SEG", "test"),
         pred=lambda wc: [
@@ -76,6 +77,8 @@ rule report:
         eval_splits=EVAL_SPLITS,
         # every fold model, in the order of the train_logs input
         fold_models=list(train_logs()),
+        # the gated variants, in the order of the gate_records input
+        gated=list(GATED),
         folds=FOLDS,
         test_studies=lambda wc: studies("test"),
         settings=SETTINGS["report"].to_dict(),

@@ -31,4 +31,5 @@ with logs.job(snakemake.log[0], dict(snakemake.wildcards.items())):
         settings=ReportSettings.from_mapping(params.settings),
         data_source=params.data_source,
         folds=params.folds,
+        gate_records=dict(zip(params.gated, inputs.gate_records, strict=True)),
     )
