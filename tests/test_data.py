@@ -388,3 +388,59 @@ def test_lesion_centred_crops_are_jittered_uniformly_up_to_the_fractions(tmp_pat
         assert abs(shifts[:, axis].mean()) < 0.1 * reach
     unjittered = data.PatchDataset(path, PATCH, 50, 1.0, 1.0, seed=0)
     assert all(unjittered.sample(i)[1] == (16, 36, 36) for i in range(50))
+
+
+@pytest.fixture(scope="module")
+def two_lesion_split(tmp_path_factory):
+    """One study with a 200-voxel lesion and, far from it, a 1-voxel one."""
+    tmp_path = tmp_path_factory.mktemp("components")
+    rng = np.random.default_rng(5)
+    shape = (24, 64, 64)
+    suv = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    ct = rng.integers(-1024, 1400, shape).astype(np.int16)
+    seg = np.zeros(shape, bool)
+    seg[4:6, 10:20, 10:20] = True  # 200 voxels
+    seg[18, 50, 50] = True  # 1 voxel
+    steps = stepmap.step_map(seg, SMALL.voxel_steps(SPACING))
+    for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
+        nifti.save(nifti.Volume(array, AFFINE), tmp_path / "PETCT_two" / f"{name}.nii.gz")
+    path = tmp_path / "train.lmdb"
+    folder = tmp_path / "PETCT_two"
+    pack.pack_split(
+        studies=["PETCT_two"],
+        suv_paths=[folder / "SUV.nii.gz"],
+        ctres_paths=[folder / "CTres.nii.gz"],
+        steps_paths=[folder / "steps.nii.gz"],
+        out_dir=path,
+        settings=PackSettings.from_mapping(
+            {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}
+        ),
+        target_settings=SMALL_PAPER,
+    )
+    return path
+
+
+def test_component_centres_draw_each_lesion_alike_and_voxel_centres_by_size(two_lesion_split):
+    """Every crop lesion-centred, no jitter: per voxel the 1-voxel lesion is the centre of about
+    1 crop in 201, per component of about every other one."""
+    n = 2000
+    small = (18, 50, 50)
+    share = {}
+    for mode in ("voxel", "component"):
+        dataset = data.PatchDataset(
+            two_lesion_split, PATCH, n, 1.0, 1.0, seed=3, lesion_centres=mode
+        )
+        centres = [
+            tuple(o + p // 2 for o, p in zip(dataset.sample(i)[1], PATCH, strict=True))
+            for i in range(n)
+        ]
+        share[mode] = np.mean([c == small for c in centres])
+    assert share["voxel"] < 0.02
+    assert 0.45 < share["component"] < 0.55
+    components = data.PatchDataset(two_lesion_split, PATCH, 1, 1.0, 1.0, seed=0).store.study_meta(
+        "PETCT_two"
+    )["lesion_components"]
+    assert [len(c) for c in components] == [64, 1]  # at most pack.COMPONENT_VOXELS each
+    assert [tuple(int(v) for v in c[0]) for c in components][1] == small
+    with pytest.raises(ValueError, match="lesion_centres must be voxel or component, got 'blob'"):
+        data.PatchDataset(two_lesion_split, PATCH, 1, 1.0, 1.0, seed=0, lesion_centres="blob")

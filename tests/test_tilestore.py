@@ -133,7 +133,7 @@ def test_metadata(packed):
     path, data = packed
     reader = tilestore.TileStore(path)
     meta = reader.meta
-    assert meta["format_version"] == tilestore.FORMAT_VERSION == 5
+    assert meta["format_version"] == tilestore.FORMAT_VERSION == 6
     assert meta["studies"] == ["PETCT_a", "PETCT_b"]
     assert meta["tile_shape"] == (8, 16, 16) and meta["codec"] == "gzip"
     assert meta["targets"] == TARGETS.to_dict() and "normalisation" not in meta
@@ -246,7 +246,8 @@ def test_missing_tile_and_unknown_study_name_the_study(packed, tmp_path):
 
 @pytest.mark.parametrize("sealed", [False, True])
 def test_other_format_version_asks_for_a_repack(packed, tmp_path, sealed):
-    """Versions up to 3 stored values without a checksum, version 4 no content digests."""
+    """Versions up to 3 stored values without a checksum, version 4 no content digests (and 5 no
+    lesion components: the same refusal)."""
     path, env = _writable_copy(packed[0], tmp_path / "old.lmdb")
     with env.begin(write=True) as txn:
         meta = codec.decode(tilestore.unseal(tilestore.META_KEY, txn.get(tilestore.META_KEY)))
@@ -255,7 +256,7 @@ def test_other_format_version_asks_for_a_repack(packed, tmp_path, sealed):
     env.close()
     with pytest.raises(
         tilestore.StoreError,
-        match=rf"old.lmdb: format version {4 if sealed else 3}, expected 5: written by another "
+        match=rf"old.lmdb: format version {4 if sealed else 3}, expected 6: written by another "
         r"stepseg version; delete it and re-pack \(the pack rule rebuilds it\)",
     ):
         _ = tilestore.TileStore(path).meta

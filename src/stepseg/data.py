@@ -3,7 +3,9 @@
 Every sample is a pure function of (seed, epoch, index): its random generator is seeded with
 those three numbers, so batches are identical whatever the number of workers or their order.
 Studies with lesions are drawn `lesion_oversampling` times as often as lesion-free ones, and a
-share `lesion_centre_fraction` of their crops is centred near a voxel of the stored lesion index:
+share `lesion_centre_fraction` of their crops is centred near a voxel of the stored lesion index
+(`lesion_centres: voxel`, so a large lesion gets more crops than a small one) or of a lesion
+component drawn alike (`component`, the released code's one entry per component); then
 the centre moves by a uniform whole number of voxels up to `crop_jitter` times the half-patch
 along each axis (the released code: 15 of 16 slices in z, 2/3 in-plane), so that lesions are
 seen anywhere in a patch, as they are in the sliding windows of inference.
@@ -80,6 +82,7 @@ class PatchDataset(Dataset):
         lesion_centre_fraction: float,
         seed: int,
         flips: bool = True,
+        lesion_centres: str = "voxel",
         hot_centre_fraction: float = 0.0,
         crop_jitter: Sequence[float] = (0.0, 0.0, 0.0),
         crop_steps: bool = True,
@@ -92,6 +95,8 @@ class PatchDataset(Dataset):
                 "hot_centre_fraction must be in [0, 1 - lesion_centre_fraction]: "
                 f"{hot_centre_fraction} with lesion_centre_fraction {lesion_centre_fraction}"
             )
+        if lesion_centres not in ("voxel", "component"):
+            raise ValueError(f"lesion_centres must be voxel or component, got {lesion_centres!r}")
         if len(crop_jitter) != 3 or not all(0 <= j <= 1 for j in crop_jitter):
             raise ValueError(f"crop_jitter must be 3 fractions in [0, 1], got {crop_jitter}")
         self.store = TileStore(lmdb_path)
@@ -113,7 +118,13 @@ class PatchDataset(Dataset):
         self.studies = self.store.studies
         metas = [self.store.study_meta(study) for study in self.studies]
         self.shapes = [m["shape"] for m in metas]
+        # per study, what a lesion-centred crop draws its centre from: every indexed lesion voxel
+        # alike, or one component alike (then one of its voxels)
         self.lesion_voxels = [m["lesion_voxels"] for m in metas]
+        self.lesion_centres = [
+            m["lesion_components"] if lesion_centres == "component" else [m["lesion_voxels"]]
+            for m in metas
+        ]
         self.hot_voxels = [m["hot_voxels"] for m in metas]
         spacings = [tuple(float(v) for v in m["spacing_zyx"]) for m in metas]
         if crop_steps:
@@ -136,7 +147,11 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         study = int(rng.choice(len(self.studies), p=self.study_probabilities))
         shape = self.shapes[study]
-        lesions = self.lesion_voxels[study]
+        groups = self.lesion_centres[study]
+        if len(groups) > 1:  # per component: one drawn alike, then one of its voxels
+            lesions = groups[rng.integers(len(groups))]
+        else:
+            lesions = groups[0] if groups else ()
         hot = self.hot_voxels[study] if self.hot_centre_fraction else ()
         centre = None
         if len(lesions) or len(hot):

@@ -24,7 +24,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from stepseg import checks, nifti
+from stepseg import checks, metrics, nifti
 from stepseg.atomic import atomic_dir
 from stepseg.codec import encode
 from stepseg.errors import StudyError
@@ -42,6 +42,9 @@ from stepseg.tilestore import (
 )
 
 log = logging.getLogger(__name__)
+
+# voxels kept per lesion component for per-component crop centres (`_component_voxels`)
+COMPONENT_VOXELS = 64
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 INT16_RANGE = (int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max))
@@ -175,6 +178,7 @@ def _load_study(
     rng = np.random.default_rng(zlib.crc32(study.encode()))
     lesion = _voxel_index(lesion_mask, index_max, rng)
     hot = _voxel_index(hot_mask, hot_index_max, rng)
+    components = _component_voxels(lesion_mask, rng)
     meta = {
         "shape": tuple(int(n) for n in suv.array.shape),
         "spacing_zyx": suv.spacing_zyx,
@@ -182,6 +186,7 @@ def _load_study(
         "has_lesions": bool(len(lesion)),
         "lesion_voxel_count": int(lesion_mask.sum()),
         "lesion_voxels": lesion,
+        "lesion_components": components,
         "hot_voxel_count": int(hot_mask.sum()),
         "hot_voxels": hot,
         "suv_max": float(suv.array.max()),
@@ -190,13 +195,34 @@ def _load_study(
     return volumes, meta
 
 
+def _component_voxels(mask: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per 6-connected lesion component (the released code's make_data.py), (z, y, x) uint16 of
+    up to `COMPONENT_VOXELS` of its voxels (a uniform random subset): per-component crop centres
+    (`train.lesion_centres: component`) reach every lesion, however small, equally often."""
+    if not mask.any():
+        return []
+    labels, count = metrics.components(mask, 6)
+    voxels = np.argwhere(labels)
+    order = np.argsort(labels[tuple(voxels.T)], kind="stable")
+    voxels = voxels[order]
+    starts = np.searchsorted(labels[tuple(voxels.T)], np.arange(1, count + 2))
+    return [
+        _subset(voxels[starts[k] : starts[k + 1]], COMPONENT_VOXELS, rng).astype(np.uint16)
+        for k in range(count)
+    ]
+
+
+def _subset(voxels: np.ndarray, most: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `most` of `voxels`, a uniform random subset in their order."""
+    if len(voxels) <= most:
+        return voxels
+    return voxels[np.sort(rng.choice(len(voxels), most, replace=False))]
+
+
 def _voxel_index(mask: np.ndarray, index_max: int, rng: np.random.Generator) -> np.ndarray:
     """(z, y, x) of the voxels of `mask` as uint16, a uniform random subset of at most
     `index_max` in scan order: enough crop centres without storing whole organs."""
-    voxels = np.argwhere(mask)
-    if len(voxels) > index_max:
-        voxels = voxels[np.sort(rng.choice(len(voxels), index_max, replace=False))]
-    return voxels.astype(np.uint16)
+    return _subset(np.argwhere(mask), index_max, rng).astype(np.uint16)
 
 
 def _to_float16(study: str, suv: np.ndarray, path: str | Path) -> np.ndarray:

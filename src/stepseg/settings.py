@@ -346,6 +346,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "mask_loss_scale": 1.0,
         "small_lesion_dice_weight": 0.0,
         "masked_mse": False,
+        "lesion_centres": "voxel",
     },
     "released_code": {
         "channels": [96, 192, 192, 192, 192],
@@ -362,6 +363,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "mask_loss_scale": 3.0,
         "small_lesion_dice_weight": 0.05,
         "masked_mse": True,
+        "lesion_centres": "component",
     },
 }
 
@@ -417,6 +419,10 @@ class TrainSettings(Settings):
     samples_per_epoch: Count = 0
     lesion_oversampling: Positive = 2.0
     lesion_centre_fraction: Fraction = 0.5
+    # where a lesion-centred crop is centred: voxel = a lesion voxel drawn uniformly (a large
+    # lesion gets more crops than a small one), component = a lesion component drawn uniformly,
+    # then one of its voxels (the released code: one list entry per lesion component)
+    lesion_centres: Literal["voxel", "component"]
     hot_centre_fraction: Fraction = 0.0
     flips: bool = True
     val_every: PositiveInt = 5

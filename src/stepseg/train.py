@@ -314,6 +314,7 @@ def _dataset(
         samples_per_epoch=samples,
         lesion_oversampling=settings.lesion_oversampling,
         lesion_centre_fraction=settings.lesion_centre_fraction,
+        lesion_centres=settings.lesion_centres,
         seed=seed,
         flips=settings.flips and not validation,
         hot_centre_fraction=settings.hot_centre_fraction,
