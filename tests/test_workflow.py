@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -181,6 +182,27 @@ def test_out_of_fold_predictions_come_from_the_model_that_did_not_train_on_the_s
         assert sorted(pd.read_csv(metrics_csv)["study"]) == sorted(fold_of)
 
 
+def test_the_gated_variant_is_chosen_out_of_fold_and_evaluated_beside_its_model(run):
+    """Each stepwise model's gate job: one threshold per fold (chosen on the other fold) and
+    one for test, its masks a subset of the model's, evaluated on both splits and reported."""
+    record = json.loads((run / "results" / "gate" / "stepwise-seed0.json").read_text())
+    assert record["selection_split"] == names.OUT_OF_FOLD
+    assert sorted(record["fold_thresholds"]) == [str(f) for f in range(TINY_FOLDS)]
+    gated = run / "results" / "predictions" / "stepwise_gated-seed0"
+    for split in TINY_EVAL_SPLITS:
+        for path in sorted((gated / split).glob("*.nii.gz")):
+            (own,) = (run / "results" / "predictions" / "stepwise-seed0" / split).glob(
+                f"*/{path.name}"
+            )
+            mask = nifti.load(path, path.name).array
+            assert not (mask & ~nifti.load(own, path.name).array).any()
+        metrics_csv = (
+            run / "results" / "metrics" / "stepwise_gated-seed0" / f"{split}_per_study.csv"
+        )
+        assert len(pd.read_csv(metrics_csv)) == len(list((gated / split).glob("*.nii.gz")))
+    assert "stepwise_gated-seed0" in (run / "results" / "report" / "results.md").read_text()
+
+
 def test_finished_run_is_a_no_op(run):
     assert planned_jobs(run) == {}
 
@@ -194,6 +216,7 @@ class Cohort:
     evaluated: int  # studies of the evaluation splits (val or oof, test): every variant's
     trained: int  # models (variants x seeds); the threshold baseline comes on top
     folds: int  # training jobs per trained model
+    gated: int  # models with step-by-step targets: each has a gate job and a gated variant
 
     @classmethod
     def of(cls, workdir: Path, folds: int = TINY_FOLDS) -> Cohort:
@@ -202,7 +225,8 @@ class Cohort:
         evaluated = len(evaluated_pairs(workdir, folds))
         config = yaml.safe_load((workdir / "tiny.yaml").read_text())["train"]["variants"]
         trained = sum(len(v["seeds"]) for v in config.values())
-        return cls(len(table), train_val, evaluated, trained, folds)
+        gated = sum(len(v["seeds"]) for v in config.values() if v["targets"] == "stepwise")
+        return cls(len(table), train_val, evaluated, trained, folds, gated)
 
 
 # Job counts per rule, in one place: the rules' granularity changes here and nowhere else.
@@ -225,7 +249,7 @@ def from_conversion(c: Cohort) -> dict[str, int]:
         "convert": c.studies,
         "infer_threshold": c.evaluated,
         **from_targets(c),
-        "evaluate": evaluate_jobs(c.trained + 1),
+        "evaluate": evaluate_jobs(c.trained + c.gated + 1),
     }
 
 
@@ -237,19 +261,29 @@ def from_packing(c: Cohort) -> dict[str, int]:
     return {"pack": 2 * c.folds, **from_training(c)}  # each fold's train and val LMDBs
 
 
-def from_training(c: Cohort, models: int | None = None) -> dict[str, int]:
+def from_training(c: Cohort, models: int | None = None, gated: int | None = None) -> dict[str, int]:
+    """`models` models (every one by default) train anew, `gated` of them step-by-step ones."""
     models = c.trained if models is None else models
-    return {"train": models * c.folds, **from_inference(c, models)}
+    return {"train": models * c.folds, **from_inference(c, models, gated)}
 
 
-def from_inference(c: Cohort, models: int | None = None) -> dict[str, int]:
+def from_inference(
+    c: Cohort, models: int | None = None, gated: int | None = None
+) -> dict[str, int]:
+    """New predictions of `models` models, `gated` of them with a gate job and gated variant."""
     models = c.trained if models is None else models
-    return {"infer": infer_jobs(c, models), "evaluate": evaluate_jobs(models), "report": 1}
+    gated = c.gated if gated is None else gated
+    return {
+        "infer": infer_jobs(c, models),
+        **({"gate": gated} if gated else {}),
+        "evaluate": evaluate_jobs(models + gated),
+        "report": 1,
+    }
 
 
 def from_evaluation(c: Cohort) -> dict[str, int]:
-    """Every variant's metrics, the threshold baseline's included."""
-    return {"evaluate": evaluate_jobs(c.trained + 1), "report": 1}
+    """Every variant's metrics: the trained, the gated and the threshold baseline's."""
+    return {"evaluate": evaluate_jobs(c.trained + c.gated + 1), "report": 1}
 
 
 # config change -> the jobs a user must see planned after it, on the finished tiny run
@@ -264,7 +298,7 @@ RERUN_SCOPES = {
     "train: common setting": ({"train": {"epochs": 3}}, from_training),
     "train: one variant": (
         {"train": {"variants": {"plain": {"targets": "plain", "seeds": [0], "lr": 5.0e-4}}}},
-        lambda c: from_training(c, models=1),
+        lambda c: from_training(c, models=1, gated=0),
     ),
     "infer": ({"infer": {"overlap": 0.25}}, from_inference),
     "threshold": (
@@ -273,6 +307,8 @@ RERUN_SCOPES = {
     ),
     "evaluate": ({"evaluate": {"connectivity": 26}}, from_evaluation),
     "report": ({"report": {"figure_dpi": 100}}, lambda c: {"report": 1}),
+    # the gated variants leave the report; no model or prediction reruns
+    "gate: off": ({"gate": {"enabled": False}}, lambda c: {"report": 1}),
     "download: settings of another source": (
         {"download": {"tcia": {"timeout_s": 5}}},
         lambda c: {},
@@ -289,7 +325,7 @@ def test_a_config_change_reruns_exactly_what_depends_on_it(run, change, expected
 
 def test_one_variants_setting_reruns_only_that_variant(run):
     change = {"train": {"variants": {"plain": {"targets": "plain", "seeds": [0], "lr": 5.0e-4}}}}
-    assert planned_jobs(run, change) == from_training(Cohort.of(run), models=1)
+    assert planned_jobs(run, change) == from_training(Cohort.of(run), models=1, gated=0)
     dry_run = snakemake(run, "--dry-run", overrides=change)
     assert "output: results/models/plain-seed0/fold0/model.pt" in dry_run
     assert "output: results/models/stepwise-seed0/fold0/model.pt" not in dry_run
@@ -335,7 +371,7 @@ def test_split_change_reruns_neither_download_nor_conversion(run, tmp_path):
         "pack": 2 * after.folds,
         **from_training(after),
         "infer_threshold": len(new_evaluated),
-        "evaluate": evaluate_jobs(after.trained + 1),
+        "evaluate": evaluate_jobs(after.trained + after.gated + 1),
     }
     assert planned_jobs(moved, change) == expected
 
@@ -358,7 +394,7 @@ def test_folds_change_reruns_packing_training_and_after_never_the_data(run, tmp_
         "infer_threshold": len(new_evaluated),
         # the threshold baseline's test metrics stand (the same test studies); it is evaluated
         # anew only on a new evaluation split
-        "evaluate": evaluate_jobs(after.trained) + bool(new_evaluated),
+        "evaluate": evaluate_jobs(after.trained + after.gated) + bool(new_evaluated),
     }
     assert planned_jobs(tmp_path / "copy", change) == {k: v for k, v in expected.items() if v}
 
@@ -805,7 +841,8 @@ def test_an_added_seed_trains_and_predicts_that_seed_only(run):
     assert planned_jobs(run, change) == {
         "train": cohort.folds,
         "infer": infer_jobs(cohort, 1),
-        "evaluate": evaluate_jobs(1),
+        "gate": 1,  # a stepwise seed: its gated variant too
+        "evaluate": evaluate_jobs(2),
         "report": 1,
     }
 
@@ -825,6 +862,7 @@ def test_studies_per_job_rechunks_every_inference(run):
     change = {"infer": {"studies_per_job": 2}}
     assert planned_jobs(run, change) == {
         "infer": cohort.trained * chunks,
-        "evaluate": evaluate_jobs(cohort.trained),
+        "gate": cohort.gated,
+        "evaluate": evaluate_jobs(cohort.trained + cohort.gated),
         "report": 1,
     }
