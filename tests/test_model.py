@@ -1,9 +1,10 @@
+import dataclasses
 import zipfile
 
 import pytest
 import torch
 
-from stepseg import model
+from stepseg import model, presets
 from stepseg.settings import TrainSettings
 
 SMALL = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "batch"}
@@ -114,3 +115,22 @@ def test_cudnn_autotuning_is_for_cuda_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     model.autotune_convolutions(torch.device("cuda"))
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_model_file_from_before_a_training_key_existed_still_loads(tmp_path):
+    """Model files of earlier versions lack the keys added since (`lesion_centres`): they load,
+    and say the behaviour every model had before the key existed."""
+    settings = TrainSettings.for_variant({"channels": [4, 8], "patch_size": [8, 16, 16]})
+    info = model.ModelInfo(
+        settings=settings,
+        network=model.network_spec(settings, out_channels=1),
+        target_preset=presets.PAPER.to_dict(),
+    )
+    path = tmp_path / "model.pt"
+    model.save(path, model.build(info.network), info)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["settings"]["lesion_centres"]
+    torch.save(checkpoint, path)
+    _, loaded = model.load(path, torch.device("cpu"))
+    assert loaded.settings.lesion_centres == "voxel"
+    assert loaded.settings == dataclasses.replace(settings, lesion_centres="voxel")

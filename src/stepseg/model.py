@@ -301,7 +301,7 @@ def load(path: str | Path, device: torch.device) -> tuple[nn.Module, ModelInfo]:
             "transposed; retrain it with this version"
         )
     info = ModelInfo(
-        settings=TrainSettings.from_mapping(checkpoint["settings"], f"{path}: train"),
+        settings=TrainSettings.from_stored(checkpoint["settings"], f"{path}: train"),
         network=NetworkSpec.from_dict(checkpoint["network"]),
         target_preset=checkpoint["target_preset"],
     )

@@ -449,6 +449,15 @@ class TrainSettings(Settings):
         """`<variant>-seed<k>`: the folder under results/models/ and the report's row."""
         return names.trained_name(self.name, self.seed)
 
+    # keys added after model files were first written, each with the behaviour every model
+    # trained before it had: what a stored model that lacks the key was trained with
+    BEFORE_ADDED: ClassVar[dict[str, Any]] = {"lesion_centres": "voxel"}
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any], where: str) -> TrainSettings:
+        """The settings a model file records, keys it predates filled by `BEFORE_ADDED`."""
+        return cls.from_mapping({**cls.BEFORE_ADDED, **stored}, where)
+
     @classmethod
     def for_variant(
         cls, train: Mapping[str, Any], variant: str | None = None, seed: int | None = None
