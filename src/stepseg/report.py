@@ -582,7 +582,9 @@ def _threshold(value: float) -> str:
 
 def models_note(summary: pd.DataFrame, folds: int) -> str:
     """Which models the rows stand for: each variant's seeds, and the folds behind each seed."""
-    trained = summary.dropna(subset=["seed"]).groupby("model", sort=False)["seed"]
+    models = summary.dropna(subset=["seed"])
+    gated = models["model"].str.endswith(names.GATED_SUFFIX)
+    trained = models[~gated].groupby("model", sort=False)["seed"]
     seeds = "; ".join(
         f"{model} seeds {', '.join(str(int(s)) for s in sorted(set(group)))}"
         for model, group in trained
