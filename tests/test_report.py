@@ -718,3 +718,25 @@ def test_snakemake_report_rule_and_html_report(tmp_path):
     (tmp_path / "config.yaml").write_text(config.replace("figure_dpi: 40", "figure_dpi: 41"))
     dry = snakemake(tmp_path, "-n")[1]
     assert "rule report:" in dry and "Nothing to be done" not in dry
+
+
+def test_a_gated_variant_is_compared_with_its_model_and_its_thresholds_are_named():
+    """alpha_gated (alpha's predictions, gated) is compared like any variant, counted as no
+    model of its own, and the notes give its thresholds as the gate record has them."""
+    values = {
+        split: {**by_variant, "alpha_gated-seed0": by_variant["alpha-seed0"]}
+        for split, by_variant in THREE.items()
+    }
+    tables = report.compute_tables(per_study_frame(values), cases=["best"], data_source="synthetic")
+    pairs = set(zip(tables.pairwise["variant_a"], tables.pairwise["variant_b"], strict=True))
+    assert ("alpha", "alpha_gated") in pairs
+    record = {
+        "selection_split": "val",
+        "threshold": 0.4871,
+        "fold_thresholds": {"0": float("-inf")},
+    }
+    notes = report.report_notes(tables, "synthetic", 1, {"alpha_gated-seed0": record})
+    assert "Trained models: alpha seeds 0, 1; beta seeds 0, 1; gamma seeds 0, 1; one model" in (
+        "\n".join(notes)
+    )
+    assert notes[-1].endswith("Thresholds: alpha_gated-seed0: test 0.487, val by fold 0 -inf.")

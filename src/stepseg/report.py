@@ -535,7 +535,7 @@ def report_notes(
         f"{best_on_held_out} ({models}). Example cases are the "
         f"{', '.join(tables.cases)} {HELD_OUT} studies of {tables.best_model}, its model with "
         f"the highest {tables.selection} Dice.",
-        models_note(tables.summary, folds),
+        models_note(tables.summary, folds, list(gate_records or {})),
     ]
     if not tables.pairwise.empty:
         notes.append(
@@ -580,11 +580,11 @@ def _threshold(value: float) -> str:
     return f"{value:g}" if math.isinf(value) else f"{value:.3f}"
 
 
-def models_note(summary: pd.DataFrame, folds: int) -> str:
-    """Which models the rows stand for: each variant's seeds, and the folds behind each seed."""
+def models_note(summary: pd.DataFrame, folds: int, gated: Collection[str] = ()) -> str:
+    """Which models the rows stand for: each variant's seeds, and the folds behind each seed
+    (`gated`: the gated variants, `<variant>_gated-seed<k>`, which are no models of their own)."""
     models = summary.dropna(subset=["seed"])
-    gated = models["model"].str.endswith(names.GATED_SUFFIX)
-    trained = models[~gated].groupby("model", sort=False)["seed"]
+    trained = models[~models["variant"].isin(list(gated))].groupby("model", sort=False)["seed"]
     seeds = "; ".join(
         f"{model} seeds {', '.join(str(int(s)) for s in sorted(set(group)))}"
         for model, group in trained
