@@ -349,6 +349,22 @@ def test_bad_arguments_and_missing_database(tmp_path, split):
         data.PatchDataset(tmp_path / "missing.lmdb", PATCH, 4, 1.0, 0.5, seed=0)
 
 
+def pack_one_study(folder: Path, out: Path) -> Path:
+    """The LMDB `out` of the one study whose SUV, CTres and steps files are in `folder`."""
+    pack.pack_split(
+        studies=[folder.name],
+        suv_paths=[folder / "SUV.nii.gz"],
+        ctres_paths=[folder / "CTres.nii.gz"],
+        steps_paths=[folder / "steps.nii.gz"],
+        out_dir=out,
+        settings=PackSettings.from_mapping(
+            {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}
+        ),
+        target_settings=SMALL_PAPER,
+    )
+    return out
+
+
 def test_lesion_centred_crops_are_jittered_uniformly_up_to_the_fractions(tmp_path):
     """The released code's ranges: up to 15/16 of the half-patch in z, 2/3 in-plane."""
     shape, lesion = (40, 96, 96), (20, 48, 48)
@@ -361,18 +377,7 @@ def test_lesion_centred_crops_are_jittered_uniformly_up_to_the_fractions(tmp_pat
         ("steps", stepmap.step_map(seg, SMALL.voxel_steps(SPACING))),
     ):
         nifti.save(nifti.Volume(array, AFFINE), folder / f"{name}.nii.gz")
-    path = tmp_path / "one.lmdb"
-    pack.pack_split(
-        studies=["PETCT_one"],
-        suv_paths=[folder / "SUV.nii.gz"],
-        ctres_paths=[folder / "CTres.nii.gz"],
-        steps_paths=[folder / "steps.nii.gz"],
-        out_dir=path,
-        settings=PackSettings.from_mapping(
-            {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}
-        ),
-        target_settings=SMALL_PAPER,
-    )
+    path = pack_one_study(folder, tmp_path / "one.lmdb")
     dataset = data.PatchDataset(
         path, PATCH, 600, 1.0, 1.0, seed=0, crop_jitter=(0.9375, 2 / 3, 2 / 3)
     )
@@ -404,20 +409,7 @@ def two_lesion_split(tmp_path_factory):
     steps = stepmap.step_map(seg, SMALL.voxel_steps(SPACING))
     for name, array in (("SUV", suv), ("CTres", ct), ("steps", steps)):
         nifti.save(nifti.Volume(array, AFFINE), tmp_path / "PETCT_two" / f"{name}.nii.gz")
-    path = tmp_path / "train.lmdb"
-    folder = tmp_path / "PETCT_two"
-    pack.pack_split(
-        studies=["PETCT_two"],
-        suv_paths=[folder / "SUV.nii.gz"],
-        ctres_paths=[folder / "CTres.nii.gz"],
-        steps_paths=[folder / "steps.nii.gz"],
-        out_dir=path,
-        settings=PackSettings.from_mapping(
-            {"codec": "gzip", "level": 1, "tile_shape": [8, 32, 32]}
-        ),
-        target_settings=SMALL_PAPER,
-    )
-    return path
+    return pack_one_study(tmp_path / "PETCT_two", tmp_path / "train.lmdb")
 
 
 def test_component_centres_draw_each_lesion_alike_and_voxel_centres_by_size(two_lesion_split):
