@@ -219,30 +219,32 @@ def gate_predictions(
     study) and the record (`write_choice`). Returns the test threshold.
     """
     ((split, studies),) = selection.items()
-    curves, groups, masks = [], [], {}
-    for study, prediction, seg_path, fold in studies:
+    curves = []
+    for study, prediction, seg_path, _ in studies:
         mask, presence = _read_prediction(study, prediction)
         seg = nifti.load(seg_path, study, dtype=np.uint8)
         voxel_ml = metrics.header_voxel_ml(seg_path, study)
         curves.append(study_curve(study, seg.array, mask.array, presence, voxel_ml))
-        groups.append(fold)
-        masks[(split, study)] = (mask, presence, fold)
-    per_group = cross_fitted_thresholds(curves, groups)
+    per_group = cross_fitted_thresholds(curves, [fold for *_, fold in studies])
     threshold, curve = choose_threshold(curves)
-    out_dir = Path(out_dir)
-    for folder in (split, "test"):
-        (out_dir / folder).mkdir(parents=True, exist_ok=True)
-    for (split_name, study), (mask, presence, fold) in masks.items():
-        gated = apply(mask.array, presence, per_group[fold])
-        nifti.save(replace(mask, array=gated), out_dir / split_name / f"{study}.nii.gz")
+    # read again rather than held: a split of the collection's studies does not fit in memory
+    for study, prediction, _, fold in studies:
+        _write_gated(study, prediction, per_group[fold], Path(out_dir) / split)
     for study, prediction in test:
-        mask, presence = _read_prediction(study, prediction)
-        gated = apply(mask.array, presence, threshold)
-        nifti.save(replace(mask, array=gated), out_dir / "test" / f"{study}.nii.gz")
+        _write_gated(study, prediction, threshold, Path(out_dir) / "test")
     write_choice(
         record_path, threshold=threshold, per_group=per_group, curve=curve, selection=split
     )
     return threshold
+
+
+def _write_gated(study: str, prediction: Path, threshold: float, folder: Path) -> None:
+    """`folder/<study>.nii.gz`: the prediction without its components below `threshold`."""
+    mask, presence = _read_prediction(study, prediction)
+    folder.mkdir(parents=True, exist_ok=True)
+    nifti.save(
+        replace(mask, array=apply(mask.array, presence, threshold)), folder / f"{study}.nii.gz"
+    )
 
 
 def _read_prediction(study: str, prediction: Path) -> tuple[nifti.Volume, np.ndarray]:

@@ -203,9 +203,10 @@ def _component_voxels(mask: np.ndarray, rng: np.random.Generator) -> list[np.nda
         return []
     labels, count = metrics.components(mask, 6)
     voxels = np.argwhere(labels)
-    order = np.argsort(labels[tuple(voxels.T)], kind="stable")
+    owners = labels[tuple(voxels.T)]
+    order = np.argsort(owners, kind="stable")
     voxels = voxels[order]
-    starts = np.searchsorted(labels[tuple(voxels.T)], np.arange(1, count + 2))
+    starts = np.searchsorted(owners[order], np.arange(1, count + 2))
     return [
         _subset(voxels[starts[k] : starts[k + 1]], COMPONENT_VOXELS, rng).astype(np.uint16)
         for k in range(count)
